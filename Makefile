@@ -1,0 +1,10 @@
+.PHONY: setup serve test
+
+setup:
+	scripts/setup.sh
+
+serve:
+	scripts/serve.sh
+
+test:
+	scripts/test.sh

@@ -1,0 +1,1 @@
+"""LoRKD decomposition toolkit."""
