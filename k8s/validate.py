@@ -13,6 +13,7 @@ Dockerfiles and the KServe runtime) against the service's real variables, so the
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import re
 import shutil
@@ -286,11 +287,59 @@ def check_kserve(target: str, docs: list[dict[str, Any]], versions: list[str], v
             fail(target, f"ServingRuntime probes {paths} are not the OIP v2 health routes")
 
 
+def check_loose_manifests() -> None:
+    """Manifests applied with `kubectl apply -f` rather than through a kustomization."""
+    for path in sorted(K8S.glob("overlays/*/loader-pod.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                schema_validate(str(path.relative_to(K8S)), doc, ["1.30", NEWEST])
+        print(f"validate: {path.relative_to(K8S)} against k8s 1.30 and {NEWEST}")
+
+
 def check_dockerfiles(variables: dict[str, str]) -> None:
     for dockerfile in sorted((ROOT / "docker").glob("Dockerfile*")):
         names = re.findall(r"\b(LORKD_[A-Z0-9_]+)=", dockerfile.read_text())
         build_args = set(re.findall(r"^ARG\s+(LORKD_[A-Z0-9_]+)", dockerfile.read_text(), re.MULTILINE))
         check_env_names(f"docker/{dockerfile.name}", [n for n in names if n not in build_args], variables)
+
+
+def self_test(variables: dict[str, str]) -> None:
+    """The checks must catch known-bad manifests: mutate the rendered cpu overlay and expect failures."""
+    docs = render("overlays/cpu")
+
+    def find(kind: str, docs: list[dict[str, Any]]) -> dict[str, Any]:
+        return next(d for d in docs if d["kind"] == kind)
+
+    def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+        return find("Deployment", docs)["spec"]["template"]["spec"]["containers"][0]
+
+    mutations = {
+        "unknown ConfigMap key": lambda d: find("ConfigMap", d)["data"].update(LORKD_NO_SUCH_SETTING="1"),
+        "service variable missing": lambda d: find("ConfigMap", d)["data"].pop("LORKD_PORT"),
+        "readiness not on OIP route": lambda d: container(d)["readinessProbe"]["httpGet"].update(path="/healthz"),
+        "writable root filesystem": lambda d: container(d)["securityContext"].update(readOnlyRootFilesystem=False),
+        "grace period below drain": lambda d: find("Deployment", d)["spec"]["template"]["spec"].update(
+            terminationGracePeriodSeconds=20
+        ),
+        "schema: unknown field": lambda d: container(d).update(imagePullPolicyy="Always"),
+        "schema: wrong type": lambda d: container(d)["ports"][0].update(containerPort="eighty"),
+        "bad quantity": lambda d: container(d)["resources"]["limits"].update(memory="lots"),
+        "service selector mismatch": lambda d: find("Service", d)["spec"]["selector"].update(
+            {"app.kubernetes.io/component": "other"}
+        ),
+    }
+    for name, mutate in mutations.items():
+        broken = copy.deepcopy(docs)
+        mutate(broken)
+        before = len(failures)
+        for doc in broken:
+            schema_validate("self-test", doc, [NEWEST])
+        check_workload("self-test", broken, variables, None)
+        caught = len(failures) > before
+        del failures[before:]
+        if not caught:
+            fail("self-test", f"a manifest with '{name}' passed the checks")
+    print(f"validate: self-test: all {len(mutations)} known-bad variants of overlays/cpu are caught")
 
 
 def main() -> int:
@@ -306,7 +355,9 @@ def main() -> int:
         binary = str(ROOT / source.strip("`").split()[0])
     print(f"validate: {len(variables)} service variables from {source}")
     print(f"validate: kubernetes-validate {kubernetes_validate.__version__}, schemas up to Kubernetes {NEWEST}")
+    self_test(variables)
     check_dockerfiles(variables)
+    check_loose_manifests()
     for target, oldest in TARGETS.items():
         versions = [oldest] if oldest == NEWEST else [oldest, NEWEST]
         docs = render(target)
