@@ -1,0 +1,344 @@
+//! Native JSON API: expert listing, predict on an image, server info.
+
+use std::time::Instant;
+
+use axum::{
+    extract::{FromRequest, Path, RawQuery, Request, State},
+    http::header,
+    Json,
+};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::{check_content_length, read_body, softmax};
+use crate::{
+    error::ApiError,
+    package::{ExpertEntry, ExpertStatus},
+    preprocess::{self, PreprocessError},
+    state::AppState,
+};
+
+/// Labels returned when `top_k` is not given.
+pub const DEFAULT_TOP_K: usize = 3;
+
+fn expert_view(state: &AppState, entry: &ExpertEntry) -> Value {
+    let manifest = &state.package.manifest;
+    let spec = &entry.spec;
+    let (status, reason) = match &entry.status {
+        ExpertStatus::Available => ("available", None),
+        ExpertStatus::Disabled { reason } => ("disabled", Some(reason.clone())),
+    };
+    let delta_parameters = entry.deltas.as_ref().map(|d| {
+        d.factors
+            .iter()
+            .map(|(a, b)| a.len() + b.len())
+            .sum::<usize>()
+    });
+    let head_parameters = spec.num_classes * (manifest.model.feature_dim + 1);
+    json!({
+        "id": spec.id,
+        "name": spec.name,
+        "modality": spec.modality,
+        "labels": spec.labels,
+        "num_classes": spec.num_classes,
+        "input": spec.input,
+        "version": entry.version,
+        "status": status,
+        "disabled_reason": reason,
+        "rank": manifest.lora.rank,
+        "alpha": manifest.lora.alpha,
+        "scale": manifest.lora.scale,
+        "parameters": {
+            "shared": manifest.model.parameters,
+            "delta": delta_parameters,
+            "head": head_parameters,
+        },
+        "metrics": spec.metrics,
+        "cache": state.cache.state(&spec.id),
+    })
+}
+
+pub async fn list_experts(State(state): State<AppState>) -> Json<Value> {
+    let experts: Vec<Value> = state
+        .package
+        .experts
+        .values()
+        .map(|e| expert_view(&state, e))
+        .collect();
+    Json(json!({ "package": state.package.manifest.name, "experts": experts }))
+}
+
+pub async fn get_expert(
+    State(state): State<AppState>,
+    Path(task): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let entry = state
+        .package
+        .expert(&task)
+        .ok_or_else(|| ApiError::NotFound(format!("no expert for task `{task}`")))?;
+    Ok(Json(expert_view(&state, entry)))
+}
+
+pub async fn info(State(state): State<AppState>) -> Json<Value> {
+    let package = &state.package;
+    let manifest = &package.manifest;
+    let available = package
+        .experts
+        .values()
+        .filter(|e| e.status == ExpertStatus::Available)
+        .count();
+    Json(json!({
+        "service": {"name": "lorkd", "version": env!("CARGO_PKG_VERSION"), "ready": state.is_ready(), "uptime_seconds": state.started.elapsed().as_secs_f64()},
+        "package": {
+            "name": manifest.name,
+            "description": manifest.description,
+            "path": package.root.display().to_string(),
+            "format_version": manifest.format_version,
+            "arch": manifest.model.arch,
+            "model_sha256": package.model_sha256,
+            "parameters": manifest.model.parameters,
+            "flops": manifest.model.flops,
+            "decomposed_layers": manifest.layers.len(),
+            "lora": manifest.lora,
+            "experts": {"total": package.experts.len(), "available": available, "disabled": package.experts.len() - available},
+            "warnings": package.warnings,
+        },
+        "runtime": {
+            "provider": state.backend.provider,
+            "requested_provider": state.config.provider,
+            "onnxruntime_library": state.ort_library,
+            "execution": "one shared ONNX Runtime session; assembled expert weights are fed as graph inputs",
+        },
+        "cache": {"budget_bytes": state.cache.budget(), "resident_bytes": state.cache.resident_bytes()},
+        "config": state.config,
+    }))
+}
+
+#[derive(Debug, Serialize)]
+pub struct Label {
+    pub index: usize,
+    pub label: String,
+    pub probability: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Timings {
+    pub decode_ms: f64,
+    pub expert_ms: f64,
+    pub queue_ms: f64,
+    pub inference_ms: f64,
+    pub total_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PredictResponse {
+    pub task: String,
+    pub expert_version: String,
+    pub predictions: Vec<Label>,
+    pub logits: Vec<f32>,
+    pub cache: &'static str,
+    pub batch_size: usize,
+    pub timings: Timings,
+}
+
+fn parse_top_k(query: Option<&str>) -> Result<Option<usize>, ApiError> {
+    let Some(query) = query else { return Ok(None) };
+    let mut top_k = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "top_k" => match value.parse::<usize>() {
+                Ok(k) if k >= 1 => top_k = Some(k),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "bad_query",
+                        format!("top_k must be a positive integer, got `{value}`"),
+                    ))
+                }
+            },
+            other => {
+                return Err(ApiError::bad_request(
+                    "bad_query",
+                    format!("unknown query parameter `{other}` (known: top_k)"),
+                ))
+            }
+        }
+    }
+    Ok(top_k)
+}
+
+enum BodyKind {
+    Image,
+    Multipart,
+}
+
+fn body_kind(request: &Request) -> Result<BodyKind, ApiError> {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "image/png" | "image/jpeg" | "image/jpg" => Ok(BodyKind::Image),
+        "multipart/form-data" => Ok(BodyKind::Multipart),
+        "" => Err(ApiError::UnsupportedMediaType("missing Content-Type; send image/png, image/jpeg or multipart/form-data with field `image`".into())),
+        other => Err(ApiError::UnsupportedMediaType(format!("Content-Type `{other}` is not supported; send image/png, image/jpeg or multipart/form-data with field `image`"))),
+    }
+}
+
+async fn image_from_multipart(
+    request: Request,
+    bytes: axum::body::Bytes,
+) -> Result<axum::body::Bytes, ApiError> {
+    let (parts, _) = request.into_parts();
+    let request = Request::from_parts(parts, axum::body::Body::from(bytes));
+    let mut multipart = axum::extract::Multipart::from_request(request, &())
+        .await
+        .map_err(|e| {
+            ApiError::bad_request(
+                "bad_multipart",
+                format!("invalid multipart body: {}", e.body_text()),
+            )
+        })?;
+    loop {
+        match multipart.next_field().await {
+            Ok(Some(field)) if field.name() == Some("image") => {
+                return field.bytes().await.map_err(|e| {
+                    ApiError::bad_request(
+                        "bad_multipart",
+                        format!("cannot read field `image`: {}", e.body_text()),
+                    )
+                });
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) => {
+                return Err(ApiError::bad_request(
+                    "missing_image",
+                    "multipart body has no field `image`",
+                ))
+            }
+            Err(e) => {
+                return Err(ApiError::bad_request(
+                    "bad_multipart",
+                    format!("invalid multipart body: {}", e.body_text()),
+                ))
+            }
+        }
+    }
+}
+
+impl From<PreprocessError> for ApiError {
+    fn from(error: PreprocessError) -> Self {
+        match error {
+            PreprocessError::Undecodable(m) => ApiError::bad_request("bad_image", m),
+            PreprocessError::UnsupportedFormat(m) => ApiError::UnsupportedMediaType(m),
+            PreprocessError::TooLarge(m) => ApiError::ImageTooLarge(m),
+        }
+    }
+}
+
+/// `POST /v1/experts/{task}/predict`
+pub async fn predict(
+    State(state): State<AppState>,
+    Path(task): Path<String>,
+    RawQuery(query): RawQuery,
+    request: Request,
+) -> Result<Json<PredictResponse>, ApiError> {
+    let started = Instant::now();
+    let entry = state.servable(&task)?;
+    let top_k = parse_top_k(query.as_deref())?
+        .unwrap_or(DEFAULT_TOP_K)
+        .min(entry.spec.num_classes);
+    let kind = body_kind(&request)?;
+    check_content_length(&request, state.config.max_body_bytes)?;
+    // Admission before any work: a full queue answers 429 without reading or decoding the body.
+    let _admission = state.admit()?;
+    let timeout_ms = state.config.request_timeout_ms;
+    let work = async {
+        let (parts, body) = request.into_parts();
+        let bytes = read_body(body, state.config.max_body_bytes).await?;
+        let bytes = match kind {
+            BodyKind::Image => bytes,
+            BodyKind::Multipart => {
+                image_from_multipart(Request::from_parts(parts, axum::body::Body::empty()), bytes)
+                    .await?
+            }
+        };
+        let decode_started = Instant::now();
+        let limits = state.image_limits();
+        let spec_input = entry.spec.input.clone();
+        let input = tokio::task::spawn_blocking(move || -> Result<Vec<f32>, PreprocessError> {
+            let pixels = preprocess::decode(&bytes, limits)?;
+            Ok(preprocess::to_task_input(&pixels, &spec_input))
+        })
+        .await
+        .map_err(ApiError::internal)??;
+        let decode_ms = decode_started.elapsed().as_secs_f64() * 1e3;
+        let prediction = state
+            .predict(
+                &task,
+                input,
+                1,
+                entry.spec.input.height,
+                entry.spec.input.width,
+            )
+            .await?;
+        Ok::<_, ApiError>((decode_ms, prediction))
+    };
+    let (decode_ms, prediction) = tokio::time::timeout(state.config.request_timeout(), work)
+        .await
+        .map_err(|_| ApiError::Timeout { timeout_ms })??;
+
+    let logits = prediction.output.logits;
+    let probabilities = softmax(&logits);
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| {
+        probabilities[b]
+            .total_cmp(&probabilities[a])
+            .then(a.cmp(&b))
+    });
+    let predictions = order
+        .into_iter()
+        .take(top_k)
+        .map(|i| Label {
+            index: i,
+            label: entry.spec.labels[i].clone(),
+            probability: probabilities[i],
+        })
+        .collect();
+    Ok(Json(PredictResponse {
+        task,
+        expert_version: prediction.version,
+        predictions,
+        logits,
+        cache: if prediction.cache.hit { "hit" } else { "miss" },
+        batch_size: prediction.output.batch_images,
+        timings: Timings {
+            decode_ms,
+            expert_ms: prediction.expert_seconds * 1e3,
+            queue_ms: prediction.output.queue_seconds.max(0.0) * 1e3,
+            inference_ms: prediction.output.run_seconds * 1e3,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+        },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_parsing() {
+        assert_eq!(parse_top_k(None).unwrap(), None);
+        assert_eq!(parse_top_k(Some("top_k=2")).unwrap(), Some(2));
+        assert!(parse_top_k(Some("top_k=0")).is_err());
+        assert!(parse_top_k(Some("top_k=abc")).is_err());
+        assert!(parse_top_k(Some("k=1")).is_err());
+    }
+}

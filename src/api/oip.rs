@@ -1,0 +1,333 @@
+//! KServe Open Inference Protocol v2 (REST): health, model metadata/readiness, FP32 tensor inference.
+
+use axum::{
+    extract::{Path, Request, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{check_content_length, read_body};
+use crate::{
+    error::{ApiError, OipError},
+    package::ExpertStatus,
+    state::AppState,
+};
+
+pub async fn server_metadata() -> Json<Value> {
+    Json(json!({"name": "lorkd", "version": env!("CARGO_PKG_VERSION"), "extensions": []}))
+}
+
+pub async fn live() -> Json<Value> {
+    Json(json!({"live": true}))
+}
+
+pub async fn ready(State(state): State<AppState>) -> Response {
+    let ready = state.is_ready();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({"ready": ready}))).into_response()
+}
+
+fn unknown(task: &str) -> OipError {
+    OipError(ApiError::NotFound(format!("unknown model `{task}`")))
+}
+
+pub async fn model_metadata(
+    State(state): State<AppState>,
+    Path(task): Path<String>,
+) -> Result<Json<Value>, OipError> {
+    let entry = state.package.expert(&task).ok_or_else(|| unknown(&task))?;
+    let input = &entry.spec.input;
+    let model = &state.package.manifest.model;
+    Ok(Json(json!({
+        "name": task,
+        "versions": entry.version.iter().collect::<Vec<_>>(),
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": model.input_name, "datatype": "FP32", "shape": [-1, 3, input.height, input.width]}],
+        "outputs": [{"name": model.output_name, "datatype": "FP32", "shape": [-1, entry.spec.num_classes]}],
+    })))
+}
+
+pub async fn model_ready(
+    State(state): State<AppState>,
+    Path(task): Path<String>,
+) -> Result<Response, OipError> {
+    let entry = state.package.expert(&task).ok_or_else(|| unknown(&task))?;
+    let ready = entry.status == ExpertStatus::Available && state.is_ready();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok((status, Json(json!({"name": task, "ready": ready}))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct InferRequest {
+    #[serde(default)]
+    pub id: Option<String>,
+    pub inputs: Vec<InferInput>,
+    #[serde(default)]
+    pub outputs: Option<Vec<RequestedOutput>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct InferInput {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub datatype: String,
+    pub data: Value,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RequestedOutput {
+    pub name: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OutputTensor {
+    pub name: String,
+    pub datatype: &'static str,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InferResponse {
+    pub model_name: String,
+    pub model_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub outputs: Vec<OutputTensor>,
+}
+
+fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::bad_request(code, message)
+}
+
+/// Flattens `data` (flat or nested arrays, row-major) into finite f32 values.
+pub fn flatten_fp32(data: &Value, out: &mut Vec<f32>) -> Result<(), ApiError> {
+    match data {
+        Value::Array(items) => items.iter().try_for_each(|item| flatten_fp32(item, out)),
+        Value::Number(n) => {
+            let v = n.as_f64().ok_or_else(|| {
+                bad(
+                    "bad_tensor",
+                    "tensor data holds a number that is not representable",
+                )
+            })? as f32;
+            if !v.is_finite() {
+                return Err(bad(
+                    "bad_tensor",
+                    "tensor data holds NaN or infinite values (or values beyond FP32 range)",
+                ));
+            }
+            out.push(v);
+            Ok(())
+        }
+        _ => Err(bad(
+            "bad_tensor",
+            "tensor data must hold only numbers (NaN/Infinity are not allowed)",
+        )),
+    }
+}
+
+/// Checks an inference request against the model and returns `(images, data)`.
+pub fn validate(
+    request: &InferRequest,
+    input_name: &str,
+    output_name: &str,
+    height: usize,
+    width: usize,
+) -> Result<(usize, Vec<f32>), ApiError> {
+    let [input] = &request.inputs[..] else {
+        return Err(bad(
+            "bad_tensor",
+            format!(
+                "expected exactly one input tensor `{input_name}`, got {}",
+                request.inputs.len()
+            ),
+        ));
+    };
+    if input.name != input_name {
+        return Err(bad(
+            "bad_tensor",
+            format!(
+                "unknown input `{}`; the model's input is `{input_name}`",
+                input.name
+            ),
+        ));
+    }
+    if input.datatype != "FP32" {
+        return Err(bad(
+            "bad_datatype",
+            format!(
+                "input datatype is `{}`; the model takes FP32",
+                input.datatype
+            ),
+        ));
+    }
+    let expected_tail = [3, height as i64, width as i64];
+    if input.shape.len() != 4 || input.shape[1..] != expected_tail || input.shape[0] < 1 {
+        return Err(bad(
+            "bad_shape",
+            format!(
+                "input shape is {:?}; the model takes [N, 3, {height}, {width}] with N >= 1",
+                input.shape
+            ),
+        ));
+    }
+    let images = input.shape[0] as usize;
+    let mut data = Vec::with_capacity(images * 3 * height * width);
+    flatten_fp32(&input.data, &mut data)?;
+    if data.len() != images * 3 * height * width {
+        return Err(bad(
+            "bad_shape",
+            format!(
+                "input holds {} values; shape {:?} needs {}",
+                data.len(),
+                input.shape,
+                images * 3 * height * width
+            ),
+        ));
+    }
+    if let Some(outputs) = &request.outputs {
+        if let Some(other) = outputs.iter().find(|o| o.name != output_name) {
+            return Err(bad(
+                "bad_output",
+                format!(
+                    "unknown output `{}`; the model's output is `{output_name}`",
+                    other.name
+                ),
+            ));
+        }
+    }
+    Ok((images, data))
+}
+
+/// `POST /v2/models/{task}/infer`
+pub async fn infer(
+    State(state): State<AppState>,
+    Path(task): Path<String>,
+    request: Request,
+) -> Result<Json<InferResponse>, OipError> {
+    let entry = match state.servable(&task) {
+        Err(ApiError::NotFound(_)) => return Err(unknown(&task)),
+        other => other?,
+    };
+    check_content_length(&request, state.config.max_body_bytes)?;
+    let _admission = state.admit()?;
+    let timeout_ms = state.config.request_timeout_ms;
+    let model = &state.package.manifest.model;
+    let (height, width) = (entry.spec.input.height, entry.spec.input.width);
+    let work = async {
+        let bytes = read_body(request.into_body(), state.config.max_body_bytes).await?;
+        let parsed: InferRequest = serde_json::from_slice(&bytes)
+            .map_err(|e| bad("bad_json", format!("invalid inference request: {e}")))?;
+        let (images, data) = validate(
+            &parsed,
+            &model.input_name,
+            &model.output_name,
+            height,
+            width,
+        )?;
+        let prediction = state.predict(&task, data, images, height, width).await?;
+        Ok::<_, ApiError>((parsed.id, images, prediction))
+    };
+    let (id, images, prediction) = tokio::time::timeout(state.config.request_timeout(), work)
+        .await
+        .map_err(|_| ApiError::Timeout { timeout_ms })??;
+    Ok(Json(InferResponse {
+        model_name: task,
+        model_version: prediction.version,
+        id,
+        outputs: vec![OutputTensor {
+            name: model.output_name.clone(),
+            datatype: "FP32",
+            shape: vec![images, prediction.classes],
+            data: prediction.output.logits,
+        }],
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(shape: Vec<i64>, datatype: &str, data: Value) -> InferRequest {
+        InferRequest {
+            id: None,
+            inputs: vec![InferInput {
+                name: "input".into(),
+                shape,
+                datatype: datatype.into(),
+                data,
+            }],
+            outputs: None,
+        }
+    }
+
+    #[test]
+    fn accepts_flat_and_nested_data() {
+        let flat = request(vec![1, 3, 1, 2], "FP32", json!([1, 2, 3, 4, 5, 6]));
+        assert_eq!(
+            validate(&flat, "input", "logits", 1, 2).unwrap(),
+            (1, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+        );
+        let nested = request(
+            vec![1, 3, 1, 2],
+            "FP32",
+            json!([[[[1, 2]], [[3, 4]], [[5, 6.5]]]]),
+        );
+        assert_eq!(
+            validate(&nested, "input", "logits", 1, 2).unwrap().1[5],
+            6.5
+        );
+    }
+
+    #[test]
+    fn rejects_wrong_shape_datatype_count_and_non_finite() {
+        let wrong_shape = request(vec![1, 1, 1, 2], "FP32", json!([1, 2]));
+        assert_eq!(
+            validate(&wrong_shape, "input", "logits", 1, 2)
+                .unwrap_err()
+                .code(),
+            "bad_shape"
+        );
+        let wrong_type = request(vec![1, 3, 1, 2], "INT8", json!([1, 2, 3, 4, 5, 6]));
+        assert_eq!(
+            validate(&wrong_type, "input", "logits", 1, 2)
+                .unwrap_err()
+                .code(),
+            "bad_datatype"
+        );
+        let short = request(vec![1, 3, 1, 2], "FP32", json!([1, 2, 3]));
+        assert_eq!(
+            validate(&short, "input", "logits", 1, 2)
+                .unwrap_err()
+                .code(),
+            "bad_shape"
+        );
+        let huge = request(vec![1, 3, 1, 2], "FP32", json!([1e300, 2, 3, 4, 5, 6]));
+        assert_eq!(
+            validate(&huge, "input", "logits", 1, 2).unwrap_err().code(),
+            "bad_tensor"
+        );
+        let text = request(vec![1, 3, 1, 2], "FP32", json!(["NaN", 2, 3, 4, 5, 6]));
+        assert_eq!(
+            validate(&text, "input", "logits", 1, 2).unwrap_err().code(),
+            "bad_tensor"
+        );
+        let zero = request(vec![0, 3, 1, 2], "FP32", json!([]));
+        assert_eq!(
+            validate(&zero, "input", "logits", 1, 2).unwrap_err().code(),
+            "bad_shape"
+        );
+    }
+}

@@ -1,0 +1,139 @@
+//! The OpenAPI 3.1 document, generated from [`super::ROUTES`] plus hand-written component schemas.
+
+use serde_json::{json, Map, Value};
+
+use super::{Api, ROUTES};
+
+fn schema_ref(name: &str) -> Value {
+    match name {
+        "binary" => json!({"type": "string", "format": "binary"}),
+        "text" => json!({"type": "string"}),
+        "object" => json!({"type": "object"}),
+        other => json!({"$ref": format!("#/components/schemas/{other}")}),
+    }
+}
+
+fn path_parameters(path: &str) -> Vec<Value> {
+    path.split('/')
+        .filter_map(|segment| segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+        .map(|name| {
+            json!({"name": name, "in": "path", "required": true, "description": "Task id (= OIP model name)", "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,63}$"}})
+        })
+        .collect()
+}
+
+/// The whole document (deterministic: same routes, same bytes).
+pub fn document() -> Value {
+    let mut paths = Map::new();
+    for route in ROUTES {
+        let mut operation = Map::new();
+        operation.insert("operationId".into(), json!(route.operation_id));
+        operation.insert("summary".into(), json!(route.summary));
+        let tag = match route.api {
+            Api::Native => "native",
+            Api::Oip => "open-inference-protocol-v2",
+            Api::Ops => "operations",
+        };
+        operation.insert("tags".into(), json!([tag]));
+        let mut parameters = path_parameters(route.path);
+        parameters.extend(route.query.iter().map(|q| json!({"name": q.name, "in": "query", "required": false, "description": q.description, "schema": {"type": q.schema}})));
+        if !parameters.is_empty() {
+            operation.insert("parameters".into(), Value::Array(parameters));
+        }
+        if !route.request.is_empty() {
+            let content: Map<String, Value> = route
+                .request
+                .iter()
+                .map(|(media, schema)| (media.to_string(), json!({"schema": schema_ref(schema)})))
+                .collect();
+            operation.insert(
+                "requestBody".into(),
+                json!({"required": true, "content": content}),
+            );
+        }
+        let mut responses = Map::new();
+        for (status, description, schema) in route.responses {
+            let media = if *schema == "text" {
+                "text/plain"
+            } else {
+                "application/json"
+            };
+            let mut response = json!({"description": description, "content": {media: {"schema": schema_ref(schema)}}});
+            if *status == 429 {
+                response["headers"] = json!({"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}});
+            }
+            responses.insert(status.to_string(), response);
+        }
+        operation.insert("responses".into(), Value::Object(responses));
+        let item = paths
+            .entry(route.path.to_string())
+            .or_insert_with(|| json!({}));
+        item[route.method.to_ascii_lowercase()] = Value::Object(operation);
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "lorkd",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Serves LoRKD task experts: each expert is the shared student with W0 + scale * B_t A_t and its own head, assembled on demand and cached. Native JSON API under /v1, KServe Open Inference Protocol v2 under /v2."
+        },
+        "paths": paths,
+        "components": {"schemas": schemas()},
+    })
+}
+
+fn schemas() -> Value {
+    json!({
+        "Error": {
+            "type": "object", "required": ["error"],
+            "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
+                "code": {"type": "string", "examples": ["bad_image", "not_found", "payload_too_large", "unsupported_media_type", "image_too_large", "overloaded", "timeout", "internal"]},
+                "message": {"type": "string"}}}}
+        },
+        "OipError": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+        "MultipartImage": {"type": "object", "required": ["image"], "properties": {"image": {"type": "string", "format": "binary"}}},
+        "TaskInput": {"type": "object", "properties": {
+            "channels": {"type": "integer", "enum": [1, 3], "description": "1: grey task (BT.601 luma replicated to 3 channels)"},
+            "height": {"type": "integer"}, "width": {"type": "integer"},
+            "mean": {"type": "array", "items": {"type": "number"}}, "std": {"type": "array", "items": {"type": "number"}}}},
+        "CacheState": {"type": "object", "properties": {
+            "state": {"type": "string", "enum": ["resident", "assembling", "cold"]}, "pinned": {"type": "boolean"},
+            "bytes": {"type": ["integer", "null"]}, "hits": {"type": "integer"}}},
+        "Expert": {"type": "object", "properties": {
+            "id": {"type": "string"}, "name": {"type": "string"}, "modality": {"type": "string"},
+            "labels": {"type": "array", "items": {"type": "string"}}, "num_classes": {"type": "integer"},
+            "input": {"$ref": "#/components/schemas/TaskInput"},
+            "version": {"type": ["string", "null"], "description": "16 hex chars of sha256(sha256(student.onnx):sha256(expert file))"},
+            "status": {"type": "string", "enum": ["available", "disabled"]}, "disabled_reason": {"type": ["string", "null"]},
+            "rank": {"type": "integer"}, "alpha": {"type": "number"}, "scale": {"type": "number"},
+            "parameters": {"type": "object", "properties": {"shared": {"type": ["integer", "null"]}, "delta": {"type": ["integer", "null"]}, "head": {"type": "integer"}}},
+            "metrics": {"type": "object"}, "cache": {"$ref": "#/components/schemas/CacheState"}}},
+        "ExpertList": {"type": "object", "properties": {"package": {"type": "string"}, "experts": {"type": "array", "items": {"$ref": "#/components/schemas/Expert"}}}},
+        "Prediction": {"type": "object", "properties": {
+            "task": {"type": "string"}, "expert_version": {"type": "string"},
+            "predictions": {"type": "array", "items": {"type": "object", "properties": {"index": {"type": "integer"}, "label": {"type": "string"}, "probability": {"type": "number"}}}},
+            "logits": {"type": "array", "items": {"type": "number"}},
+            "cache": {"type": "string", "enum": ["hit", "miss"]}, "batch_size": {"type": "integer"},
+            "timings": {"type": "object", "properties": {"decode_ms": {"type": "number"}, "expert_ms": {"type": "number"}, "queue_ms": {"type": "number"}, "inference_ms": {"type": "number"}, "total_ms": {"type": "number"}}}}},
+        "Info": {"type": "object", "properties": {"service": {"type": "object"}, "package": {"type": "object"}, "runtime": {"type": "object", "properties": {"provider": {"type": "string", "enum": ["cpu", "cuda"]}}}, "cache": {"type": "object"}, "config": {"type": "object"}}},
+        "OipServerMetadata": {"type": "object", "properties": {"name": {"type": "string"}, "version": {"type": "string"}, "extensions": {"type": "array", "items": {"type": "string"}}}},
+        "OipLive": {"type": "object", "properties": {"live": {"type": "boolean"}}},
+        "OipReady": {"type": "object", "properties": {"ready": {"type": "boolean"}}},
+        "OipModelReady": {"type": "object", "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}}},
+        "OipTensorMetadata": {"type": "object", "properties": {"name": {"type": "string"}, "datatype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}}}},
+        "OipModelMetadata": {"type": "object", "properties": {
+            "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}}, "platform": {"type": "string"},
+            "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/OipTensorMetadata"}},
+            "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/OipTensorMetadata"}}}},
+        "OipInferRequest": {"type": "object", "required": ["inputs"], "properties": {
+            "id": {"type": "string"},
+            "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "object", "required": ["name", "shape", "datatype", "data"], "properties": {
+                "name": {"type": "string", "const": "input"}, "shape": {"type": "array", "items": {"type": "integer"}, "description": "[N, 3, H, W]"},
+                "datatype": {"type": "string", "const": "FP32"}, "data": {"type": "array", "description": "row-major values, flat or nested; preprocessed per FORMAT.md section 4"}}}},
+            "outputs": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string", "const": "logits"}}}}}},
+        "OipInferResponse": {"type": "object", "properties": {
+            "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
+            "outputs": {"type": "array", "items": {"type": "object", "properties": {
+                "name": {"type": "string"}, "datatype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}}, "data": {"type": "array", "items": {"type": "number"}}}}}}}
+    })
+}

@@ -1,0 +1,267 @@
+//! Assembled-expert cache: bounded by bytes, LRU eviction, pinning, and one assembly per task however many requests ask.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use serde::Serialize;
+use tokio::sync::OnceCell;
+
+use crate::{assembly::merge_layer, metrics::Metrics, package::Package, runtime::Expert};
+
+/// How a lookup was served.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CacheOutcome {
+    /// The expert was resident when the request arrived.
+    pub hit: bool,
+    /// Set when this request ran the assembly itself (seconds).
+    pub assembly_seconds: Option<f64>,
+}
+
+/// Cache state of one task, for `/v1/experts`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CacheEntryState {
+    /// `resident`, `assembling` or `cold`.
+    pub state: &'static str,
+    pub pinned: bool,
+    pub bytes: Option<usize>,
+    pub hits: u64,
+}
+
+struct Resident {
+    expert: Arc<Expert>,
+    last_used: u64,
+    hits: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    resident: HashMap<String, Resident>,
+    loading: HashMap<String, Arc<OnceCell<Arc<Expert>>>>,
+    clock: u64,
+    bytes: usize,
+}
+
+pub struct ExpertCache {
+    package: Arc<Package>,
+    budget: usize,
+    pinned: HashSet<String>,
+    metrics: Metrics,
+    inner: Mutex<Inner>,
+}
+
+impl ExpertCache {
+    pub fn new(
+        package: Arc<Package>,
+        budget_bytes: u64,
+        pinned: HashSet<String>,
+        metrics: Metrics,
+    ) -> Self {
+        metrics
+            .cache_budget_bytes
+            .set(budget_bytes.min(i64::MAX as u64) as i64);
+        ExpertCache {
+            package,
+            budget: usize::try_from(budget_bytes).unwrap_or(usize::MAX),
+            pinned,
+            metrics,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The assembled expert for `task`, assembling it (once, off the async runtime) when it is not resident.
+    pub async fn get(self: &Arc<Self>, task: &str) -> Result<(Arc<Expert>, CacheOutcome), String> {
+        let cell = {
+            let mut inner = self.lock();
+            inner.clock += 1;
+            let now = inner.clock;
+            if let Some(entry) = inner.resident.get_mut(task) {
+                entry.last_used = now;
+                entry.hits += 1;
+                self.metrics.cache_hits.with_label_values(&[task]).inc();
+                return Ok((
+                    entry.expert.clone(),
+                    CacheOutcome {
+                        hit: true,
+                        assembly_seconds: None,
+                    },
+                ));
+            }
+            self.metrics.cache_misses.with_label_values(&[task]).inc();
+            inner.loading.entry(task.to_string()).or_default().clone()
+        };
+        let mut assembly_seconds = None;
+        let result = cell
+            .get_or_try_init(|| {
+                let cache = Arc::clone(self);
+                let task = task.to_string();
+                let seconds = &mut assembly_seconds;
+                async move {
+                    // Assemble and insert on a blocking thread, so a cancelled request cannot lose a finished assembly.
+                    let (expert, took) =
+                        tokio::task::spawn_blocking(move || cache.assemble_and_insert(&task))
+                            .await
+                            .map_err(|e| format!("assembly task failed: {e}"))??;
+                    *seconds = Some(took);
+                    Ok::<_, String>(expert)
+                }
+            })
+            .await
+            .cloned();
+        if result.is_err() {
+            let mut inner = self.lock();
+            if inner
+                .loading
+                .get(task)
+                .is_some_and(|c| Arc::ptr_eq(c, &cell))
+            {
+                inner.loading.remove(task);
+            }
+        }
+        result.map(|expert| {
+            (
+                expert,
+                CacheOutcome {
+                    hit: false,
+                    assembly_seconds,
+                },
+            )
+        })
+    }
+
+    fn assemble_and_insert(&self, task: &str) -> Result<(Arc<Expert>, f64), String> {
+        if let Some(entry) = self.lock().resident.get(task) {
+            return Ok((entry.expert.clone(), 0.0));
+        }
+        let started = Instant::now();
+        let expert = Arc::new(assemble(&self.package, task)?);
+        let took = started.elapsed().as_secs_f64();
+        self.metrics.assemblies.with_label_values(&[task]).inc();
+        self.metrics.assembly_seconds.observe(took);
+        tracing::info!(
+            task,
+            seconds = took,
+            bytes = expert.bytes,
+            "expert assembled"
+        );
+        self.insert(task, expert.clone());
+        Ok((expert, took))
+    }
+
+    fn insert(&self, task: &str, expert: Arc<Expert>) {
+        let mut inner = self.lock();
+        inner.clock += 1;
+        let now = inner.clock;
+        inner.bytes += expert.bytes;
+        if let Some(old) = inner.resident.insert(
+            task.to_string(),
+            Resident {
+                expert,
+                last_used: now,
+                hits: 0,
+            },
+        ) {
+            inner.bytes -= old.expert.bytes;
+        }
+        inner.loading.remove(task);
+        while inner.bytes > self.budget {
+            let victim = inner
+                .resident
+                .iter()
+                .filter(|(name, _)| name.as_str() != task && !self.pinned.contains(name.as_str()))
+                .min_by_key(|(_, r)| r.last_used)
+                .map(|(name, _)| name.clone());
+            let Some(victim) = victim else {
+                tracing::warn!(
+                    resident_bytes = inner.bytes,
+                    budget = self.budget,
+                    "expert cache over budget: nothing left to evict (pinned or in use)"
+                );
+                break;
+            };
+            let evicted = inner.resident.remove(&victim).expect("victim is resident");
+            inner.bytes -= evicted.expert.bytes;
+            self.metrics
+                .cache_evictions
+                .with_label_values(&[&victim])
+                .inc();
+            tracing::info!(task = %victim, bytes = evicted.expert.bytes, "expert evicted");
+        }
+        self.metrics.cache_resident_bytes.set(inner.bytes as i64);
+        self.metrics
+            .cache_resident_experts
+            .set(inner.resident.len() as i64);
+    }
+
+    pub fn state(&self, task: &str) -> CacheEntryState {
+        let inner = self.lock();
+        let pinned = self.pinned.contains(task);
+        match inner.resident.get(task) {
+            Some(r) => CacheEntryState {
+                state: "resident",
+                pinned,
+                bytes: Some(r.expert.bytes),
+                hits: r.hits,
+            },
+            None if inner.loading.contains_key(task) => CacheEntryState {
+                state: "assembling",
+                pinned,
+                bytes: None,
+                hits: 0,
+            },
+            None => CacheEntryState {
+                state: "cold",
+                pinned,
+                bytes: None,
+                hits: 0,
+            },
+        }
+    }
+
+    pub fn resident_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+}
+
+/// Builds expert `task` from the package: `W0 + scale * B @ A` for every layer, plus the task's head.
+pub fn assemble(package: &Package, task: &str) -> Result<Expert, String> {
+    let entry = package
+        .expert(task)
+        .ok_or_else(|| format!("unknown task `{task}`"))?;
+    let deltas = entry
+        .deltas
+        .as_ref()
+        .ok_or_else(|| format!("expert `{task}` is disabled"))?;
+    let version = entry.version.clone().unwrap_or_default();
+    let mut layers = Vec::with_capacity(package.layers.len());
+    for (base, (a, b)) in package.layers.iter().zip(&deltas.factors) {
+        let merged = merge_layer(base.shape, &base.w0, b, a, deltas.scale)
+            .map_err(|e| format!("layer `{}`: {e}", base.name))?;
+        layers.push((
+            base.name.clone(),
+            base.shape.weight_shape().to_vec(),
+            merged,
+        ));
+    }
+    let classes = entry.spec.num_classes;
+    let features = package.manifest.model.feature_dim;
+    Expert::new(
+        task,
+        &version,
+        layers,
+        (vec![classes, features], deltas.head_weight.clone()),
+        deltas.head_bias.clone(),
+    )
+}

@@ -1,0 +1,254 @@
+//! Service configuration: every flag is also a `LORKD_*` environment variable (clap), listed by `--print-env-vars`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{CommandFactory, Parser, ValueEnum};
+
+/// Which ONNX Runtime execution provider runs the experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// CPU only.
+    Cpu,
+    /// CUDA; refuse to start when the loaded ONNX Runtime has no CUDA EP or no GPU answers.
+    Cuda,
+    /// CUDA when the loaded library has it and a GPU answers, else CPU (the choice is logged).
+    Auto,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// lorkd: serves LoRKD task experts (shared student + per-task low-rank deltas) over HTTP.
+#[derive(Debug, Clone, Parser, serde::Serialize)]
+#[command(name = "lorkd", version, about)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "LORKD_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "LORKD_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// Package folder (models/FORMAT.md v1).
+    #[arg(long, env = "LORKD_PACKAGE", default_value = "models/medmnist-lorkd")]
+    pub package: PathBuf,
+
+    /// Path of libonnxruntime.so; when unset, ORT_DYLIB_PATH, then the system search path.
+    #[arg(long, env = "LORKD_ORT_LIBRARY")]
+    pub ort_library: Option<PathBuf>,
+
+    /// Execution provider: cpu, cuda or auto.
+    #[arg(long, env = "LORKD_PROVIDER", value_enum, default_value_t = Provider::Auto)]
+    pub provider: Provider,
+
+    /// CUDA device ordinal (provider cuda/auto).
+    #[arg(long, env = "LORKD_CUDA_DEVICE", default_value_t = 0)]
+    pub cuda_device: i32,
+
+    /// ONNX Runtime intra-op threads (0 = ONNX Runtime's default, one per core).
+    #[arg(long, env = "LORKD_INTRA_OP_THREADS", default_value_t = 0)]
+    pub intra_op_threads: usize,
+
+    /// Byte budget of the assembled-expert cache (accepts K/M/G/KiB/MiB/GiB suffixes).
+    #[arg(long, env = "LORKD_CACHE_BYTES", default_value = "512MiB", value_parser = parse_bytes)]
+    pub cache_bytes: u64,
+
+    /// Experts to assemble and warm up at start-up (comma separated task ids, or `all`).
+    #[arg(long, env = "LORKD_PRELOAD", value_delimiter = ',', default_value = "")]
+    pub preload: Vec<String>,
+
+    /// Experts that are preloaded and never evicted (comma separated task ids, or `all`).
+    #[arg(long, env = "LORKD_PIN", value_delimiter = ',', default_value = "")]
+    pub pin: Vec<String>,
+
+    /// Most images in one dynamic batch (per expert).
+    #[arg(long, env = "LORKD_MAX_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_batch_size: u32,
+
+    /// Longest a request waits for others to join its batch, in milliseconds.
+    #[arg(long, env = "LORKD_MAX_BATCH_WAIT_MS", default_value_t = 2)]
+    pub max_batch_wait_ms: u64,
+
+    /// Most predict/infer requests admitted at once (decoding, queued or running); more get 429.
+    #[arg(long, env = "LORKD_QUEUE_CAPACITY", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub queue_capacity: u32,
+
+    /// Largest request body (accepts K/M/G/KiB/MiB/GiB suffixes); larger gets 413.
+    #[arg(long, env = "LORKD_MAX_BODY_BYTES", default_value = "32MiB", value_parser = parse_bytes)]
+    pub max_body_bytes: u64,
+
+    /// Largest decoded image, in pixels (width x height), checked from the header before decoding; larger gets 422.
+    #[arg(long, env = "LORKD_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
+
+    /// Largest image width or height, checked from the header before decoding; larger gets 422.
+    #[arg(long, env = "LORKD_MAX_IMAGE_SIDE", default_value_t = 16_384)]
+    pub max_image_side: u32,
+
+    /// Time limit for one predict/infer request (decode, assembly, queue, inference) in milliseconds; over it gets 504.
+    #[arg(long, env = "LORKD_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub request_timeout_ms: u64,
+
+    /// On SIGTERM/Ctrl-C, how long in-flight requests may still finish, in milliseconds.
+    #[arg(long, env = "LORKD_SHUTDOWN_TIMEOUT_MS", default_value_t = 25_000)]
+    pub shutdown_timeout_ms: u64,
+
+    /// Log format: json (one object per line) or pretty.
+    #[arg(long, env = "LORKD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `lorkd=debug,info`.
+    #[arg(long, env = "LORKD_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Print every LORKD_* environment variable with its default (env-file format) and exit.
+    #[arg(long, default_value_t = false)]
+    #[serde(skip)]
+    pub print_env_vars: bool,
+}
+
+impl Config {
+    /// Parses a config from explicit arguments only (no environment), for tests and embedding.
+    pub fn from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut command = Self::command();
+        // Environment variables must not leak into embedded configs (tests run in a shared process).
+        let ids: Vec<_> = command
+            .get_arguments()
+            .map(|a| a.get_id().clone())
+            .collect();
+        for id in ids {
+            command = command.mut_arg(id, |a| a.env(None::<&str>));
+        }
+        let matches = command.try_get_matches_from(
+            std::iter::once("lorkd".into()).chain(args.into_iter().map(Into::into)),
+        )?;
+        <Self as clap::FromArgMatches>::from_arg_matches(&matches)
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        let host = if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        format!("{host}:{}", self.port)
+            .parse()
+            .map_err(|e| format!("invalid listen address {host}:{}: {e}", self.port))
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    pub fn max_batch_wait(&self) -> Duration {
+        Duration::from_millis(self.max_batch_wait_ms)
+    }
+}
+
+/// Every `LORKD_*` variable with its default, as an env file (`# help` line, then `NAME=default`).
+pub fn env_vars_listing() -> String {
+    let command = Config::command();
+    let mut out = String::new();
+    for arg in command.get_arguments() {
+        let Some(env) = arg.get_env() else { continue };
+        let default: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        if let Some(help) = arg.get_help() {
+            out.push_str(&format!("# {help}\n"));
+        }
+        out.push_str(&format!(
+            "{}={}\n",
+            env.to_string_lossy(),
+            default.join(",")
+        ));
+    }
+    out
+}
+
+/// Parses a byte count with an optional unit: `1048576`, `64MiB`, `1G`, `512k`.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a byte count (examples: 1048576, 64MiB, 1G)"))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "ki" | "kib" => 1 << 10,
+        "mi" | "mib" => 1 << 20,
+        "gi" | "gib" => 1 << 30,
+        other => return Err(format!("unknown byte unit `{other}` in `{text}`")),
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts_with_units() {
+        assert_eq!(parse_bytes("1048576"), Ok(1_048_576));
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("1G"), Ok(1_000_000_000));
+        assert_eq!(parse_bytes("2 kib"), Ok(2048));
+        assert!(parse_bytes("12XB").is_err());
+        assert!(parse_bytes("MiB").is_err());
+    }
+
+    #[test]
+    fn defaults_parse_and_listing_names_every_env_var() {
+        let config = Config::from_args(Vec::<String>::new()).unwrap();
+        assert_eq!(config.port, 8080);
+        assert_eq!(config.max_body_bytes, 32 << 20);
+        assert!(config.preload.iter().all(|p| p.is_empty()));
+        let listing = env_vars_listing();
+        for name in [
+            "LORKD_PORT=8080",
+            "LORKD_PACKAGE=",
+            "LORKD_CACHE_BYTES=512MiB",
+            "LORKD_LOG_FORMAT=pretty",
+        ] {
+            assert!(listing.contains(name), "{name} missing from\n{listing}");
+        }
+        let vars = listing.lines().filter(|l| l.starts_with("LORKD_")).count();
+        let args_with_env = Config::command()
+            .get_arguments()
+            .filter(|a| a.get_env().is_some())
+            .count();
+        assert_eq!(vars, args_with_env);
+        assert!(!listing.contains("PRINT_ENV"));
+    }
+
+    #[test]
+    fn listen_address_accepts_ipv6() {
+        let config = Config::from_args(["--host", "::1", "--port", "0"]).unwrap();
+        assert_eq!(config.listen_addr().unwrap().to_string(), "[::1]:0");
+    }
+}

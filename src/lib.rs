@@ -1,0 +1,18 @@
+//! lorkd: serves LoRKD task experts. Data flows one way: HTTP (`api`) -> decode/preprocess (`preprocess`) ->
+//! expert cache and assembly (`cache`, `assembly`, from the `package`) -> runtime (`runtime`: ORT session, batching).
+
+pub mod api;
+pub mod assembly;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod onnx;
+pub mod package;
+pub mod preprocess;
+pub mod runtime;
+pub mod server;
+pub mod state;
+
+pub use config::Config;
+pub use server::{serve, App, StartupError};

@@ -1,0 +1,569 @@
+//! Loads and verifies a lorkd package (models/FORMAT.md v1): manifest, checksums, shared weights W0, expert deltas.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::{Component, Path, PathBuf},
+    sync::Arc,
+};
+
+use safetensors::{tensor::Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{assembly::LayerShape, onnx};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub model: ModelSpec,
+    pub input: InputSpec,
+    pub lora: LoraSpec,
+    pub layers: Vec<LayerSpec>,
+    pub tasks: Vec<TaskSpec>,
+    pub files: BTreeMap<String, String>,
+    #[serde(default)]
+    pub provenance: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub file: String,
+    #[serde(default)]
+    pub arch: String,
+    #[serde(default)]
+    pub opset: Option<u32>,
+    pub input_name: String,
+    pub output_name: String,
+    pub head_weight_input: String,
+    pub head_bias_input: String,
+    pub feature_dim: usize,
+    #[serde(default)]
+    pub parameters: Option<u64>,
+    #[serde(default)]
+    pub flops: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InputSpec {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    #[serde(default)]
+    pub layout: Option<String>,
+    #[serde(default)]
+    pub dtype: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    pub scale: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub kernel: usize,
+    pub a_shape: Vec<usize>,
+    pub b_shape: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub modality: String,
+    pub labels: Vec<String>,
+    pub num_classes: usize,
+    pub file: String,
+    pub input: TaskInput,
+    #[serde(default)]
+    pub metrics: serde_json::Value,
+}
+
+/// What a task's images must become before the graph's `input` (FORMAT.md section 4).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TaskInput {
+    /// 1: grey task (luma, replicated to 3 channels); 3: RGB task.
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+/// One decomposed layer: its name, shapes and the shared weights W0 (BatchNorm folded).
+#[derive(Debug)]
+pub struct BaseLayer {
+    pub name: String,
+    pub shape: LayerShape,
+    pub w0: Vec<f32>,
+}
+
+/// A task's verified low-rank factors and head, as stored in `experts/<task>.safetensors`.
+#[derive(Debug)]
+pub struct ExpertDeltas {
+    pub scale: f32,
+    /// `(A, B)` per layer, in `manifest.layers` order.
+    pub factors: Vec<(Vec<f32>, Vec<f32>)>,
+    pub head_weight: Vec<f32>,
+    pub head_bias: Vec<f32>,
+}
+
+impl ExpertDeltas {
+    pub fn parameter_count(&self) -> usize {
+        self.factors
+            .iter()
+            .map(|(a, b)| a.len() + b.len())
+            .sum::<usize>()
+            + self.head_weight.len()
+            + self.head_bias.len()
+    }
+}
+
+/// Whether an expert can serve.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum ExpertStatus {
+    Available,
+    Disabled { reason: String },
+}
+
+#[derive(Debug)]
+pub struct ExpertEntry {
+    pub spec: TaskSpec,
+    pub status: ExpertStatus,
+    /// `expert_version` of FORMAT.md (16 hex chars); None when the file could not be hashed.
+    pub version: Option<String>,
+    pub deltas: Option<Arc<ExpertDeltas>>,
+}
+
+/// A loaded, verified package. Immutable after load.
+#[derive(Debug)]
+pub struct Package {
+    pub root: PathBuf,
+    pub manifest: Manifest,
+    pub model_bytes: Vec<u8>,
+    pub model_sha256: String,
+    pub layers: Vec<BaseLayer>,
+    pub experts: BTreeMap<String, ExpertEntry>,
+    /// Problems that do not stop serving (e.g. a golden file with a wrong checksum).
+    pub warnings: Vec<String>,
+}
+
+/// The package cannot be served at all (bad manifest or shared model).
+#[derive(Debug, thiserror::Error)]
+#[error("package {path}: {message}")]
+pub struct PackageError {
+    pub path: String,
+    pub message: String,
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `first 16 hex chars of sha256(sha256(student.onnx) || ":" || sha256(expert file))` (FORMAT.md).
+pub fn expert_version(model_sha256: &str, expert_sha256: &str) -> String {
+    sha256_hex(format!("{model_sha256}:{expert_sha256}").as_bytes())[..16].to_string()
+}
+
+/// `^[a-z0-9][a-z0-9_-]{0,63}$`
+pub fn valid_task_id(id: &str) -> bool {
+    let bytes = id.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 64
+        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+        && bytes
+            .iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-')
+}
+
+/// A `files` key must stay inside the package folder.
+fn safe_relative(path: &str) -> bool {
+    let p = Path::new(path);
+    !path.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+impl Package {
+    pub fn load(root: impl AsRef<Path>) -> Result<Package, PackageError> {
+        let root = root.as_ref().to_path_buf();
+        let fail = |message: String| PackageError {
+            path: root.display().to_string(),
+            message,
+        };
+
+        let manifest_path = root.join("manifest.json");
+        let manifest_bytes = std::fs::read(&manifest_path)
+            .map_err(|e| fail(format!("cannot read manifest.json: {e}")))?;
+        let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
+            .map_err(|e| fail(format!("manifest.json does not follow the format: {e}")))?;
+        if manifest.format != "lorkd-package" || manifest.format_version != 1 {
+            return Err(fail(format!(
+                "manifest format is `{}` version {}, this server reads `lorkd-package` version 1",
+                manifest.format, manifest.format_version
+            )));
+        }
+        if manifest.lora.rank == 0 || !manifest.lora.scale.is_finite() {
+            return Err(fail(
+                "manifest lora.rank must be positive and lora.scale finite".into(),
+            ));
+        }
+        let layer_shapes = manifest
+            .layers
+            .iter()
+            .map(|l| layer_shape(l, manifest.lora.rank))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(fail)?;
+
+        // The shared model: any problem here makes the package unusable.
+        let model_file = manifest.model.file.clone();
+        let expected = manifest.files.get(&model_file).ok_or_else(|| {
+            fail(format!(
+                "shared model `{model_file}` is not listed in manifest files"
+            ))
+        })?;
+        if !safe_relative(&model_file) {
+            return Err(fail(format!(
+                "shared model path `{model_file}` leaves the package folder"
+            )));
+        }
+        let model_bytes = std::fs::read(root.join(&model_file))
+            .map_err(|e| fail(format!("cannot read shared model `{model_file}`: {e}")))?;
+        let model_sha256 = sha256_hex(&model_bytes);
+        if !model_sha256.eq_ignore_ascii_case(expected) {
+            return Err(fail(format!("shared model `{model_file}` has sha256 {model_sha256}, manifest lists {expected}: refusing to serve a modified model")));
+        }
+        let names: Vec<&str> = manifest.layers.iter().map(|l| l.name.as_str()).collect();
+        let info = onnx::read_model(&model_bytes, &names)
+            .map_err(|e| fail(format!("shared model `{model_file}`: {e}")))?;
+        let required_inputs = [
+            &manifest.model.input_name,
+            &manifest.model.head_weight_input,
+            &manifest.model.head_bias_input,
+        ];
+        for name in required_inputs
+            .into_iter()
+            .chain(manifest.layers.iter().map(|l| &l.name))
+        {
+            if !info.input_names.iter().any(|n| n == name) {
+                return Err(fail(format!(
+                    "shared model `{model_file}` has no graph input `{name}`"
+                )));
+            }
+        }
+        let mut initializers = info.initializers;
+        let mut layers = Vec::with_capacity(manifest.layers.len());
+        for (spec, shape) in manifest.layers.iter().zip(&layer_shapes) {
+            let tensor = initializers.remove(&spec.name).ok_or_else(|| {
+                fail(format!(
+                    "shared model has no initializer (W0) for layer `{}`",
+                    spec.name
+                ))
+            })?;
+            if tensor.dims != shape.weight_shape() {
+                return Err(fail(format!(
+                    "W0 of `{}` has shape {:?}, manifest says {:?}",
+                    spec.name, tensor.dims, spec.shape
+                )));
+            }
+            layers.push(BaseLayer {
+                name: spec.name.clone(),
+                shape: *shape,
+                w0: tensor.data,
+            });
+        }
+
+        // Every other listed file is verified; only expert files matter for serving.
+        let mut warnings = Vec::new();
+        let expert_files: HashSet<&str> = manifest.tasks.iter().map(|t| t.file.as_str()).collect();
+        for (path, expected) in &manifest.files {
+            if path == &model_file || expert_files.contains(path.as_str()) {
+                continue;
+            }
+            if !safe_relative(path) {
+                warnings.push(format!("file `{path}` leaves the package folder; not read"));
+                continue;
+            }
+            match std::fs::read(root.join(path)) {
+                Ok(bytes) if sha256_hex(&bytes).eq_ignore_ascii_case(expected) => {}
+                Ok(_) => warnings.push(format!("file `{path}` does not match its sha256")),
+                Err(e) => warnings.push(format!("file `{path}` cannot be read: {e}")),
+            }
+        }
+
+        let mut experts = BTreeMap::new();
+        for spec in &manifest.tasks {
+            if !valid_task_id(&spec.id) {
+                warnings.push(format!(
+                    "task id `{}` is not valid (^[a-z0-9][a-z0-9_-]{{0,63}}$); skipped",
+                    spec.id
+                ));
+                continue;
+            }
+            if experts.contains_key(&spec.id) {
+                warnings.push(format!(
+                    "task id `{}` appears twice; the second is skipped",
+                    spec.id
+                ));
+                continue;
+            }
+            let entry = load_expert(&root, &manifest, &layer_shapes, &model_sha256, spec);
+            experts.insert(spec.id.clone(), entry);
+        }
+        Ok(Package {
+            root,
+            manifest,
+            model_bytes,
+            model_sha256,
+            layers,
+            experts,
+            warnings,
+        })
+    }
+
+    pub fn expert(&self, task: &str) -> Option<&ExpertEntry> {
+        self.experts.get(task)
+    }
+}
+
+fn layer_shape(spec: &LayerSpec, rank: usize) -> Result<LayerShape, String> {
+    let [cout, cin, kh, kw] = spec.shape[..] else {
+        return Err(format!(
+            "layer `{}` shape {:?} is not [Cout, Cin, k, k]",
+            spec.name, spec.shape
+        ));
+    };
+    if kh != kw || kh != spec.kernel || kh == 0 {
+        return Err(format!(
+            "layer `{}` kernel {} does not match shape {:?}",
+            spec.name, spec.kernel, spec.shape
+        ));
+    }
+    let shape = LayerShape {
+        out_channels: cout,
+        in_channels: cin,
+        kernel: kh,
+        rank_k: rank * kh,
+    };
+    if spec.a_shape[..] != shape.a_shape() || spec.b_shape[..] != shape.b_shape() {
+        return Err(format!(
+            "layer `{}` factor shapes A {:?} B {:?} do not match rank {rank} (expected A {:?} B {:?})",
+            spec.name,
+            spec.a_shape,
+            spec.b_shape,
+            shape.a_shape(),
+            shape.b_shape()
+        ));
+    }
+    Ok(shape)
+}
+
+fn load_expert(
+    root: &Path,
+    manifest: &Manifest,
+    shapes: &[LayerShape],
+    model_sha256: &str,
+    spec: &TaskSpec,
+) -> ExpertEntry {
+    let mut version = None;
+    let result = (|| -> Result<ExpertDeltas, String> {
+        check_task_spec(spec)?;
+        let expected = manifest.files.get(&spec.file).ok_or_else(|| {
+            format!(
+                "expert file `{}` is not listed in manifest files",
+                spec.file
+            )
+        })?;
+        if !safe_relative(&spec.file) {
+            return Err(format!(
+                "expert file `{}` leaves the package folder",
+                spec.file
+            ));
+        }
+        let bytes = std::fs::read(root.join(&spec.file))
+            .map_err(|e| format!("cannot read expert file `{}`: {e}", spec.file))?;
+        let sha = sha256_hex(&bytes);
+        if !sha.eq_ignore_ascii_case(expected) {
+            return Err(format!(
+                "expert file `{}` has sha256 {sha}, manifest lists {expected}",
+                spec.file
+            ));
+        }
+        version = Some(expert_version(model_sha256, &sha));
+        parse_expert(&bytes, manifest, shapes, spec)
+    })();
+    match result {
+        Ok(deltas) => ExpertEntry {
+            spec: spec.clone(),
+            status: ExpertStatus::Available,
+            version,
+            deltas: Some(Arc::new(deltas)),
+        },
+        Err(reason) => {
+            tracing::warn!(task = %spec.id, %reason, "expert disabled");
+            ExpertEntry {
+                spec: spec.clone(),
+                status: ExpertStatus::Disabled { reason },
+                version,
+                deltas: None,
+            }
+        }
+    }
+}
+
+fn check_task_spec(spec: &TaskSpec) -> Result<(), String> {
+    if spec.labels.len() != spec.num_classes || spec.num_classes == 0 {
+        return Err(format!(
+            "task has {} labels but num_classes {}",
+            spec.labels.len(),
+            spec.num_classes
+        ));
+    }
+    let input = &spec.input;
+    if !matches!(input.channels, 1 | 3) || input.height == 0 || input.width == 0 {
+        return Err(format!(
+            "task input spec {input:?} is not supported (channels 1 or 3, positive size)"
+        ));
+    }
+    if input.std.iter().any(|s| !s.is_finite() || *s == 0.0)
+        || input.mean.iter().any(|m| !m.is_finite())
+    {
+        return Err("task input mean/std must be finite and std non-zero".into());
+    }
+    Ok(())
+}
+
+fn parse_expert(
+    bytes: &[u8],
+    manifest: &Manifest,
+    shapes: &[LayerShape],
+    spec: &TaskSpec,
+) -> Result<ExpertDeltas, String> {
+    let (_, header) =
+        SafeTensors::read_metadata(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let field = |key: &str| meta.get(key).map(String::as_str).unwrap_or("");
+    if field("format") != "lorkd-expert" || field("format_version") != "1" {
+        return Err(format!(
+            "metadata format is `{}` version `{}`, expected `lorkd-expert` version 1",
+            field("format"),
+            field("format_version")
+        ));
+    }
+    if field("task") != spec.id {
+        return Err(format!(
+            "file is for task `{}`, manifest says `{}`",
+            field("task"),
+            spec.id
+        ));
+    }
+    let scale: f64 = field("scale")
+        .parse()
+        .map_err(|_| format!("metadata scale `{}` is not a number", field("scale")))?;
+    if (scale - manifest.lora.scale).abs() > 1e-6 * manifest.lora.scale.abs().max(1.0) {
+        return Err(format!(
+            "metadata scale {scale} differs from manifest lora.scale {}",
+            manifest.lora.scale
+        ));
+    }
+    let tensors =
+        SafeTensors::deserialize(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
+    let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>, String> {
+        let view = tensors
+            .tensor(name)
+            .map_err(|_| format!("tensor `{name}` is missing"))?;
+        if view.dtype() != Dtype::F32 {
+            return Err(format!(
+                "tensor `{name}` is {:?}, expected F32",
+                view.dtype()
+            ));
+        }
+        if view.shape() != shape {
+            return Err(format!(
+                "tensor `{name}` has shape {:?}, expected {shape:?}",
+                view.shape()
+            ));
+        }
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(format!("tensor `{name}` holds NaN or infinite values"));
+        }
+        Ok(values)
+    };
+    let mut factors = Vec::with_capacity(shapes.len());
+    for (layer, shape) in manifest.layers.iter().zip(shapes) {
+        let a = read(&format!("{}.lora_A", layer.name), &shape.a_shape())?;
+        let b = read(&format!("{}.lora_B", layer.name), &shape.b_shape())?;
+        factors.push((a, b));
+    }
+    let head_weight = read(
+        "head.weight",
+        &[spec.num_classes, manifest.model.feature_dim],
+    )?;
+    let head_bias = read("head.bias", &[spec.num_classes])?;
+    Ok(ExpertDeltas {
+        scale: scale as f32,
+        factors,
+        head_weight,
+        head_bias,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_follow_the_format() {
+        for ok in ["breast", "a", "0x", "derma-2_b"] {
+            assert!(valid_task_id(ok), "{ok}");
+        }
+        for bad in ["", "Breast", "-x", "_x", "a/b", "a.b", &"x".repeat(65)] {
+            assert!(!valid_task_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn expert_version_is_sixteen_hex_of_the_joined_digests() {
+        let v = expert_version("aa", "bb");
+        assert_eq!(v, sha256_hex(b"aa:bb")[..16]);
+        assert_eq!(v.len(), 16);
+        assert_ne!(v, expert_version("aa", "bc"));
+    }
+
+    #[test]
+    fn paths_must_stay_inside_the_package() {
+        assert!(safe_relative("experts/a.safetensors"));
+        assert!(!safe_relative("../x"));
+        assert!(!safe_relative("/etc/passwd"));
+        assert!(!safe_relative(""));
+    }
+
+    #[test]
+    fn layer_shapes_are_checked_against_rank() {
+        let spec = LayerSpec {
+            name: "c".into(),
+            shape: vec![24, 3, 3, 3],
+            kernel: 3,
+            a_shape: vec![12, 9],
+            b_shape: vec![72, 12],
+        };
+        let shape = layer_shape(&spec, 4).unwrap();
+        assert_eq!(shape.rank_k, 12);
+        assert!(layer_shape(&spec, 2).is_err());
+    }
+}

@@ -1,0 +1,326 @@
+//! Start-up (package, ONNX Runtime, backend), warm-up, and serving with graceful shutdown.
+
+use std::{
+    collections::HashSet,
+    future::{Future, IntoFuture},
+    sync::{atomic::Ordering, Arc},
+    time::Instant,
+};
+
+use tokio::{net::TcpListener, sync::Notify};
+
+use crate::{
+    api,
+    cache::ExpertCache,
+    config::{Config, LogFormat},
+    metrics::Metrics,
+    package::{ExpertStatus, Package},
+    runtime::{self, Backend, BackendConfig, Expert},
+    state::{AppState, Shared},
+};
+
+/// Why the server could not start. Its message is meant for the operator, as is.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartupError(pub String);
+
+/// A loaded, not yet serving, application.
+pub struct App {
+    pub state: AppState,
+}
+
+fn task_list(names: &[String], package: &Package, what: &str) -> Result<Vec<String>, StartupError> {
+    let mut out = Vec::new();
+    for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+        if name == "all" {
+            out.extend(
+                package
+                    .experts
+                    .iter()
+                    .filter(|(_, e)| e.status == ExpertStatus::Available)
+                    .map(|(id, _)| id.clone()),
+            );
+        } else if package.experts.contains_key(name) {
+            out.push(name.to_string());
+        } else {
+            return Err(StartupError(format!(
+                "{what} names task `{name}`, which the package does not have (tasks: {})",
+                package
+                    .experts
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    out.dedup();
+    Ok(out)
+}
+
+impl App {
+    /// Loads and verifies the package, loads ONNX Runtime, creates the session and starts the backend thread.
+    pub async fn build(config: Config) -> Result<App, StartupError> {
+        let started = Instant::now();
+        let library = runtime::library_path(config.ort_library.as_ref());
+        let package_path = config.package.clone();
+        let package = tokio::task::spawn_blocking(move || Package::load(&package_path))
+            .await
+            .map_err(|e| StartupError(format!("package loading panicked: {e}")))?
+            .map_err(|e| StartupError(e.to_string()))?;
+        for warning in &package.warnings {
+            tracing::warn!(%warning, "package");
+        }
+        let package = Arc::new(package);
+        let pinned: HashSet<String> = task_list(&config.pin, &package, "LORKD_PIN")?
+            .into_iter()
+            .collect();
+        task_list(&config.preload, &package, "LORKD_PRELOAD")?;
+
+        let metrics = Metrics::new();
+        let admission = Arc::new(tokio::sync::Semaphore::new(config.queue_capacity as usize));
+        let capacity = config.queue_capacity as usize;
+        let permits = admission.clone();
+        let admitted: Arc<dyn Fn() -> usize + Send + Sync> =
+            Arc::new(move || capacity.saturating_sub(permits.available_permits()));
+        let backend_config = BackendConfig {
+            provider: config.provider,
+            cuda_device: config.cuda_device,
+            intra_op_threads: config.intra_op_threads,
+            max_batch_size: config.max_batch_size as usize,
+            max_batch_wait: config.max_batch_wait(),
+        };
+        let (backend_package, backend_metrics, lib) =
+            (package.clone(), metrics.clone(), library.clone());
+        let backend = tokio::task::spawn_blocking(move || -> Result<Backend, String> {
+            let environment = runtime::environment(&lib)?;
+            Backend::start(
+                &environment,
+                &backend_package,
+                backend_config,
+                backend_metrics,
+                admitted,
+            )
+        })
+        .await
+        .map_err(|e| StartupError(format!("runtime start-up panicked: {e}")))?
+        .map_err(StartupError)?;
+
+        let available = package
+            .experts
+            .values()
+            .filter(|e| e.status == ExpertStatus::Available)
+            .count();
+        tracing::info!(
+            package = %package.manifest.name,
+            experts = package.experts.len(),
+            available,
+            provider = backend.provider,
+            seconds = started.elapsed().as_secs_f64(),
+            "package loaded"
+        );
+        let cache = Arc::new(ExpertCache::new(
+            package.clone(),
+            config.cache_bytes,
+            pinned,
+            metrics.clone(),
+        ));
+        let shared = Shared {
+            config,
+            package,
+            cache,
+            backend,
+            metrics,
+            admission,
+            ready: false.into(),
+            started: Instant::now(),
+            ort_library: library.display().to_string(),
+        };
+        Ok(App {
+            state: AppState(Arc::new(shared)),
+        })
+    }
+
+    pub fn router(&self) -> axum::Router {
+        api::router(self.state.clone())
+    }
+
+    /// Assembles the preload and pin lists and runs each once (or the base network when the lists are empty),
+    /// then marks the server ready.
+    pub async fn warm_up(&self) -> Result<(), StartupError> {
+        let state = &self.state;
+        let mut tasks = task_list(&state.config.pin, &state.package, "LORKD_PIN")?;
+        tasks.extend(task_list(
+            &state.config.preload,
+            &state.package,
+            "LORKD_PRELOAD",
+        )?);
+        let mut seen = HashSet::new();
+        tasks.retain(|t| seen.insert(t.clone()));
+        let started = Instant::now();
+        let mut warmed = 0;
+        for task in &tasks {
+            let entry = &state.package.experts[task];
+            if entry.status != ExpertStatus::Available {
+                tracing::warn!(task = %task, "preload skipped: expert is disabled");
+                continue;
+            }
+            let (height, width) = (entry.spec.input.height, entry.spec.input.width);
+            let (expert, _) = state
+                .cache
+                .get(task)
+                .await
+                .map_err(|e| StartupError(format!("warm-up of `{task}`: {e}")))?;
+            state
+                .backend
+                .infer(expert, vec![0.0; 3 * height * width], 1, height, width)
+                .await
+                .map_err(|e| StartupError(format!("warm-up run of `{task}`: {e}")))?;
+            warmed += 1;
+        }
+        if warmed == 0 {
+            let manifest = &state.package.manifest;
+            let (height, width) = (manifest.input.height, manifest.input.width);
+            let features = manifest.model.feature_dim;
+            let base = Expert::new(
+                "base",
+                "base",
+                Vec::new(),
+                (vec![1, features], vec![0.0; features]),
+                vec![0.0],
+            )
+            .map_err(StartupError)?;
+            state
+                .backend
+                .infer(
+                    Arc::new(base),
+                    vec![0.0; 3 * height * width],
+                    1,
+                    height,
+                    width,
+                )
+                .await
+                .map_err(|e| StartupError(format!("warm-up run of the base network: {e}")))?;
+        }
+        state.ready.store(true, Ordering::Release);
+        tracing::info!(
+            experts = warmed,
+            seconds = started.elapsed().as_secs_f64(),
+            "warm-up done; ready"
+        );
+        Ok(())
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests finish for at most
+/// `LORKD_SHUTDOWN_TIMEOUT_MS`.
+pub async fn serve(
+    app: &App,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let drain = app.state.config.shutdown_timeout();
+    let draining = Arc::new(Notify::new());
+    let signal = draining.clone();
+    let server = axum::serve(listener, app.router())
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!(
+                drain_ms = drain.as_millis() as u64,
+                "shutdown requested: finishing in-flight requests"
+            );
+            signal.notify_one();
+        })
+        .into_future();
+    let deadline = async move {
+        draining.notified().await;
+        tokio::time::sleep(drain).await;
+    };
+    tokio::select! {
+        result = server => result,
+        _ = deadline => {
+            tracing::warn!("drain timeout passed with requests still in flight; exiting");
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}
+
+/// Installs the global tracing subscriber (JSON or pretty, filter from config). Call once, from the binary.
+pub fn init_tracing(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+}
+
+/// The binary's whole life: start, bind, warm up (while already answering liveness), serve until a signal.
+pub async fn run(config: Config) -> Result<(), StartupError> {
+    let address = config.listen_addr().map_err(StartupError)?;
+    let app = App::build(config).await?;
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|e| StartupError(format!("cannot listen on {address}: {e}")))?;
+    tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<StartupError>();
+    let warm_state = App {
+        state: app.state.clone(),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = warm_state.warm_up().await {
+            let _ = failed_tx.send(e);
+        }
+    });
+    let warm_up_failed = Arc::new(std::sync::Mutex::new(None));
+    let failure = warm_up_failed.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown_signal() => {},
+            Ok(error) = failed_rx => {
+                *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+            }
+        }
+    };
+    serve(&app, listener, shutdown)
+        .await
+        .map_err(|e| StartupError(format!("server error: {e}")))?;
+    let failed = warm_up_failed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    match failed {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
