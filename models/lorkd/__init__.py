@@ -1,1 +1,3 @@
 """LoRKD decomposition toolkit."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,176 @@
+"""Command line: `lorkd-train <command>`; see `lorkd-train -h` and models/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .data import DEFAULT_TASKS, load_tasks
+
+
+def _load_cfg(args):
+    from .train import TrainConfig
+
+    cfg = TrainConfig()
+    if getattr(args, "config", None):
+        cfg = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
+    if getattr(args, "mode", None):
+        cfg = cfg.with_overrides([f"mode={args.mode}"])
+    return cfg.with_overrides(args.set or [])
+
+
+def cmd_train(args) -> int:
+    from .train import train_run
+
+    cfg = _load_cfg(args)
+    tasks = load_tasks(cfg.tasks, args.data_dir)
+    out = Path(args.out)
+    if cfg.mode == "stl":
+        for td in tasks:
+            train_run(cfg, [td], out / td.spec.id, progress=not args.no_progress)
+    else:
+        train_run(cfg, tasks, out, progress=not args.no_progress)
+    return 0
+
+
+def cmd_teacher_features(args) -> int:
+    from .train import load_trained, teacher_features
+
+    torch.set_num_threads(args.threads)
+    cfg = json.loads((Path(args.teacher_run) / "config.json").read_text())
+    tasks = load_tasks(cfg["tasks"], args.data_dir)
+    teacher = load_trained(Path(args.teacher_run), tasks)
+    teacher_features(teacher, tasks, Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .pipeline import export_from_run
+
+    manifest = export_from_run(Path(args.run), Path(args.out), args.data_dir, metrics_file=args.metrics)
+    print(f"wrote {args.out}: {len(manifest['tasks'])} experts, {len(manifest['layers'])} decomposed layers")
+    return 0
+
+
+def cmd_parity(args) -> int:
+    from .parity import package_parity
+    from .train import load_trained
+
+    torch.set_num_threads(args.threads)
+    manifest = json.loads((Path(args.package) / "manifest.json").read_text())
+    tasks = load_tasks([t["id"] for t in manifest["tasks"]], args.data_dir)
+    student = load_trained(Path(args.run), tasks, args.checkpoint)
+    res = package_parity(Path(args.package), student, tasks, args.split)
+    print(json.dumps(res, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    ok = res["max_abs_err"] <= 1e-4 and res["argmax_agreement"] == 1.0 and res["switch_max_abs_err"] <= 1e-5
+    print("PARITY OK" if ok else "PARITY FAILED")
+    return 0 if ok else 1
+
+
+def cmd_export_merged(args) -> int:
+    from .package import merged_expert_onnx
+
+    merged_expert_onnx(Path(args.package), args.task, Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .package import load_package
+
+    manifest = load_package(Path(args.package))
+    print(f"{args.package}: format {manifest['format_version']}, {len(manifest['files'])} files verified")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    write_report(Path(args.runs), Path(args.readme), Path(args.figures), args.data_dir, args.package)
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from .pipeline import run_pipeline
+
+    run_pipeline(Path(args.config), Path(args.runs), Path(args.package), args.data_dir,
+                 only=args.only, progress=not args.no_progress)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lorkd-train", description=__doc__)
+    p.add_argument("--data-dir", default=None, help="MedMNIST npz folder (default ../shared/data/medmnist)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("train", help="train one model: teacher | lorkd | lorkd_nokd | mtl | stl")
+    s.add_argument("--mode", choices=["teacher", "lorkd", "lorkd_nokd", "mtl", "stl"])
+    s.add_argument("--config", help="JSON file with TrainConfig keys")
+    s.add_argument("--set", nargs="*", help="override config keys: key=value")
+    s.add_argument("--out", required=True, help="run folder (resumes from its last.pt)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("teacher-features", help="precompute pooled teacher features (image and its flip)")
+    s.add_argument("--teacher-run", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--threads", type=int, default=2)
+    s.set_defaults(func=cmd_teacher_features)
+
+    s = sub.add_parser("export", help="export a trained LoRKD run as a servable package (FORMAT.md)")
+    s.add_argument("--run", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--metrics", help="evaluation JSON to copy test metrics and provenance from")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("parity", help="ORT package vs PyTorch EKS on a full split, and the switch rule")
+    s.add_argument("--run", required=True)
+    s.add_argument("--package", required=True)
+    s.add_argument("--checkpoint", default="best.pt")
+    s.add_argument("--split", default="test")
+    s.add_argument("--out")
+    s.add_argument("--threads", type=int, default=2)
+    s.set_defaults(func=cmd_parity)
+
+    s = sub.add_parser("export-merged", help="one task as a standalone plain ONNX (W_t and head baked in)")
+    s.add_argument("--package", required=True)
+    s.add_argument("--task", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_export_merged)
+
+    s = sub.add_parser("verify", help="validate a package's manifest and checksums")
+    s.add_argument("--package", required=True)
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("report", help="evaluate all runs on the test split; write the README table and figures")
+    s.add_argument("--runs", default="models/runs")
+    s.add_argument("--readme", default="models/README.md")
+    s.add_argument("--figures", default="models/figures")
+    s.add_argument("--package", default="models/medmnist-lorkd")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("pipeline", help="teacher -> features -> LoRKD + baselines -> report -> package (resumable)")
+    s.add_argument("--config", default="models/configs/medmnist.json")
+    s.add_argument("--runs", default="models/runs")
+    s.add_argument("--package", default="models/medmnist-lorkd")
+    s.add_argument("--only", nargs="*", help="run only these stages")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_pipeline)
+
+    args = p.parse_args(argv)
+    if args.data_dir:
+        args.data_dir = Path(args.data_dir)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["main", "DEFAULT_TASKS"]

@@ -1,0 +1,90 @@
+"""EKS conv: a conv with shared weight W0 and per-task low-rank factors, routed per sample in one pass."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class EKSConv2d(nn.Module):
+    """Decomposed conv: sample b of task t gets W0 + scale * reshape(B_t @ A_t, W0.shape).
+
+    Factor layout is the released loralib ConvLoRA one: A_t is (r*k, Cin*k), B_t is (Cout*k, r*k).
+    All tasks' factors live in two stacked parameters, `lora_A` (T, r*k, Cin*k) and `lora_B` (T, Cout*k, r*k).
+
+    Forward (one pass for a mixed-task batch with one-hot task matrix `mask` (N, T)):
+    - k == 1: y = conv(h, W0) + scale * B_all(mask_r * A_all(h)). A_all stacks every task's A into one
+      thin (T*r)-channel conv, the expanded one-hot mask zeroes the rank channels of the other tasks and
+      B_all maps the T*r channels back to Cout. dW is never materialised; cost ~ 2*T*r*(Cin+Cout) MACs/pixel.
+    - k > 1 (the stem): every task's dW_t is stacked into one conv with T*Cout outputs, and the outputs
+      are mask-summed per sample. Cheap because the stem has Cin = 3.
+    Both are exactly the per-sample kernel W0 + dW_t (up to float rounding), and since other tasks'
+    branches are multiplied by an exact zero, their factors receive exactly zero gradient.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        num_tasks: int = 0,
+        rank: int = 4,
+        alpha: float = 16.0,
+    ):
+        super().__init__()
+        self.in_channels, self.out_channels, self.k = in_channels, out_channels, kernel_size
+        self.stride, self.padding = stride, padding
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.num_tasks = num_tasks
+        self.rank = rank if num_tasks > 0 else 0
+        self.alpha = float(alpha)
+        self.scale = self.alpha / self.rank if self.rank > 0 else 0.0
+        if self.rank > 0:
+            k, r = kernel_size, self.rank
+            self.lora_A = nn.Parameter(torch.empty(num_tasks, r * k, in_channels * k))
+            self.lora_B = nn.Parameter(torch.zeros(num_tasks, out_channels * k, r * k))
+            for t in range(num_tasks):
+                nn.init.kaiming_uniform_(self.lora_A.data[t], a=math.sqrt(5))
+        else:
+            self.register_parameter("lora_A", None)
+            self.register_parameter("lora_B", None)
+
+    def delta(self, t: int) -> torch.Tensor:
+        """dW_t = scale * reshape_row_major(B_t @ A_t, W0.shape)."""
+        return self.scale * (self.lora_B[t] @ self.lora_A[t]).view(self.weight.shape)
+
+    def merged_weight(self, t: int | None) -> torch.Tensor:
+        if t is None or self.rank == 0:
+            return self.weight
+        return self.weight + self.delta(t)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.conv2d(x, self.weight, None, self.stride, self.padding)
+        if self.rank == 0 or mask is None:
+            return y
+        T, r, k = self.num_tasks, self.rank, self.k
+        mask = mask.to(x.dtype)
+        if k == 1:
+            a_all = self.lora_A.reshape(T * r, self.in_channels, 1, 1)
+            a = F.conv2d(x, a_all, None, self.stride, 0)
+            a = a * mask.repeat_interleave(r, dim=1)[:, :, None, None]
+            # B_all[c, t*r + j] = B_t[c, j]
+            b_all = self.lora_B.permute(1, 0, 2).reshape(self.out_channels, T * r, 1, 1)
+            return y + self.scale * F.conv2d(a, b_all)
+        dw = self.scale * torch.bmm(self.lora_B, self.lora_A).reshape(T * self.out_channels, self.in_channels, k, k)
+        d = F.conv2d(x, dw, None, self.stride, self.padding)
+        n, _, h, w = d.shape
+        d = d.view(n, T, self.out_channels, h, w)
+        return y + (d * mask[:, :, None, None, None]).sum(1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, k={self.k}, stride={self.stride}, "
+            f"tasks={self.num_tasks}, rank={self.rank}, scale={self.scale}"
+        )

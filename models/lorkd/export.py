@@ -1,0 +1,226 @@
+"""Export: trained LoRKD student -> servable package (FORMAT.md v1), and standalone merged experts."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+from PIL import Image
+from safetensors.numpy import save_file
+
+from . import __version__
+from .data import MEAN, STD, TaskData, to_tensor
+from .models import DeployStudent, Student, count_params_macs, fold_student
+from .package import FORMAT, FORMAT_VERSION, sha256_file
+
+OPSET = 17
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "."], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def build_deploy(student: Student) -> tuple[DeployStudent, dict]:
+    state, factors = fold_student(student.eval())
+    deploy = DeployStudent(student.cfg).eval()
+    deploy.load_state_dict(state)
+    return deploy, factors
+
+
+def _onnx_export(module: torch.nn.Module, args: tuple, input_names, dynamic_axes) -> onnx.ModelProto:
+    """TorchScript-based exporter (stable, parameter-named initializers), in memory."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, buf, dynamo=False, opset_version=OPSET, input_names=input_names,
+            output_names=["logits"], dynamic_axes=dynamic_axes, do_constant_folding=True,
+        )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def export_student_onnx(deploy: DeployStudent, layer_names: list[str], path: Path) -> None:
+    """Write student.onnx: folded W0 as overridable initializers named as the layers, dynamic batch/classes."""
+    cfg = deploy.net.cfg
+    f = cfg.feature_dim
+    args = (torch.zeros(2, 3, 28, 28), torch.zeros(3, f), torch.zeros(3))
+    model = _onnx_export(
+        deploy, args, ["input", "head_weight", "head_bias"],
+        {"input": {0: "batch"}, "head_weight": {0: "classes"}, "head_bias": {0: "classes"},
+         "logits": {0: "batch", 1: "classes"}},
+    )
+    g = model.graph
+    # strip the wrapper prefix "net." from every initializer name, keep node references in sync
+    rename = {i.name: i.name[len("net."):] for i in g.initializer if i.name.startswith("net.")}
+    for init in g.initializer:
+        init.name = rename.get(init.name, init.name)
+    for node in g.node:
+        node.input[:] = [rename.get(n, n) for n in node.input]
+    inits = {i.name: i for i in g.initializer}
+    missing = [n for n in layer_names if n not in inits]
+    if missing:
+        raise RuntimeError(f"exporter did not keep initializers for {missing[:3]}...")
+    existing_inputs = {i.name for i in g.input}
+    for name in layer_names:
+        if name in existing_inputs:
+            continue
+        dims = list(inits[name].dims)
+        g.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
+    model.doc_string = "lorkd student: W0 of decomposed convs are overridable initializers (FORMAT.md v1)"
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def choose_golden(labels: np.ndarray, n: int) -> list[int]:
+    """First test image of each class (round robin over classes), n in total: covers every class it can."""
+    by_class = [list(np.flatnonzero(labels == c)) for c in range(int(labels.max()) + 1)]
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < min(n, len(labels)):
+        for idxs in by_class:
+            if depth < len(idxs) and len(chosen) < n:
+                chosen.append(int(idxs[depth]))
+        depth += 1
+    return chosen
+
+
+def save_png(img: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if img.shape[-1] == 1:
+        Image.fromarray(img[..., 0], mode="L").save(path, optimize=True)
+    else:
+        Image.fromarray(img, mode="RGB").save(path, optimize=True)
+
+
+def export_package(
+    student: Student,
+    tasks: list[TaskData],
+    out_dir: Path,
+    *,
+    name: str = "medmnist-lorkd",
+    description: str = "",
+    metrics: dict[str, dict[str, float]] | None = None,
+    provenance: dict | None = None,
+    golden_per_task: int = 4,
+    readme: str | None = None,
+) -> dict:
+    """Write the package folder; returns the manifest. The student must be a decomposed (lora_tasks > 0) one."""
+    cfg = student.cfg
+    if cfg.lora_tasks != len(tasks):
+        raise ValueError("student must have one set of factors per task")
+    student = student.eval()
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    (out_dir / "experts").mkdir(parents=True)
+    layers = student.eks_layers()
+    layer_names = [n for n, _, _ in layers]
+    deploy, factors = build_deploy(student)
+    export_student_onnx(deploy, layer_names, out_dir / "student.onnx")
+
+    scale = cfg.alpha / cfg.rank
+    for t, td in enumerate(tasks):
+        tensors: dict[str, np.ndarray] = {}
+        for layer in layer_names:
+            tensors[f"{layer}.lora_A"] = factors[layer]["A"][t].numpy().astype(np.float32)
+            tensors[f"{layer}.lora_B"] = factors[layer]["B"][t].numpy().astype(np.float32)
+        tensors["head.weight"] = student.heads[t].weight.detach().numpy().astype(np.float32)
+        tensors["head.bias"] = student.heads[t].bias.detach().numpy().astype(np.float32)
+        meta = {
+            "format": "lorkd-expert", "format_version": str(FORMAT_VERSION), "task": td.spec.id,
+            "rank": str(cfg.rank), "alpha": repr(float(cfg.alpha)), "scale": repr(float(scale)),
+        }
+        save_file(tensors, str(out_dir / "experts" / f"{td.spec.id}.safetensors"), metadata=meta)
+
+    # golden cases: logits of the exported PyTorch model (EKS forward, unmerged, BN unfolded)
+    cases = []
+    for t, td in enumerate(tasks):
+        idx = choose_golden(td.labels["test"], golden_per_task)
+        imgs = td.images["test"][idx]
+        x = to_tensor(imgs)
+        with torch.no_grad():
+            logits = student.logits(student(x, torch.full((len(idx),), t, dtype=torch.long)), t)
+        probs = torch.softmax(logits, dim=1)
+        for j, i in enumerate(idx):
+            rel = f"golden/{td.spec.id}/{j}.png"
+            save_png(imgs[j], out_dir / rel)
+            cases.append({
+                "task": td.spec.id, "file": rel, "label": int(td.labels["test"][i]), "test_index": i,
+                "logits": [float(v) for v in logits[j]], "probabilities": [float(v) for v in probs[j]],
+                "top1": int(logits[j].argmax()),
+            })
+    with open(out_dir / "golden" / "golden.json", "w") as f:
+        json.dump({"tolerance": 1e-4, "cases": cases}, f, indent=1)
+
+    params, macs = count_params_macs(deploy.net, extra_args=())
+    if readme:
+        (out_dir / "README.md").write_text(readme)
+    files = {}
+    for p in sorted(out_dir.rglob("*")):
+        if p.is_file() and p.name != "manifest.json":
+            files[p.relative_to(out_dir).as_posix()] = sha256_file(p)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "description": description,
+        "model": {
+            "file": "student.onnx", "arch": "shufflenet_v2_x1_0_28px" if cfg.stages_out_channels[-1] == 1024
+            else "shufflenet_v2_custom_28px", "opset": OPSET,
+            "input_name": "input", "output_name": "logits",
+            "head_weight_input": "head_weight", "head_bias_input": "head_bias",
+            "feature_dim": cfg.feature_dim,
+            "parameters": params,
+            "flops": macs,
+            "flops_note": "multiply-accumulates per 28x28 image, backbone only (a head adds classes*feature_dim)",
+        },
+        "input": {"channels": 3, "height": 28, "width": 28, "layout": "NCHW", "dtype": "float32"},
+        "lora": {"rank": cfg.rank, "alpha": float(cfg.alpha), "scale": float(scale)},
+        "layers": [
+            {"name": n, "shape": list(conv.weight.shape), "kernel": conv.k,
+             "a_shape": [cfg.rank * conv.k, conv.in_channels * conv.k],
+             "b_shape": [conv.out_channels * conv.k, cfg.rank * conv.k]}
+            for n, conv, _ in layers
+        ],
+        "tasks": [
+            {
+                "id": td.spec.id, "name": td.spec.name, "modality": td.spec.modality,
+                "labels": list(td.spec.labels), "num_classes": td.spec.num_classes,
+                "file": f"experts/{td.spec.id}.safetensors",
+                "input": {"channels": td.spec.channels, "height": 28, "width": 28,
+                          "mean": list(MEAN), "std": list(STD)},
+                "metrics": (metrics or {}).get(td.spec.id, {}),
+            }
+            for td in tasks
+        ],
+        "files": files,
+        "provenance": {
+            "data": {td.spec.id: {"file": td.spec.file, "md5": td.md5} for td in tasks},
+            "config": {},
+            "git_revision": git_revision(),
+            "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "toolkit_version": __version__,
+            **(provenance or {}),
+        },
+    }
+    with open(out_dir / "manifest.json", "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest

@@ -1,0 +1,241 @@
+"""Networks: the LoRKD student (ShuffleNetV2 for 28 px with EKS convs), its BN-folded deploy twin, the teacher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from .eks import EKSConv2d
+
+
+@dataclass
+class StudentConfig:
+    """ShuffleNetV2 shape and decomposition settings. lora_tasks = 0 gives a plain (MTL/STL) student."""
+
+    num_classes: tuple[int, ...] = (2, 2, 5)
+    lora_tasks: int = 3
+    rank: int = 4
+    alpha: float = 16.0
+    stages_repeats: tuple[int, int, int] = (4, 8, 4)
+    stages_out_channels: tuple[int, int, int, int, int] = (24, 116, 232, 464, 1024)  # x1.0
+
+    @property
+    def feature_dim(self) -> int:
+        return self.stages_out_channels[-1]
+
+
+class ConvUnit(nn.Module):
+    """conv -> BatchNorm (shared) -> optional ReLU. In deploy mode: conv with folded bias, no BN.
+
+    The conv is an EKSConv2d when `decomposed` (groups == 1 convs) and an ordinary conv otherwise (depthwise).
+    """
+
+    def __init__(
+        self, cin: int, cout: int, k: int, stride: int, groups: int, act: bool, cfg: StudentConfig, deploy: bool
+    ):
+        super().__init__()
+        pad = k // 2
+        self.decomposed = groups == 1
+        if deploy:
+            self.conv: nn.Module = nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=True)
+            self.bn: nn.Module = nn.Identity()
+        else:
+            if self.decomposed:
+                self.conv = EKSConv2d(cin, cout, k, stride, pad, cfg.lora_tasks, cfg.rank, cfg.alpha)
+            else:
+                self.conv = nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False)
+            self.bn = nn.BatchNorm2d(cout)
+        self.act = act
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(self.conv, EKSConv2d):
+            x = self.conv(x, mask)
+        else:
+            x = self.conv(x)
+        x = self.bn(x)
+        return F.relu(x) if self.act else x
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, inp: int, oup: int, stride: int, cfg: StudentConfig, deploy: bool):
+        super().__init__()
+        self.stride = stride
+        bf = oup // 2
+        if stride > 1:
+            self.branch1 = nn.ModuleList(
+                [ConvUnit(inp, inp, 3, stride, inp, False, cfg, deploy), ConvUnit(inp, bf, 1, 1, 1, True, cfg, deploy)]
+            )
+        else:
+            self.branch1 = nn.ModuleList()
+        cin2 = inp if stride > 1 else bf
+        self.branch2 = nn.ModuleList(
+            [
+                ConvUnit(cin2, bf, 1, 1, 1, True, cfg, deploy),
+                ConvUnit(bf, bf, 3, stride, bf, False, cfg, deploy),
+                ConvUnit(bf, bf, 1, 1, 1, True, cfg, deploy),
+            ]
+        )
+
+    @staticmethod
+    def _run(units: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        for u in units:
+            x = u(x, mask)
+        return x
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self._run(self.branch2, x2, mask)), dim=1)
+        else:
+            out = torch.cat((self._run(self.branch1, x, mask), self._run(self.branch2, x, mask)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class Student(nn.Module):
+    """ShuffleNetV2 adapted to 28 px: stride-1 3x3 stem, no max-pool; stages run 28 -> 14 -> 7 -> 4.
+
+    `forward(x, task)` takes the task index of every sample (a mixed-task batch) and returns the pooled
+    features (N, feature_dim); `logits(features, t)` applies head t. `task=None` runs the base network W0.
+    """
+
+    def __init__(self, cfg: StudentConfig, deploy: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.stages_out_channels
+        self.stem = ConvUnit(3, ch[0], 3, 1, 1, True, cfg, deploy)
+        stages = []
+        inp = ch[0]
+        for repeats, oup in zip(cfg.stages_repeats, ch[1:4], strict=True):
+            blocks = [InvertedResidual(inp, oup, 2, cfg, deploy)]
+            blocks += [InvertedResidual(oup, oup, 1, cfg, deploy) for _ in range(repeats - 1)]
+            stages.append(nn.ModuleList(blocks))
+            inp = oup
+        self.stage2, self.stage3, self.stage4 = stages
+        self.conv5 = ConvUnit(inp, ch[4], 1, 1, 1, True, cfg, deploy)
+        self.heads = nn.ModuleList([nn.Linear(ch[4], c) for c in cfg.num_classes]) if not deploy else nn.ModuleList()
+
+    def task_mask(self, task: torch.Tensor | None) -> torch.Tensor | None:
+        if task is None or self.cfg.lora_tasks == 0:
+            return None
+        return F.one_hot(task, self.cfg.lora_tasks).float()
+
+    def features(self, x: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
+        mask = self.task_mask(task)
+        x = self.stem(x, mask)
+        for stage in (self.stage2, self.stage3, self.stage4):
+            for block in stage:
+                x = block(x, mask)
+        x = self.conv5(x, mask)
+        return x.mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
+        return self.features(x, task)
+
+    def logits(self, feats: torch.Tensor, t: int) -> torch.Tensor:
+        return self.heads[t](feats)
+
+    def eks_layers(self) -> list[tuple[str, EKSConv2d, nn.BatchNorm2d]]:
+        """(manifest layer name, EKS conv, its BN) in graph order; the name is the conv's weight name."""
+        out = []
+        for name, mod in self.named_modules():
+            if isinstance(mod, ConvUnit) and isinstance(mod.conv, EKSConv2d):
+                out.append((f"{name}.conv.weight", mod.conv, mod.bn))
+        return out
+
+
+class DeployStudent(nn.Module):
+    """BN-folded student graph for export: logits = features(x) @ head_weight^T + head_bias."""
+
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        self.net = Student(cfg, deploy=True)
+
+    def forward(self, x: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.net.features(x), head_weight, head_bias)
+
+
+def bn_fold_factors(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, b) with BN(y) = s * y + b per output channel (eval mode statistics)."""
+    s = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    return s, bn.bias.detach() - bn.running_mean * s
+
+
+@torch.no_grad()
+def fold_student(student: Student) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Fold every BN into its conv.
+
+    Returns (deploy_state, factors): `deploy_state` is the DeployStudent state dict (prefix `net.`), with
+    folded W0 for decomposed convs; `factors[layer] = {"A": (T, r*k, Cin*k), "B": folded (T, Cout*k, r*k)}`.
+    """
+    state: dict[str, torch.Tensor] = {}
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for name, mod in student.named_modules():
+        if not isinstance(mod, ConvUnit):
+            continue
+        s, b = bn_fold_factors(mod.bn)
+        w = mod.conv.weight.detach()
+        state[f"net.{name}.conv.weight"] = (w * s.view(-1, 1, 1, 1)).float().clone()
+        state[f"net.{name}.conv.bias"] = b.float().clone()
+        if isinstance(mod.conv, EKSConv2d) and mod.conv.rank > 0:
+            k = mod.conv.k
+            factors[f"{name}.conv.weight"] = {
+                "A": mod.conv.lora_A.detach().float().clone(),
+                "B": (mod.conv.lora_B.detach() * s.repeat_interleave(k).view(1, -1, 1)).float().clone(),
+            }
+    return state, factors
+
+
+def folded_delta(a: torch.Tensor, b: torch.Tensor, scale: float, shape: tuple[int, ...]) -> torch.Tensor:
+    return scale * (b @ a).reshape(shape)
+
+
+class Teacher(nn.Module):
+    """ResNet-18 adapted to 28 px (3x3 stem, no max-pool), shared backbone, one head per task.
+
+    The default stem stride is 2 (layer1 at 14x14): a stride-1 stem trains at ~18 img/s on this CPU, 4x slower.
+    """
+
+    def __init__(self, num_classes: tuple[int, ...] = (2, 2, 5), arch: str = "resnet18", stem_stride: int = 2):
+        super().__init__()
+        net = getattr(torchvision.models, arch)(weights=None)
+        net.conv1 = nn.Conv2d(3, 64, 3, stem_stride, 1, bias=False)
+        net.maxpool = nn.Identity()
+        self.feature_dim = net.fc.in_features
+        net.fc = nn.Identity()
+        self.backbone = net
+        self.heads = nn.ModuleList([nn.Linear(self.feature_dim, c) for c in num_classes])
+
+    def forward(self, x: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
+        return self.backbone(x)
+
+    def logits(self, feats: torch.Tensor, t: int) -> torch.Tensor:
+        return self.heads[t](feats)
+
+
+@torch.no_grad()
+def count_params_macs(model: nn.Module, input_shape=(1, 3, 28, 28), extra_args=()) -> tuple[int, int]:
+    """(parameters, multiply-accumulates per image) of a plain network (convs and linears)."""
+    macs = 0
+
+    def conv_hook(m: nn.Conv2d, _inp, out):
+        nonlocal macs
+        k = m.kernel_size[0] * m.kernel_size[1]
+        macs += out.shape[1] * out.shape[2] * out.shape[3] * (m.in_channels // m.groups) * k
+
+    hooks = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        model(torch.zeros(input_shape), *extra_args)
+    finally:
+        for h in hooks:
+            h.remove()
+    params = sum(p.numel() for p in model.parameters())
+    return params, macs

@@ -1,0 +1,70 @@
+"""Parity of an exported package against the trained PyTorch EKS student, and the task-switch rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from .data import TaskData, to_tensor
+from .models import Student
+from .package import base_weights, delta, expert_feeds, load_package, read_expert, switch
+
+
+def session(path: Path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # the "initializer appears in graph inputs" warnings are by design here
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def package_parity(pkg: Path, student: Student, tasks: list[TaskData], split: str = "test",
+                   batch_size: int = 256) -> dict:
+    """Max |ORT(merged W_t, head_t) - PyTorch EKS| logits and argmax agreement per task on a whole split,
+    plus the base network check (layer inputs not fed => W0) and the switch error for every task pair."""
+    pkg = Path(pkg)
+    manifest = load_package(pkg)
+    sess = session(pkg / manifest["model"]["file"])
+    layers = manifest["layers"]
+    names = [L["name"] for L in layers]
+    w0 = base_weights(pkg / manifest["model"]["file"], names)
+    student = student.eval()
+    ids = [t["id"] for t in manifest["tasks"]]
+    out: dict = {"tasks": {}}
+    for t, td in enumerate(tasks):
+        tid = td.spec.id
+        if ids[t] != tid:
+            raise ValueError(f"task order differs: package {ids} vs data {tid}")
+        feeds = expert_feeds(pkg, manifest, tid, w0)
+        head = {k: feeds[k] for k in ("head_weight", "head_bias")}
+        x_all = to_tensor(td.images[split])
+        max_err = base_err = 0.0
+        agree = 0
+        for s in range(0, len(x_all), batch_size):
+            x = x_all[s:s + batch_size]
+            ref = student.logits(student(x, torch.full((len(x),), t, dtype=torch.long)), t).numpy()
+            base = student.logits(student(x, None), t).numpy()
+            got = sess.run(["logits"], {"input": x.numpy(), **feeds})[0]
+            got0 = sess.run(["logits"], {"input": x.numpy(), **head})[0]
+            max_err = max(max_err, float(np.abs(got - ref).max()))
+            base_err = max(base_err, float(np.abs(got0 - base).max()))
+            agree += int((got.argmax(1) == ref.argmax(1)).sum())
+        out["tasks"][tid] = {"n": len(x_all), "max_abs_err": max_err, "argmax_agreement": agree / len(x_all),
+                             "base_max_abs_err": base_err}
+    experts = {tid: read_expert(pkg / f"experts/{tid}.safetensors")[0] for tid in ids}
+    scale = float(manifest["lora"]["scale"])
+    sw = 0.0
+    for a in ids:
+        w_a = {n: w0[n] + delta(experts[a], n, L["shape"], scale) for n, L in zip(names, layers, strict=True)}
+        for b in ids:
+            if a == b:
+                continue
+            w_b = switch(w_a, experts[a], experts[b], layers, scale)
+            direct = {n: w0[n] + delta(experts[b], n, L["shape"], scale) for n, L in zip(names, layers, strict=True)}
+            sw = max(sw, max(float(np.abs(w_b[n] - direct[n]).max()) for n in names))
+    out["switch_max_abs_err"] = sw
+    out["max_abs_err"] = max(v["max_abs_err"] for v in out["tasks"].values())
+    out["argmax_agreement"] = min(v["argmax_agreement"] for v in out["tasks"].values())
+    return out

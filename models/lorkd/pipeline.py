@@ -1,0 +1,143 @@
+"""The reproducible pipeline: teacher -> teacher features -> LoRKD, ablation, MTL, STL -> report -> package."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .data import load_tasks
+from .export import export_package
+from .metrics import evaluate
+from .train import TrainConfig, load_trained, teacher_features, train_run
+
+
+def export_from_run(run: Path, out: Path, data_dir: Path | None = None, metrics_file: Path | None = None,
+                    extra_provenance: dict | None = None) -> dict:
+    """Export the best checkpoint of a LoRKD run; test metrics are measured here (or read from metrics_file)."""
+    cfg = json.loads((Path(run) / "config.json").read_text())
+    tasks = load_tasks(cfg["tasks"], data_dir)
+    student = load_trained(Path(run), tasks)
+    if metrics_file:
+        metrics = json.loads(Path(metrics_file).read_text())
+    else:
+        test = evaluate(student, tasks, "test")
+        metrics = {k: {"test_acc": v["acc"], "test_auc": v["auc"]} for k, v in test.items()}
+    best = torch.load(Path(run) / "best.pt", map_location="cpu", weights_only=False)
+    summary_path = Path(run) / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    prov = {"config": cfg, "run": {"best_epoch": best.get("epoch"), **summary}, **(extra_provenance or {})}
+    manifest = export_package(
+        student, tasks, Path(out), name="medmnist-lorkd",
+        description=(
+            "LoRKD experts (ShuffleNetV2 x1.0 at 28 px, rank-4 EKS convs) for BreastMNIST, PneumoniaMNIST and "
+            "RetinaMNIST, decomposed from a ResNet-18 teacher trained on the three tasks."
+        ),
+        metrics=metrics, provenance=prov,
+        readme=_package_readme(cfg, metrics, best.get("epoch")),
+    )
+    for p in Path(out).rglob("*"):
+        if p.is_file():
+            p.chmod(0o644)
+    return manifest
+
+
+def _package_readme(cfg: dict, metrics: dict, epoch) -> str:
+    lines = [
+        "# medmnist-lorkd",
+        "",
+        "Servable lorkd package (format: `models/FORMAT.md`, version 1), written by `lorkd-train export`.",
+        f"Student mode `{cfg['mode']}`, {cfg['epochs']} epochs, best val checkpoint: epoch {epoch}.",
+        "",
+        "| task | test ACC | test AUC |",
+        "| --- | --- | --- |",
+    ]
+    for k, v in metrics.items():
+        lines.append(f"| {k} | {v.get('test_acc', float('nan')):.3f} | {v.get('test_auc', float('nan')):.3f} |")
+    lines += ["", "See `models/README.md` for how it was made, baselines and parity figures.", ""]
+    return "\n".join(lines)
+
+
+STAGES = ("teacher", "features", "lorkd", "lorkd_nokd", "mtl", "stl", "report", "package")
+
+
+def run_pipeline(config: Path, runs: Path, package: Path, data_dir: Path | None = None,
+                 only: list[str] | None = None, progress: bool = True) -> None:
+    """Run (or resume) every stage. The config JSON has a `common` TrainConfig block and one block per run."""
+    spec = json.loads(Path(config).read_text())
+    common = spec.get("common", {})
+    runs = Path(runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    timings_path = runs / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    feats = runs / "teacher_features.pt"
+
+    def cfg_for(name: str, **extra) -> TrainConfig:
+        d = {**common, **spec.get(name, {}), **extra}
+        return TrainConfig.from_dict(d)
+
+    def stage(name: str, fn) -> None:
+        if only and name not in only:
+            return
+        t0 = time.time()
+        print(f"=== stage {name}", flush=True)
+        fn()
+        dt = time.time() - t0
+        # two pipeline processes may share the runs folder (reproduce.sh lanes): merge with the file's latest
+        latest = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+        latest[name] = latest.get(name, 0.0) + dt if name not in ("report", "package") else dt
+        timings_path.write_text(json.dumps(latest, indent=1))
+        timings.update(latest)
+        print(f"=== stage {name} took {dt:.0f}s", flush=True)
+
+    def done(run: Path, cfg: TrainConfig) -> bool:
+        s = run / "summary.json"
+        return s.exists() and json.loads(s.read_text()).get("epochs") == cfg.epochs
+
+    def train(name: str, mode: str, **extra):
+        cfg = cfg_for(name, mode=mode, **extra)
+        tasks = load_tasks(cfg.tasks, data_dir)
+        if mode == "stl":
+            for td in tasks:
+                if not done(runs / name / td.spec.id, cfg):
+                    train_run(cfg, [td], runs / name / td.spec.id, progress)
+        elif not done(runs / name, cfg):
+            train_run(cfg, tasks, runs / name, progress)
+
+    def features():
+        if feats.exists():
+            return
+        cfg = cfg_for("teacher", mode="teacher")
+        torch.set_num_threads(cfg.num_threads)
+        tasks = load_tasks(cfg.tasks, data_dir)
+        teacher_features(load_trained(runs / "teacher", tasks), tasks, feats, progress=progress)
+
+    def report():
+        from .report import write_report
+
+        write_report(runs, Path("models/README.md"), Path("models/figures"), data_dir, package)
+
+    def pack():
+        metrics = None
+        ev = runs / "evaluation.json"
+        extra = {"wall_seconds": json.loads(timings_path.read_text()) if timings_path.exists() else {}}
+        if ev.exists():
+            e = json.loads(ev.read_text())
+            metrics_path = runs / "lorkd_metrics.json"
+            metrics_path.write_text(json.dumps(
+                {k: {"test_acc": v["acc"], "test_auc": v["auc"]} for k, v in e["runs"]["lorkd"]["test"].items()}))
+            metrics = metrics_path
+            extra["evaluation"] = {name: {k: {"test_acc": v["acc"], "test_auc": v["auc"]}
+                                          for k, v in r["test"].items()} for name, r in e["runs"].items()}
+        export_from_run(runs / "lorkd", package, data_dir, metrics, extra)
+
+    stage("teacher", lambda: train("teacher", "teacher"))
+    stage("features", features)
+    stage("lorkd", lambda: train("lorkd", "lorkd", teacher_features=str(feats)))
+    stage("lorkd_nokd", lambda: train("lorkd_nokd", "lorkd_nokd"))
+    stage("mtl", lambda: train("mtl", "mtl"))
+    stage("stl", lambda: train("stl", "stl"))
+    stage("report", report)
+    stage("package", pack)

@@ -1,0 +1,312 @@
+"""Training: teacher, LoRKD student (CE + task knowledge transfer), MTL and STL baselines; resumable."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .data import MultiTaskDataset, TaskData, class_weights, task_balanced_weights
+from .metrics import evaluate, selection_score
+from .models import Student, StudentConfig, Teacher
+
+MODES = ("teacher", "lorkd", "lorkd_nokd", "mtl", "stl")
+
+
+@dataclass
+class TrainConfig:
+    """Every hyper-parameter of a run (JSON config file and `--set key=value` flags map onto this)."""
+
+    mode: str = "lorkd"
+    tasks: tuple[str, ...] = ("breast", "pneumonia", "retina")
+    epochs: int = 12
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+    # task sampling: task t gets a share of draws proportional to n_t ** task_power (1 = natural mix)
+    task_power: float = 0.5
+    # class-weighted CE: weight_c = (n / (C * n_c)) ** class_weight_power (1 = inverse frequency)
+    class_weight_power: float = 0.5
+    hflip: bool = True
+    # LoRKD
+    rank: int = 4
+    alpha: float = 16.0
+    beta: float = 1.0  # weight of the task knowledge transfer loss (0 = ablation)
+    temperature: float = 4.0
+    width: str = "x1.0"  # x1.0 | tiny (tests)
+    teacher_arch: str = "resnet18"
+    teacher_stem_stride: int = 2
+    teacher_features: str = ""  # path to precomputed teacher features (teacher-features command)
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int = 1  # 1 beats 2 by 3-7x on this shared 2-core box (OpenMP contention), see README
+    eval_batch_size: int = 512
+    max_batches_per_epoch: int = 0  # 0 = full epoch (tests use small numbers)
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        d = dict(d)
+        if "tasks" in d:
+            d["tasks"] = tuple(d["tasks"])
+        return cls(**d)
+
+    def with_overrides(self, pairs: list[str]) -> TrainConfig:
+        d = dataclasses.asdict(self)
+        for pair in pairs:
+            key, _, raw = pair.partition("=")
+            if key not in d:
+                raise ValueError(f"unknown config key {key!r}")
+            cur = d[key]
+            if isinstance(cur, bool):
+                val = raw.lower() in ("1", "true", "yes")
+            elif isinstance(cur, int):
+                val = int(raw)
+            elif isinstance(cur, float):
+                val = float(raw)
+            elif isinstance(cur, tuple):
+                val = tuple(s for s in raw.split(",") if s)
+            else:
+                val = raw
+            d[key] = val
+        return TrainConfig.from_dict(d)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["tasks"] = list(self.tasks)
+        return d
+
+
+WIDTHS = {
+    "x1.0": dict(stages_repeats=(4, 8, 4), stages_out_channels=(24, 116, 232, 464, 1024)),
+    "x0.5": dict(stages_repeats=(4, 8, 4), stages_out_channels=(24, 48, 96, 192, 1024)),
+    "tiny": dict(stages_repeats=(1, 1, 1), stages_out_channels=(8, 16, 32, 64, 64)),
+}
+
+
+def student_config(cfg: TrainConfig, num_classes: tuple[int, ...], decomposed: bool) -> StudentConfig:
+    return StudentConfig(
+        num_classes=num_classes, lora_tasks=len(num_classes) if decomposed else 0,
+        rank=cfg.rank, alpha=cfg.alpha, **WIDTHS[cfg.width],
+    )
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig, tasks: list[TaskData]) -> nn.Module:
+    ncls = tuple(td.spec.num_classes for td in tasks)
+    if cfg.mode == "teacher":
+        return Teacher(ncls, cfg.teacher_arch, cfg.teacher_stem_stride)
+    return Student(student_config(cfg, ncls, decomposed=cfg.mode in ("lorkd", "lorkd_nokd")))
+
+
+class KDProjection(nn.Module):
+    """Learned projection of the teacher's pooled feature to the student's feature width."""
+
+    def __init__(self, teacher_dim: int, student_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(teacher_dim, student_dim)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.proj(f)
+
+
+def transfer_loss(student_feat: torch.Tensor, teacher_proj: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-sample T^2 * KL(softmax(teacher/T) || softmax(student/T)) over the feature dimension, summed."""
+    log_s = F.log_softmax(student_feat / temperature, dim=1)
+    log_t = F.log_softmax(teacher_proj / temperature, dim=1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(dim=1)
+    return temperature**2 * kl.sum()
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> float:
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    p = (step - warm) / max(1, total - warm)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * p))
+
+
+def _save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool = True) -> dict:
+    """Train one model on `tasks` (all of cfg.tasks, or one task for an STL member); resumes from out/last.pt.
+
+    Returns the run summary (best epoch, val and test metrics of the best checkpoint, wall time).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.num_threads)
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    model = build_model(cfg, tasks).to(device)
+    train = MultiTaskDataset(tasks, "train")
+    n_tasks = len(tasks)
+    cw = [class_weights(td.labels["train"], td.spec.num_classes, cfg.class_weight_power).to(device) for td in tasks]
+
+    use_kd = cfg.mode == "lorkd" and cfg.beta > 0
+    kd_proj = None
+    tfeat = None
+    if use_kd:
+        if not cfg.teacher_features:
+            raise ValueError("lorkd with beta > 0 needs teacher_features (run the teacher-features command)")
+        blob = torch.load(cfg.teacher_features, map_location="cpu")
+        if blob["tasks"] != [td.spec.id for td in tasks]:
+            raise ValueError(f"teacher features were computed for tasks {blob['tasks']}")
+        tfeat = blob["features"].float()  # (N_train, 2, D): [original, horizontally flipped]
+        if tfeat.shape[0] != len(train):
+            raise ValueError("teacher features do not match the training set size")
+        kd_proj = KDProjection(tfeat.shape[2], model.cfg.feature_dim).to(device)
+
+    params = list(model.parameters()) + (list(kd_proj.parameters()) if kd_proj else [])
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer}")
+
+    weights = task_balanced_weights(train.t, cfg.task_power)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    if cfg.max_batches_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_batches_per_epoch)
+    total_steps = steps_per_epoch * cfg.epochs
+
+    start_epoch, history, best = 0, [], {"score": -1.0, "epoch": -1}
+    elapsed = 0.0
+    last = out / "last.pt"
+    if last.exists():
+        ck = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        if kd_proj is not None and ck.get("kd_proj"):
+            kd_proj.load_state_dict(ck["kd_proj"])
+        start_epoch, history, best, elapsed = ck["epoch"] + 1, ck["history"], ck["best"], ck["elapsed"]
+        torch.set_rng_state(ck["rng"])
+        print(f"[{out.name}] resumed after epoch {ck['epoch']}")
+    with open(out / "config.json", "w") as f:
+        json.dump(cfg.to_dict(), f, indent=1)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        model.train()
+        if kd_proj:
+            kd_proj.train()
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        order = torch.multinomial(weights, steps_per_epoch * cfg.batch_size, replacement=True, generator=g)
+        flips = torch.rand(len(order), generator=g) < 0.5 if cfg.hflip else torch.zeros(len(order), dtype=torch.bool)
+        sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "n": 0}
+        bar = tqdm(range(steps_per_epoch), desc=f"{out.name} ep{epoch + 1}/{cfg.epochs}", disable=not progress,
+                   leave=False, mininterval=5)
+        for s in bar:
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            fl = flips[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            x = train.x[idx]
+            x = torch.where(fl[:, None, None, None], x.flip(3), x).to(device)
+            y, t = train.y[idx].to(device), train.t[idx].to(device)
+            for pg in opt.param_groups:
+                pg["lr"] = lr_at(cfg, epoch * steps_per_epoch + s, total_steps, steps_per_epoch)
+            feats = model(x, t)
+            ce = feats.new_zeros(())
+            for k in range(n_tasks):
+                sel = t == k
+                if sel.any():
+                    ce = ce + F.cross_entropy(model.logits(feats[sel], k), y[sel], weight=cw[k], reduction="sum")
+            ce = ce / len(idx)
+            loss = ce
+            kd = feats.new_zeros(())
+            if use_kd:
+                tf = tfeat[idx, fl.long()].to(device)
+                kd = cfg.beta * transfer_loss(feats, kd_proj(tf), cfg.temperature) / len(idx)
+                loss = loss + kd
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sums["loss"] += loss.item() * len(idx)
+            sums["ce"] += ce.item() * len(idx)
+            sums["kd"] += kd.item() * len(idx)
+            sums["n"] += len(idx)
+            if s % 10 == 0:
+                bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}")
+        train_time = time.time() - t0
+        val = evaluate(model, tasks, "val", device, cfg.eval_batch_size)
+        score = selection_score(val)
+        elapsed += time.time() - t0
+        rec = {
+            "epoch": epoch + 1, "train_loss": sums["loss"] / sums["n"], "train_ce": sums["ce"] / sums["n"],
+            "train_kd": sums["kd"] / sums["n"], "val": {k: {"acc": v["acc"], "auc": v["auc"]} for k, v in val.items()},
+            "val_score": score, "epoch_seconds": time.time() - t0, "train_seconds": train_time,
+        }
+        history.append(rec)
+        vs = " ".join(f"{k}:{v['acc']:.3f}/{v['auc']:.3f}" for k, v in val.items())
+        print(f"[{out.name}] epoch {epoch + 1}/{cfg.epochs} loss {rec['train_loss']:.4f} (ce {rec['train_ce']:.4f} "
+              f"kd {rec['train_kd']:.4f}) val acc/auc {vs} score {score:.4f} ({rec['epoch_seconds']:.0f}s)", flush=True)
+        if score > best["score"]:
+            best = {"score": score, "epoch": epoch + 1}
+            _save({"model": model.state_dict(), "epoch": epoch + 1, "config": cfg.to_dict(),
+                   "tasks": [td.spec.id for td in tasks]}, out / "best.pt")
+        _save({"model": model.state_dict(), "opt": opt.state_dict(),
+               "kd_proj": kd_proj.state_dict() if kd_proj else None, "epoch": epoch, "history": history,
+               "best": best, "elapsed": elapsed, "rng": torch.get_rng_state()}, last)
+        with open(out / "history.json", "w") as f:
+            json.dump(history, f, indent=1)
+
+    summary = {"mode": cfg.mode, "tasks": [td.spec.id for td in tasks], "best_epoch": best["epoch"],
+               "best_val_score": best["score"], "wall_seconds": elapsed, "epochs": cfg.epochs}
+    with open(out / "summary.json", "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def load_trained(run: Path, tasks: list[TaskData], which: str = "best.pt", device: str = "cpu") -> nn.Module:
+    run = Path(run)
+    cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    model = build_model(cfg, tasks)
+    ck = torch.load(run / which, map_location=device, weights_only=False)
+    model.load_state_dict(ck["model"])
+    return model.eval()
+
+
+@torch.no_grad()
+def teacher_features(teacher: Teacher, tasks: list[TaskData], out: Path, batch_size: int = 256,
+                     progress: bool = True) -> None:
+    """Pooled teacher features of every training image and of its horizontal flip: (N, 2, D), float16."""
+    teacher.eval()
+    train = MultiTaskDataset(tasks, "train")
+    feats = torch.zeros(len(train), 2, teacher.feature_dim, dtype=torch.float16)
+    for s in tqdm(range(0, len(train), batch_size), desc="teacher features", disable=not progress, mininterval=5):
+        x = train.x[s:s + batch_size]
+        feats[s:s + batch_size, 0] = teacher(x).half()
+        feats[s:s + batch_size, 1] = teacher(x.flip(3)).half()
+    torch.save({"tasks": [td.spec.id for td in tasks], "features": feats}, out)
