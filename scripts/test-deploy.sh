@@ -73,8 +73,10 @@ build_args=(--build-arg "RUST_IMAGE=$base" --build-arg "PYTHON_IMAGE=$base" --bu
             --build-arg "LORKD_PREBUILT=$prebuilt")
 echo "deploy: docker build -f docker/Dockerfile -t $IMAGE (base $base, prebuilt binary)"
 b0=$(date +%s)
-if ! docker build -q -f docker/Dockerfile "${build_args[@]}" -t "$IMAGE" . >/tmp/lorkd-docker-build.log 2>&1; then
-  cat /tmp/lorkd-docker-build.log; echo "deploy: FAILED: docker build"; exit 1
+log=$(mktemp /tmp/lorkd-deploy-build.XXXXXX)
+trap 'rm -f "$log"' EXIT
+if ! docker build -f docker/Dockerfile "${build_args[@]}" -t "$IMAGE" . >"$log" 2>&1; then
+  tail -n 40 "$log"; echo "deploy: FAILED: docker build"; exit 1
 fi
 size=$(docker image inspect -f '{{.Size}}' "$IMAGE")
 base_size=$(docker image inspect -f '{{.Size}}' "$base")
@@ -82,11 +84,18 @@ echo "deploy: built $IMAGE in $(( $(date +%s) - b0 ))s: $(awk -v s="$size" -v b=
   'BEGIN { printf "%.1f MB (base %.1f MB + lorkd %.1f MB)", s/1e6, b/1e6, (s-b)/1e6 }')"
 
 # The CUDA Dockerfile, built on the same local base for its structure only: the result has no CUDA.
-if ! docker build -q -f docker/Dockerfile.cuda "${build_args[@]}" -t lorkd:local-cuda-structure . \
-     >/tmp/lorkd-docker-build-cuda.log 2>&1; then
-  cat /tmp/lorkd-docker-build-cuda.log; echo "deploy: FAILED: docker build -f docker/Dockerfile.cuda"; status=1
+if ! docker build -f docker/Dockerfile.cuda "${build_args[@]}" -t lorkd:local-cuda-structure . >"$log" 2>&1; then
+  tail -n 40 "$log"; echo "deploy: FAILED: docker build -f docker/Dockerfile.cuda"; status=1
 else
-  echo "deploy: docker/Dockerfile.cuda builds (structure only; its CUDA runtime is not tested here)"
+  # Without CUDA (the CPU library was handed in), provider cuda must refuse to start, loudly.
+  cuda_out=$(docker run --rm lorkd:local-cuda-structure 2>&1) && cuda_rc=0 || cuda_rc=$?
+  if [ "$cuda_rc" != 0 ] && grep -qi "cuda" <<<"$cuda_out"; then
+    echo "deploy: docker/Dockerfile.cuda builds; without CUDA it refuses to start (exit $cuda_rc, provider cuda)" \
+         "- structure only, its CUDA runtime is not tested here"
+  else
+    echo "$cuda_out" | tail -n 5
+    echo "deploy: FAILED: the CUDA-structure image did not refuse to start without CUDA (exit $cuda_rc)"; status=1
+  fi
 fi
 # Images replaced by rebuilds: drop the dangling ones of ours.
 docker image prune -f --filter label=org.opencontainers.image.title=lorkd >/dev/null 2>&1 || true
