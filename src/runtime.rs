@@ -4,7 +4,7 @@
 use std::{
     collections::VecDeque,
     panic::AssertUnwindSafe,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{mpsc, Arc, OnceLock},
     thread,
     time::{Duration, Instant},
@@ -22,16 +22,25 @@ use crate::{config::Provider, metrics::Metrics, package::Package};
 
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
 
-/// Which library file to load: the explicit flag, else `ORT_DYLIB_PATH`, else the system search path.
+/// Where scripts/setup.sh unpacks the library from the PyPI wheel.
+pub const SETUP_LIBRARY: &str = ".ort/lib/libonnxruntime.so.1.31.1";
+
+/// Which library file to load: the explicit flag, else `ORT_DYLIB_PATH`, else the set-up script's copy when
+/// present, else the system search path.
 pub fn library_path(explicit: Option<&PathBuf>) -> PathBuf {
     explicit
         .cloned()
         .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+        .or_else(|| {
+            Path::new(SETUP_LIBRARY)
+                .exists()
+                .then(|| PathBuf::from(SETUP_LIBRARY))
+        })
         .unwrap_or_else(|| PathBuf::from("libonnxruntime.so"))
 }
 
 /// Loads ONNX Runtime from `library` and creates the process's one environment (later calls reuse the first).
-pub fn environment(library: &std::path::Path) -> Result<Environment, String> {
+pub fn environment(library: &Path) -> Result<Environment, String> {
     ENVIRONMENT
         .get_or_init(|| {
             if library.components().count() > 1 && !library.exists() {
@@ -40,7 +49,12 @@ pub fn environment(library: &std::path::Path) -> Result<Environment, String> {
                     library.display()
                 ));
             }
-            let builder = ort::init_from(library).map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", library.display()))?;
+            let builder = ort::init_from(library).map_err(|e| {
+                format!(
+                    "cannot load ONNX Runtime from {}: {e} (run scripts/setup.sh, or point LORKD_ORT_LIBRARY / ORT_DYLIB_PATH at libonnxruntime.so.1.31.1)",
+                    library.display()
+                )
+            })?;
             builder
                 .with_name("lorkd")
                 .build()

@@ -1,0 +1,194 @@
+//! Golden parity: every golden case of the package, through the native API (PNG) and OIP v2 (tensor), within tolerance.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_logits_through_native_and_oip_apis() {
+    let package = package_dir();
+    let golden = golden(&package);
+    let manifest = manifest(&package);
+    let tasks = task_ids(&package);
+    assert!(!golden.cases.is_empty());
+    let server = start(&[]).await;
+    let client = reqwest::Client::new();
+    let mut report: Vec<(String, f32, f32)> = Vec::new();
+
+    for task in &tasks {
+        let spec = manifest["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == task.as_str())
+            .unwrap();
+        let cases: Vec<&GoldenCase> = golden.cases.iter().filter(|c| &c.task == task).collect();
+        assert!(!cases.is_empty(), "no golden case for task {task}");
+        let (mut native_max, mut oip_max) = (0.0f32, 0.0f32);
+        let mut batch = Vec::new();
+        for case in &cases {
+            let png = std::fs::read(package.join(&case.file)).unwrap();
+
+            let response = client
+                .post(server.url(&format!("/v1/experts/{task}/predict?top_k=1")))
+                .header("content-type", "image/png")
+                .body(png.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let body: Value = response.json().await.unwrap();
+            let logits: Vec<f32> = serde_json::from_value(body["logits"].clone()).unwrap();
+            let diff = max_abs_diff(&logits, &case.logits);
+            assert!(
+                diff <= golden.tolerance,
+                "{task} {} native: max diff {diff} > {}",
+                case.file,
+                golden.tolerance
+            );
+            assert_eq!(
+                body["predictions"][0]["index"], case.top1,
+                "{task} {} native top-1",
+                case.file
+            );
+            assert_eq!(argmax(&logits), case.top1);
+            native_max = native_max.max(diff);
+
+            let input = preprocess_in_test(&png, spec);
+            batch.extend_from_slice(&input);
+            let (h, w) = (
+                spec["input"]["height"].as_u64().unwrap(),
+                spec["input"]["width"].as_u64().unwrap(),
+            );
+            let request = json!({"id": case.file, "inputs": [{"name": "input", "shape": [1, 3, h, w], "datatype": "FP32", "data": input}]});
+            let response = client
+                .post(server.url(&format!("/v2/models/{task}/infer")))
+                .json(&request)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["model_name"], task.as_str());
+            assert_eq!(body["id"], case.file.as_str());
+            let output = &body["outputs"][0];
+            assert_eq!(output["name"], "logits");
+            assert_eq!(output["datatype"], "FP32");
+            assert_eq!(output["shape"], json!([1, case.logits.len()]));
+            let logits: Vec<f32> = serde_json::from_value(output["data"].clone()).unwrap();
+            let diff = max_abs_diff(&logits, &case.logits);
+            assert!(
+                diff <= golden.tolerance,
+                "{task} {} OIP: max diff {diff} > {}",
+                case.file,
+                golden.tolerance
+            );
+            assert_eq!(argmax(&logits), case.top1);
+            oip_max = oip_max.max(diff);
+        }
+
+        // All of the task's cases in one OIP request (N > 1) give the same rows.
+        let (h, w) = (
+            spec["input"]["height"].as_u64().unwrap(),
+            spec["input"]["width"].as_u64().unwrap(),
+        );
+        let request = json!({"inputs": [{"name": "input", "shape": [cases.len(), 3, h, w], "datatype": "FP32", "data": batch}]});
+        let body: Value = client
+            .post(server.url(&format!("/v2/models/{task}/infer")))
+            .json(&request)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let data: Vec<f32> = serde_json::from_value(body["outputs"][0]["data"].clone()).unwrap();
+        let classes = cases[0].logits.len();
+        assert_eq!(data.len(), cases.len() * classes);
+        for (row, case) in data.chunks(classes).zip(&cases) {
+            let diff = max_abs_diff(row, &case.logits);
+            assert!(
+                diff <= golden.tolerance,
+                "{task} {} batched OIP: max diff {diff}",
+                case.file
+            );
+            oip_max = oip_max.max(diff);
+        }
+        report.push((task.clone(), native_max, oip_max));
+    }
+    println!(
+        "parity (max |logit - golden|) per task, tolerance {}:",
+        golden.tolerance
+    );
+    for (task, native, oip) in &report {
+        println!("  {task:<12} native {native:.3e}  oip {oip:.3e}");
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn multipart_upload_equals_raw_body() {
+    let package = package_dir();
+    let case = golden(&package).cases[0].clone();
+    let png = std::fs::read(package.join(&case.file)).unwrap();
+    let server = start(&[]).await;
+    let form = reqwest::multipart::Form::new()
+        .text("note", "ignored field")
+        .part(
+            "image",
+            reqwest::multipart::Part::bytes(png)
+                .file_name("x.png")
+                .mime_str("image/png")
+                .unwrap(),
+        );
+    let response = reqwest::Client::new()
+        .post(server.url(&format!("/v1/experts/{}/predict", case.task)))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let logits: Vec<f32> = serde_json::from_value(body["logits"].clone()).unwrap();
+    assert!(max_abs_diff(&logits, &case.logits) <= golden(&package).tolerance);
+    server.stop().await.unwrap();
+}
+
+/// Real clinical-size samples (a colour JPEG and a PNG, not 28x28) go through decode, channel conversion and resize
+/// for every task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_samples_are_resized_and_classified_by_every_task() {
+    let package = package_dir();
+    let server = start(&[]).await;
+    let client = reqwest::Client::new();
+    for (file, mime) in [
+        ("retina.jpg", "image/jpeg"),
+        ("microaneurysms.png", "image/png"),
+    ] {
+        let bytes =
+            std::fs::read(samples_dir().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        for task in task_ids(&package) {
+            let response = client
+                .post(server.url(&format!("/v1/experts/{task}/predict?top_k=2")))
+                .header("content-type", mime)
+                .body(bytes.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{file} -> {task}");
+            let body: Value = response.json().await.unwrap();
+            let predictions = body["predictions"].as_array().unwrap();
+            assert!(!predictions.is_empty() && predictions.len() <= 2);
+            let p0 = predictions[0]["probability"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&p0));
+            let logits: Vec<f32> = serde_json::from_value(body["logits"].clone()).unwrap();
+            assert!(logits.iter().all(|v| v.is_finite()));
+            assert_eq!(
+                predictions[0]["index"].as_u64().unwrap() as usize,
+                argmax(&logits)
+            );
+        }
+    }
+    server.stop().await.unwrap();
+}
