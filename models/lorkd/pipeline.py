@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -60,6 +61,28 @@ def _package_readme(cfg: dict, metrics: dict, epoch) -> str:
     return "\n".join(lines)
 
 
+def _claim(run: Path) -> bool:
+    """Atomically claim a run folder for this process (stale claims of dead processes are taken over)."""
+    run.mkdir(parents=True, exist_ok=True)
+    claim = run / ".claim"
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return True
+        except FileExistsError:
+            try:
+                pid = int(claim.read_text() or "0")
+                os.kill(pid, 0)
+                return False  # held by a live process
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                claim.unlink(missing_ok=True)
+            except PermissionError:
+                return False
+    return False
+
+
 STAGES = ("teacher", "features", "lorkd", "lorkd_nokd", "mtl", "stl", "report", "package")
 
 
@@ -100,9 +123,14 @@ def run_pipeline(config: Path, runs: Path, package: Path, data_dir: Path | None 
         cfg = cfg_for(name, mode=mode, **extra)
         tasks = load_tasks(cfg.tasks, data_dir)
         if mode == "stl":
+            # two pipeline lanes may both reach STL: each member is claimed by one live process
             for td in tasks:
-                if not done(runs / name / td.spec.id, cfg):
-                    train_run(cfg, [td], runs / name / td.spec.id, progress)
+                member = runs / name / td.spec.id
+                if not done(member, cfg) and _claim(member):
+                    try:
+                        train_run(cfg, [td], member, progress)
+                    finally:
+                        (member / ".claim").unlink(missing_ok=True)
         elif not done(runs / name, cfg):
             train_run(cfg, tasks, runs / name, progress)
 

@@ -44,7 +44,7 @@ class TrainConfig:
     # LoRKD
     rank: int = 4
     alpha: float = 16.0
-    beta: float = 1.0  # weight of the task knowledge transfer loss (0 = ablation)
+    beta: float = 5.0  # weight of the task knowledge transfer loss (0 = ablation)
     temperature: float = 4.0
     width: str = "x1.0"  # x1.0 | tiny (tests)
     teacher_arch: str = "resnet18"
