@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -12,12 +13,27 @@ import torch
 from .data import load_tasks
 from .export import export_package
 from .metrics import evaluate
+from .package import sha256_file
 from .train import TrainConfig, load_trained, teacher_features, train_run
 
 
+def save_checkpoint_copy(run: Path, dest: Path) -> dict:
+    """Copy a run's selected checkpoint (weights + config only) next to the package, for parity checks in CI."""
+    dest.mkdir(parents=True, exist_ok=True)
+    ck = torch.load(Path(run) / "best.pt", map_location="cpu", weights_only=False)
+    torch.save({k: ck[k] for k in ("model", "epoch", "config", "tasks")}, dest / "best.pt")
+    shutil.copyfile(Path(run) / "config.json", dest / "config.json")
+    for p in dest.iterdir():
+        p.chmod(0o644)
+    return {"path": dest.as_posix(), "sha256": sha256_file(dest / "best.pt")}
+
+
 def export_from_run(run: Path, out: Path, data_dir: Path | None = None, metrics_file: Path | None = None,
-                    extra_provenance: dict | None = None) -> dict:
-    """Export the best checkpoint of a LoRKD run; test metrics are measured here (or read from metrics_file)."""
+                    extra_provenance: dict | None = None, checkpoint_out: Path | None = None) -> dict:
+    """Export the best checkpoint of a LoRKD run; test metrics are measured here (or read from metrics_file).
+
+    With `checkpoint_out`, the PyTorch checkpoint is copied there and its sha256 recorded in the provenance.
+    """
     cfg = json.loads((Path(run) / "config.json").read_text())
     tasks = load_tasks(cfg["tasks"], data_dir)
     student = load_trained(Path(run), tasks)
@@ -30,6 +46,8 @@ def export_from_run(run: Path, out: Path, data_dir: Path | None = None, metrics_
     summary_path = Path(run) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     prov = {"config": cfg, "run": {"best_epoch": best.get("epoch"), **summary}, **(extra_provenance or {})}
+    if checkpoint_out:
+        prov["pytorch_checkpoint"] = save_checkpoint_copy(Path(run), Path(checkpoint_out))
     manifest = export_package(
         student, tasks, Path(out), name="medmnist-lorkd",
         description=(
@@ -159,7 +177,8 @@ def run_pipeline(config: Path, runs: Path, package: Path, data_dir: Path | None 
             metrics = metrics_path
             extra["evaluation"] = {name: {k: {"test_acc": v["acc"], "test_auc": v["auc"]}
                                           for k, v in r["test"].items()} for name, r in e["runs"].items()}
-        export_from_run(runs / "lorkd", package, data_dir, metrics, extra)
+        export_from_run(runs / "lorkd", package, data_dir, metrics, extra,
+                        checkpoint_out=Path("models/checkpoints") / Path(package).name)
 
     stage("teacher", lambda: train("teacher", "teacher"))
     stage("features", features)
