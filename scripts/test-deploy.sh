@@ -7,7 +7,8 @@
 #     build the CPU image on it from the host's release binary, run it read-only and non-root, wait
 #     for ready, predict every golden image, SIGTERM with a request in flight -> clean exit
 #     (docker/e2e.py). The CUDA Dockerfile is built for structure only (no GPU/CUDA here).
-# Skipped parts print a line starting with SKIPPED. LORKD_DEPLOY_SKIP_DOCKER=1 skips part 2.
+# Skipped parts print a line starting with SKIPPED. LORKD_DEPLOY_SKIP_DOCKER=1 skips part 2;
+# LORKD_DEPLOY_BINARY=path bakes that lorkd binary instead of building target/release/lorkd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,11 +61,17 @@ fi
 # No Rust or Python image can be pulled here, so the image takes the host's release binary (built
 # on Debian bookworm, glibc 2.36 = the base's) and the ONNX Runtime library scripts/setup.sh fetched
 # from PyPI, through LORKD_PREBUILT. cargo only rebuilds when the sources changed.
-echo "deploy: cargo build --release --bin lorkd"
-cargo build --release --locked --bin lorkd 2>&1 | tail -n 3
+# LORKD_DEPLOY_BINARY=path uses that binary as is (no cargo run).
+binary=${LORKD_DEPLOY_BINARY:-target/release/lorkd}
+if [ -z "${LORKD_DEPLOY_BINARY:-}" ]; then
+  echo "deploy: cargo build --release --locked --bin lorkd"
+  c0=$(date +%s)
+  cargo build --release --locked --bin lorkd 2>&1 | tail -n 3
+  echo "deploy: release binary ready in $(( $(date +%s) - c0 ))s"
+fi
 prebuilt=target/docker-prebuilt
 mkdir -p "$prebuilt"
-strip -o "$prebuilt/lorkd.new" target/release/lorkd 2>/dev/null || cp target/release/lorkd "$prebuilt/lorkd.new"
+strip -o "$prebuilt/lorkd.new" "$binary" 2>/dev/null || cp "$binary" "$prebuilt/lorkd.new"
 cmp -s "$prebuilt/lorkd.new" "$prebuilt/lorkd" && rm "$prebuilt/lorkd.new" || mv "$prebuilt/lorkd.new" "$prebuilt/lorkd"
 ort=.ort/lib/libonnxruntime.so.1.31.1
 cmp -s "$ort" "$prebuilt/$(basename "$ort")" || cp "$ort" "$prebuilt/"
