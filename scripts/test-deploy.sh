@@ -82,7 +82,7 @@ echo "deploy: docker build -f docker/Dockerfile -t $IMAGE (base $base, prebuilt 
 b0=$(date +%s)
 log=$(mktemp /tmp/lorkd-deploy-build.XXXXXX)
 trap 'rm -f "$log"' EXIT
-if ! docker build -f docker/Dockerfile "${build_args[@]}" -t "$IMAGE" . >"$log" 2>&1; then
+if ! docker build --force-rm -f docker/Dockerfile "${build_args[@]}" -t "$IMAGE" . >"$log" 2>&1; then
   tail -n 40 "$log"; echo "deploy: FAILED: docker build"; exit 1
 fi
 size=$(docker image inspect -f '{{.Size}}' "$IMAGE")
@@ -91,7 +91,7 @@ echo "deploy: built $IMAGE in $(( $(date +%s) - b0 ))s: $(awk -v s="$size" -v b=
   'BEGIN { printf "%.1f MB (base %.1f MB + lorkd %.1f MB)", s/1e6, b/1e6, (s-b)/1e6 }')"
 
 # The CUDA Dockerfile, built on the same local base for its structure only: the result has no CUDA.
-if ! docker build -f docker/Dockerfile.cuda "${build_args[@]}" -t lorkd:local-cuda-structure . >"$log" 2>&1; then
+if ! docker build --force-rm -f docker/Dockerfile.cuda "${build_args[@]}" -t lorkd:local-cuda-structure . >"$log" 2>&1; then
   tail -n 40 "$log"; echo "deploy: FAILED: docker build -f docker/Dockerfile.cuda"; status=1
 else
   # Without CUDA (the CPU library was handed in), provider cuda must refuse to start, loudly.
