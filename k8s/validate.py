@@ -154,6 +154,15 @@ def check_workload(target: str, docs: list[dict[str, Any]], variables: dict[str,
         fail(target, "Service selector does not match the pod labels")
     if not matches(pdb["spec"]["selector"]["matchLabels"]):
         fail(target, "PodDisruptionBudget selector does not match the pod labels")
+    for policy in by_kind.get("NetworkPolicy", []):
+        if not matches(policy["spec"]["podSelector"].get("matchLabels", {})):
+            fail(target, "NetworkPolicy podSelector does not match the pod labels")
+        for rule in policy["spec"].get("ingress", []):
+            for port in rule.get("ports", []):
+                if isinstance(port.get("port"), str) and port["port"] not in {
+                    p.get("name") for p in container.get("ports", [])
+                }:
+                    fail(target, f"NetworkPolicy allows port {port['port']!r}, which the container does not declare")
     ref = hpa["spec"]["scaleTargetRef"]
     if (ref["kind"], ref["name"]) != ("Deployment", deploy["metadata"]["name"]):
         fail(target, f"HorizontalPodAutoscaler targets {ref}, not the Deployment")
