@@ -76,6 +76,15 @@ pub struct Config {
     #[arg(long, env = "LORKD_MAX_BATCH_WAIT_MS", default_value_t = 2)]
     pub max_batch_wait_ms: u64,
 
+    /// Most experts promoted from the shared session to their own session (weights baked in; faster, more memory).
+    /// 0 runs every expert on the shared session.
+    #[arg(long, env = "LORKD_DEDICATED_SESSIONS", default_value_t = 4)]
+    pub dedicated_sessions: u32,
+
+    /// Requests an expert serves on the shared session before it is promoted to a dedicated session.
+    #[arg(long, env = "LORKD_PROMOTE_AFTER", default_value_t = 64)]
+    pub promote_after: u64,
+
     /// Most predict/infer requests admitted at once (decoding, queued or running); more get 429.
     #[arg(long, env = "LORKD_QUEUE_CAPACITY", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub queue_capacity: u32,

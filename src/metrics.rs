@@ -22,6 +22,9 @@ pub struct Metrics {
     pub cache_resident_bytes: IntGauge,
     pub cache_resident_experts: IntGauge,
     pub cache_budget_bytes: IntGauge,
+    pub dedicated_sessions: IntGauge,
+    pub promotions: IntCounterVec,
+    pub session_build_seconds: Histogram,
 }
 
 impl Metrics {
@@ -118,6 +121,27 @@ impl Metrics {
             "Byte budget of the expert cache",
         )
         .unwrap();
+        let dedicated_sessions = IntGauge::new(
+            "dedicated_sessions",
+            "Experts running on their own ONNX Runtime session (promoted)",
+        )
+        .unwrap();
+        let promotions = IntCounterVec::new(
+            Opts::new(
+                "expert_promotions_total",
+                "Experts promoted from the shared session to a dedicated one",
+            ),
+            &["task"],
+        )
+        .unwrap();
+        let session_build_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "session_build_seconds",
+                "Building (and warming up) one dedicated expert session",
+            )
+            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+        )
+        .unwrap();
         let metrics = Metrics {
             registry,
             http_requests,
@@ -134,6 +158,9 @@ impl Metrics {
             cache_resident_bytes,
             cache_resident_experts,
             cache_budget_bytes,
+            dedicated_sessions,
+            promotions,
+            session_build_seconds,
         };
         let r = &metrics.registry;
         r.register(Box::new(metrics.http_requests.clone())).unwrap();
@@ -155,6 +182,11 @@ impl Metrics {
         r.register(Box::new(metrics.cache_resident_experts.clone()))
             .unwrap();
         r.register(Box::new(metrics.cache_budget_bytes.clone()))
+            .unwrap();
+        r.register(Box::new(metrics.dedicated_sessions.clone()))
+            .unwrap();
+        r.register(Box::new(metrics.promotions.clone())).unwrap();
+        r.register(Box::new(metrics.session_build_seconds.clone()))
             .unwrap();
         metrics
     }

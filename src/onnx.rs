@@ -123,6 +123,122 @@ fn float_tensor(tensor: TensorProto) -> Result<FloatTensor, String> {
     Ok(FloatTensor { dims, data })
 }
 
+/// One protobuf field as found on the wire: number, the whole encoded field, and its payload when length-delimited.
+struct RawField<'a> {
+    number: u32,
+    whole: &'a [u8],
+    payload: Option<&'a [u8]>,
+}
+
+fn raw_fields(bytes: &[u8]) -> Result<Vec<RawField<'_>>, String> {
+    use prost::encoding::{decode_key, decode_varint, WireType};
+    let mut fields = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let start = rest;
+        let (number, wire_type) =
+            decode_key(&mut rest).map_err(|e| format!("bad protobuf key: {e}"))?;
+        let mut payload = None;
+        match wire_type {
+            WireType::Varint => {
+                decode_varint(&mut rest).map_err(|e| format!("bad varint: {e}"))?;
+            }
+            WireType::SixtyFourBit | WireType::ThirtyTwoBit => {
+                let width = if wire_type == WireType::SixtyFourBit {
+                    8
+                } else {
+                    4
+                };
+                rest = rest.get(width..).ok_or("truncated fixed-width field")?;
+            }
+            WireType::LengthDelimited => {
+                let length =
+                    decode_varint(&mut rest).map_err(|e| format!("bad length: {e}"))? as usize;
+                payload = Some(
+                    rest.get(..length)
+                        .ok_or("truncated length-delimited field")?,
+                );
+                rest = &rest[length..];
+            }
+            WireType::StartGroup | WireType::EndGroup => {
+                return Err("protobuf groups are not used by ONNX".into())
+            }
+        }
+        let consumed = start.len() - rest.len();
+        fields.push(RawField {
+            number,
+            whole: &start[..consumed],
+            payload,
+        });
+    }
+    Ok(fields)
+}
+
+fn push_length_delimited(out: &mut Vec<u8>, number: u32, payload: &[u8]) {
+    prost::encoding::encode_key(number, prost::encoding::WireType::LengthDelimited, out);
+    prost::encoding::encode_varint(payload.len() as u64, out);
+    out.extend_from_slice(payload);
+}
+
+/// A float tensor to bake into a model as a plain initializer.
+pub struct Bake<'a> {
+    pub name: &'a str,
+    pub dims: &'a [usize],
+    pub data: &'a [f32],
+}
+
+/// Rewrites `model_bytes` so that every tensor in `bake` is a plain (non-overridable) initializer and is no longer a
+/// graph input: a standalone expert that ONNX Runtime can constant-fold and pre-pack. Every other byte of the model
+/// (nodes, opsets, metadata, other initializers) is copied unchanged at the wire level.
+pub fn bake_initializers(model_bytes: &[u8], bake: &[Bake<'_>]) -> Result<Vec<u8>, String> {
+    let names: std::collections::HashSet<&str> = bake.iter().map(|b| b.name).collect();
+    let mut model = Vec::with_capacity(model_bytes.len());
+    let mut saw_graph = false;
+    for field in raw_fields(model_bytes)? {
+        let (7, Some(graph_bytes)) = (field.number, field.payload) else {
+            model.extend_from_slice(field.whole);
+            continue;
+        };
+        saw_graph = true;
+        let mut graph = Vec::with_capacity(graph_bytes.len());
+        for g in raw_fields(graph_bytes)? {
+            let skip = match (g.number, g.payload) {
+                (5, Some(p)) => names.contains(
+                    TensorProto::decode(p)
+                        .map_err(|e| format!("bad initializer: {e}"))?
+                        .name
+                        .as_str(),
+                ),
+                (11, Some(p)) => names.contains(
+                    ValueInfoProto::decode(p)
+                        .map_err(|e| format!("bad graph input: {e}"))?
+                        .name
+                        .as_str(),
+                ),
+                _ => false,
+            };
+            if !skip {
+                graph.extend_from_slice(g.whole);
+            }
+        }
+        for tensor in bake {
+            let proto = TensorProto {
+                dims: tensor.dims.iter().map(|&d| d as i64).collect(),
+                data_type: ONNX_FLOAT,
+                name: tensor.name.to_string(),
+                raw_data: tensor.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ..Default::default()
+            };
+            push_length_delimited(&mut graph, 5, &proto.encode_to_vec());
+        }
+        push_length_delimited(&mut model, 7, &graph);
+    }
+    if !saw_graph {
+        return Err("ONNX model has no graph".into());
+    }
+    Ok(model)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +297,49 @@ mod tests {
         );
         assert_eq!(info.initializers["b"].data, [0.5, 0.25]);
         assert!(!info.initializers.contains_key("ignored"));
+    }
+
+    #[test]
+    fn baking_turns_inputs_into_plain_initializers_and_keeps_the_rest() {
+        let raw: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes = model_with(vec![
+            TensorProto {
+                dims: vec![2],
+                data_type: 1,
+                raw_data: raw,
+                name: "w".into(),
+                ..Default::default()
+            },
+            TensorProto {
+                dims: vec![1],
+                data_type: 1,
+                float_data: vec![9.0],
+                name: "keep".into(),
+                ..Default::default()
+            },
+        ]);
+        let baked = bake_initializers(
+            &bytes,
+            &[
+                Bake {
+                    name: "w",
+                    dims: &[2],
+                    data: &[5.0, 6.0],
+                },
+                Bake {
+                    name: "head",
+                    dims: &[1],
+                    data: &[7.0],
+                },
+            ],
+        )
+        .unwrap();
+        let info = read_model(&baked, &["w", "keep", "head"]).unwrap();
+        assert_eq!(info.input_names, ["input"]);
+        assert_eq!(info.initializers["w"].data, [5.0, 6.0]);
+        assert_eq!(info.initializers["keep"].data, [9.0]);
+        assert_eq!(info.initializers["head"].data, [7.0]);
+        assert!(bake_initializers(b"", &[]).is_err());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! that owns the session and answers inference jobs through channels.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, HashSet, VecDeque},
     panic::AssertUnwindSafe,
     path::{Path, PathBuf},
     sync::{mpsc, Arc, OnceLock},
@@ -18,7 +18,7 @@ use ort::{
 };
 use tokio::sync::oneshot;
 
-use crate::{config::Provider, metrics::Metrics, package::Package};
+use crate::{config::Provider, metrics::Metrics, onnx, package::Package};
 
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
 
@@ -115,6 +115,20 @@ pub struct BackendConfig {
     pub intra_op_threads: usize,
     pub max_batch_size: usize,
     pub max_batch_wait: Duration,
+    /// Most experts promoted to a dedicated session (0 = every expert runs on the shared session).
+    pub dedicated_sessions: usize,
+    /// Requests an expert serves on the shared session before it is promoted.
+    pub promote_after: u64,
+}
+
+/// Which session ran a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionKind {
+    /// The one shared session, expert weights fed as graph inputs.
+    Shared,
+    /// The expert's own session, weights baked in as plain initializers (constant-folded and pre-packed by ORT).
+    Dedicated,
 }
 
 /// What one inference job gives back.
@@ -126,6 +140,7 @@ pub struct InferOutput {
     pub run_seconds: f64,
     /// Images in the ONNX Runtime run this job was part of.
     pub batch_images: usize,
+    pub session: SessionKind,
 }
 
 struct Job {
@@ -138,19 +153,98 @@ struct Job {
     reply: oneshot::Sender<Result<InferOutput, String>>,
 }
 
+/// What the backend thread receives: work, or a freshly built dedicated session to install.
+enum Message {
+    Job(Job),
+    Installed {
+        task: String,
+        version: String,
+        session: Box<Session>,
+    },
+    BuildFailed {
+        task: String,
+    },
+}
+
 /// Handle to the backend thread. Cloning is cheap; the thread ends when the last handle is dropped.
 #[derive(Clone)]
 pub struct Backend {
-    jobs: mpsc::Sender<Job>,
-    /// `cpu` or `cuda`: what the session actually runs on.
+    jobs: mpsc::Sender<Message>,
+    /// `cpu` or `cuda`: what the sessions actually run on.
     pub provider: &'static str,
 }
 
+#[derive(Clone)]
 struct Names {
     input: String,
     output: String,
     head_weight: String,
     head_bias: String,
+}
+
+/// Everything needed to build more sessions later (dedicated experts), owned by the backend thread.
+struct SessionFactory {
+    environment: Environment,
+    package: Arc<Package>,
+    config: BackendConfig,
+    cuda: bool,
+}
+
+impl SessionFactory {
+    fn build(&self, model_bytes: &[u8]) -> Result<Session, String> {
+        let mut builder = Session::builder(&self.environment)
+            .map_err(|e| e.to_string())?
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(|e| e.to_string())?;
+        if self.config.intra_op_threads > 0 {
+            builder = builder
+                .with_intra_threads(self.config.intra_op_threads)
+                .map_err(|e| e.to_string())?;
+        }
+        if self.cuda {
+            ep::CUDA::default()
+                .with_device_id(self.config.cuda_device)
+                .register(&mut builder)
+                .map_err(|e| format!("CUDA execution provider: {e}"))?;
+        }
+        builder
+            .commit_from_memory(model_bytes)
+            .map_err(|e| format!("ONNX Runtime cannot load the model: {e}"))
+    }
+
+    /// The expert as a standalone model (weights and head baked in), built and run once.
+    fn dedicated(
+        &self,
+        expert: &Expert,
+        names: &Names,
+        height: usize,
+        width: usize,
+    ) -> Result<Session, String> {
+        let mut bake = Vec::with_capacity(expert.layers.len() + 2);
+        for (name, tensor) in &expert.layers {
+            let (shape, data) = tensor.extract_tensor();
+            let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+            bake.push((name.as_str(), dims, data));
+        }
+        let (head_shape, head_weight) = expert.head_weight.extract_tensor();
+        let head_dims: Vec<usize> = head_shape.iter().map(|&d| d as usize).collect();
+        let (_, head_bias) = expert.head_bias.extract_tensor();
+        bake.push((names.head_weight.as_str(), head_dims, head_weight));
+        bake.push((names.head_bias.as_str(), vec![expert.classes], head_bias));
+        let bake: Vec<onnx::Bake<'_>> = bake
+            .iter()
+            .map(|(name, dims, data)| onnx::Bake { name, dims, data })
+            .collect();
+        let model = onnx::bake_initializers(&self.package.model_bytes, &bake)?;
+        let mut session = self.build(&model)?;
+        // First run allocates ORT's arenas: do it here, not on a client's request.
+        let input = Tensor::from_array(([1, 3, height, width], vec![0.0f32; 3 * height * width]))
+            .map_err(|e| e.to_string())?;
+        session
+            .run(vec![(names.input.as_str(), input)])
+            .map_err(|e| format!("warm-up run: {e}"))?;
+        Ok(session)
+    }
 }
 
 impl Backend {
@@ -159,12 +253,18 @@ impl Backend {
     /// more are on their way.
     pub fn start(
         environment: &Environment,
-        package: &Package,
+        package: Arc<Package>,
         config: BackendConfig,
         metrics: Metrics,
         admitted: Arc<dyn Fn() -> usize + Send + Sync>,
     ) -> Result<Backend, String> {
-        let (session, provider) = create_session(environment, package, &config)?;
+        let mut factory = SessionFactory {
+            environment: environment.clone(),
+            package: package.clone(),
+            config: config.clone(),
+            cuda: false,
+        };
+        let (session, provider) = create_session(&mut factory)?;
         let spec = &package.manifest.model;
         let names = Names {
             input: spec.input_name.clone(),
@@ -173,9 +273,22 @@ impl Backend {
             head_bias: spec.head_bias_input.clone(),
         };
         let (jobs, rx) = mpsc::channel();
+        let installer = jobs.clone();
         thread::Builder::new()
             .name("lorkd-backend".into())
-            .spawn(move || worker(session, names, rx, config, metrics, admitted))
+            .spawn(move || {
+                Worker {
+                    shared: session,
+                    dedicated: HashMap::new(),
+                    building: HashSet::new(),
+                    served: HashMap::new(),
+                    factory: Arc::new(factory),
+                    names,
+                    metrics,
+                    installer,
+                }
+                .run(rx, admitted)
+            })
             .map_err(|e| format!("cannot start the backend thread: {e}"))?;
         Ok(Backend { jobs, provider })
     }
@@ -200,7 +313,7 @@ impl Backend {
             reply,
         };
         self.jobs
-            .send(job)
+            .send(Message::Job(job))
             .map_err(|_| "backend thread is gone".to_string())?;
         answer
             .await
@@ -208,45 +321,26 @@ impl Backend {
     }
 }
 
-fn create_session(
-    environment: &Environment,
-    package: &Package,
-    config: &BackendConfig,
-) -> Result<(Session, &'static str), String> {
-    let build = |cuda: bool| -> Result<Session, String> {
-        let mut builder = Session::builder(environment)
-            .map_err(|e| e.to_string())?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(|e| e.to_string())?;
-        if config.intra_op_threads > 0 {
-            builder = builder
-                .with_intra_threads(config.intra_op_threads)
-                .map_err(|e| e.to_string())?;
-        }
-        if cuda {
-            ep::CUDA::default()
-                .with_device_id(config.cuda_device)
-                .register(&mut builder)
-                .map_err(|e| format!("CUDA execution provider: {e}"))?;
-        }
-        builder
-            .commit_from_memory(&package.model_bytes)
-            .map_err(|e| format!("ONNX Runtime cannot load the shared model: {e}"))
-    };
+fn create_session(factory: &mut SessionFactory) -> Result<(Session, &'static str), String> {
     let cuda_compiled = ep::CUDA::is_available().unwrap_or(false);
-    match config.provider {
-        Provider::Cpu => Ok((build(false)?, "cpu")),
+    let provider = factory.config.provider;
+    let mut with = |cuda: bool| {
+        factory.cuda = cuda;
+        factory.build(&factory.package.model_bytes)
+    };
+    match provider {
+        Provider::Cpu => Ok((with(false)?, "cpu")),
         Provider::Cuda if !cuda_compiled => Err("provider `cuda` requested, but the loaded ONNX Runtime library has no CUDA execution provider (the PyPI `onnxruntime` wheel is CPU-only; use `onnxruntime-gpu`, or provider cpu/auto)".into()),
-        Provider::Cuda => Ok((build(true)?, "cuda")),
+        Provider::Cuda => Ok((with(true)?, "cuda")),
         Provider::Auto if !cuda_compiled => {
             tracing::info!("provider auto: the loaded ONNX Runtime has no CUDA execution provider; using CPU");
-            Ok((build(false)?, "cpu"))
+            Ok((with(false)?, "cpu"))
         }
-        Provider::Auto => match build(true) {
+        Provider::Auto => match with(true) {
             Ok(session) => Ok((session, "cuda")),
             Err(e) => {
                 tracing::warn!(error = %e, "provider auto: CUDA unusable, falling back to CPU");
-                Ok((build(false)?, "cpu"))
+                Ok((with(false)?, "cpu"))
             }
         },
     }
@@ -256,69 +350,131 @@ fn same_expert(a: &Job, b: &Job) -> bool {
     Arc::ptr_eq(&a.expert, &b.expert)
 }
 
-fn worker(
-    mut session: Session,
+struct Worker {
+    shared: Session,
+    /// task -> (expert version, its own session)
+    dedicated: HashMap<String, (String, Box<Session>)>,
+    building: HashSet<String>,
+    /// Jobs served per task on the shared session (promotion counter).
+    served: HashMap<String, u64>,
+    factory: Arc<SessionFactory>,
     names: Names,
-    rx: mpsc::Receiver<Job>,
-    config: BackendConfig,
     metrics: Metrics,
-    admitted: Arc<dyn Fn() -> usize + Send + Sync>,
-) {
-    let max_images = config.max_batch_size.max(1);
-    let mut pending: VecDeque<Job> = VecDeque::new();
-    loop {
-        let first = match pending.pop_front() {
-            Some(job) => job,
-            None => match rx.recv() {
-                Ok(job) => job,
-                Err(_) => return, // every handle dropped: the server is gone
-            },
-        };
-        let mut batch = vec![first];
-        let mut images = batch[0].images;
-        // Jobs for the same expert that were set aside while an earlier batch formed.
-        let mut i = 0;
-        while i < pending.len() && images < max_images {
-            if same_expert(&pending[i], &batch[0]) && images + pending[i].images <= max_images {
-                let job = pending.remove(i).expect("index checked");
-                images += job.images;
-                batch.push(job);
-            } else {
-                i += 1;
-            }
-        }
-        let deadline = Instant::now() + config.max_batch_wait;
-        while images < max_images {
-            // Wait for the batch to fill only while more admitted requests are on their way.
-            let others_in_flight = admitted() > batch.len() + pending.len();
-            let next = if others_in_flight {
-                rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                    .ok()
-            } else {
-                rx.try_recv().ok()
+    installer: mpsc::Sender<Message>,
+}
+
+impl Worker {
+    fn run(mut self, rx: mpsc::Receiver<Message>, admitted: Arc<dyn Fn() -> usize + Send + Sync>) {
+        let max_images = self.factory.config.max_batch_size.max(1);
+        let max_wait = self.factory.config.max_batch_wait;
+        let mut pending: VecDeque<Job> = VecDeque::new();
+        loop {
+            let first = match pending.pop_front() {
+                Some(job) => job,
+                None => match rx.recv() {
+                    Ok(Message::Job(job)) => job,
+                    Ok(other) => {
+                        self.handle(other);
+                        continue;
+                    }
+                    Err(_) => return, // every handle dropped: the server is gone
+                },
             };
-            let Some(job) = next else { break };
-            if same_expert(&job, &batch[0]) && images + job.images <= max_images {
-                images += job.images;
-                batch.push(job);
-            } else {
-                pending.push_back(job);
+            let mut batch = vec![first];
+            let mut images = batch[0].images;
+            // Jobs for the same expert that were set aside while an earlier batch formed.
+            let mut i = 0;
+            while i < pending.len() && images < max_images {
+                if same_expert(&pending[i], &batch[0]) && images + pending[i].images <= max_images {
+                    let job = pending.remove(i).expect("index checked");
+                    images += job.images;
+                    batch.push(job);
+                } else {
+                    i += 1;
+                }
+            }
+            let deadline = Instant::now() + max_wait;
+            while images < max_images {
+                // Wait for the batch to fill only while more admitted requests are on their way.
+                let others_in_flight = admitted() > batch.len() + pending.len();
+                let next = if others_in_flight {
+                    rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                        .ok()
+                } else {
+                    rx.try_recv().ok()
+                };
+                let job = match next {
+                    Some(Message::Job(job)) => job,
+                    Some(other) => {
+                        self.handle(other);
+                        continue;
+                    }
+                    None => break,
+                };
+                if same_expert(&job, &batch[0]) && images + job.images <= max_images {
+                    images += job.images;
+                    batch.push(job);
+                } else {
+                    pending.push_back(job);
+                }
+            }
+            // Clients that gave up (timeout, disconnect) are not worth running for.
+            batch.retain(|job| !job.reply.is_closed());
+            if batch.is_empty() {
+                continue;
+            }
+            self.serve(batch);
+        }
+    }
+
+    fn handle(&mut self, message: Message) {
+        match message {
+            Message::Job(_) => unreachable!("jobs are batched by the caller"),
+            Message::Installed {
+                task,
+                version,
+                session,
+            } => {
+                self.building.remove(&task);
+                tracing::info!(task = %task, "expert promoted to a dedicated session");
+                self.dedicated.insert(task, (version, session));
+                self.metrics
+                    .dedicated_sessions
+                    .set(self.dedicated.len() as i64);
+            }
+            Message::BuildFailed { task } => {
+                // Stays on the shared session; tried again after another `promote_after` requests.
+                self.building.remove(&task);
+                self.served.insert(task, 0);
             }
         }
-        // Clients that gave up (timeout, disconnect) are not worth running for.
-        batch.retain(|job| !job.reply.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
-        let result =
-            std::panic::catch_unwind(AssertUnwindSafe(|| run_batch(&mut session, &names, &batch)));
-        let result = result.unwrap_or_else(|_| Err("inference panicked".to_string()));
+    }
+
+    fn serve(&mut self, batch: Vec<Job>) {
+        let expert = batch[0].expert.clone();
+        let dedicated = self
+            .dedicated
+            .get_mut(&expert.task)
+            .filter(|(version, _)| *version == expert.version)
+            .map(|(_, session)| session);
+        let kind = if dedicated.is_some() {
+            SessionKind::Dedicated
+        } else {
+            SessionKind::Shared
+        };
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| match dedicated {
+            Some(session) => run_batch(session, &self.names, &batch, false),
+            None => run_batch(&mut self.shared, &self.names, &batch, true),
+        }))
+        .unwrap_or_else(|_| Err("inference panicked".to_string()));
+        let total: usize = batch.iter().map(|j| j.images).sum();
+        let (height, width) = (batch[0].height, batch[0].width);
+        let jobs = batch.len() as u64;
         match result {
             Ok((logits, run_seconds)) => {
-                let total: usize = batch.iter().map(|j| j.images).sum();
-                metrics.batch_size.observe(total as f64);
-                metrics.inference_seconds.observe(run_seconds);
-                let classes = batch[0].expert.classes;
+                self.metrics.batch_size.observe(total as f64);
+                self.metrics.inference_seconds.observe(run_seconds);
+                let classes = expert.classes;
                 let mut offset = 0;
                 for job in batch {
                     let n = job.images * classes;
@@ -327,6 +483,7 @@ fn worker(
                         queue_seconds: job.enqueued.elapsed().as_secs_f64() - run_seconds,
                         run_seconds,
                         batch_images: total,
+                        session: kind,
                     };
                     offset += n;
                     let _ = job.reply.send(Ok(output));
@@ -338,6 +495,47 @@ fn worker(
                 }
             }
         }
+        if kind == SessionKind::Shared && expert.task != "base" {
+            let served = self.served.entry(expert.task.clone()).or_default();
+            *served += jobs;
+            let config = &self.factory.config;
+            if *served >= config.promote_after
+                && self.dedicated.len() + self.building.len() < config.dedicated_sessions
+                && !self.building.contains(&expert.task)
+            {
+                self.promote(expert, height, width);
+            }
+        }
+    }
+
+    /// Builds the expert's own session on a helper thread; the shared session keeps serving it meanwhile.
+    fn promote(&mut self, expert: Arc<Expert>, height: usize, width: usize) {
+        self.building.insert(expert.task.clone());
+        self.dedicated.remove(&expert.task); // an older version, if any
+        let (factory, names, installer, metrics) = (
+            self.factory.clone(),
+            self.names.clone(),
+            self.installer.clone(),
+            self.metrics.clone(),
+        );
+        let spawned = thread::Builder::new().name("lorkd-promote".into()).spawn(move || {
+            let started = Instant::now();
+            let message = match factory.dedicated(&expert, &names, height, width) {
+                Ok(session) => {
+                    metrics.session_build_seconds.observe(started.elapsed().as_secs_f64());
+                    metrics.promotions.with_label_values(&[&expert.task]).inc();
+                    Message::Installed { task: expert.task.clone(), version: expert.version.clone(), session: Box::new(session) }
+                }
+                Err(error) => {
+                    tracing::warn!(task = %expert.task, %error, "building a dedicated session failed");
+                    Message::BuildFailed { task: expert.task.clone() }
+                }
+            };
+            let _ = installer.send(message);
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a promotion thread");
+        }
     }
 }
 
@@ -345,6 +543,7 @@ fn run_batch(
     session: &mut Session,
     names: &Names,
     batch: &[Job],
+    feed_weights: bool,
 ) -> Result<(Vec<f32>, f64), String> {
     let expert = &batch[0].expert;
     let (height, width) = (batch[0].height, batch[0].width);
@@ -358,13 +557,15 @@ fn run_batch(
     let mut inputs: Vec<(std::borrow::Cow<'_, str>, SessionInputValue<'_>)> =
         Vec::with_capacity(expert.layers.len() + 3);
     inputs.push((names.input.as_str().into(), (&input).into()));
-    inputs.push((
-        names.head_weight.as_str().into(),
-        (&expert.head_weight).into(),
-    ));
-    inputs.push((names.head_bias.as_str().into(), (&expert.head_bias).into()));
-    for (name, value) in &expert.layers {
-        inputs.push((name.as_str().into(), value.into()));
+    if feed_weights {
+        inputs.push((
+            names.head_weight.as_str().into(),
+            (&expert.head_weight).into(),
+        ));
+        inputs.push((names.head_bias.as_str().into(), (&expert.head_bias).into()));
+        for (name, value) in &expert.layers {
+            inputs.push((name.as_str().into(), value.into()));
+        }
     }
     let started = Instant::now();
     let outputs = session

@@ -89,6 +89,8 @@ impl App {
             intra_op_threads: config.intra_op_threads,
             max_batch_size: config.max_batch_size as usize,
             max_batch_wait: config.max_batch_wait(),
+            dedicated_sessions: config.dedicated_sessions as usize,
+            promote_after: config.promote_after,
         };
         let (backend_package, backend_metrics, lib) =
             (package.clone(), metrics.clone(), library.clone());
@@ -96,7 +98,7 @@ impl App {
             let environment = runtime::environment(&lib)?;
             Backend::start(
                 &environment,
-                &backend_package,
+                backend_package,
                 backend_config,
                 backend_metrics,
                 admitted,

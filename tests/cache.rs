@@ -201,3 +201,55 @@ async fn pinned_experts_are_preloaded_and_never_evicted() {
     assert_eq!(expert["cache"]["state"], "resident");
     server.stop().await.unwrap();
 }
+
+/// Hybrid execution: after `--promote-after` requests an expert gets its own session (weights baked in as plain
+/// initializers); it must give the golden answers there too, while other experts stay on the shared session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promoted_expert_runs_on_a_dedicated_session_with_golden_parity() {
+    let package = package_dir();
+    let golden = golden(&package);
+    let tasks = task_ids(&package);
+    let (hot, cold) = (&tasks[0], &tasks[1]);
+    let server = start(&["--dedicated-sessions", "1", "--promote-after", "2"]).await;
+    let client = reqwest::Client::new();
+    let (png, _, _) = golden_png(hot);
+    for _ in 0..2 {
+        let body = predict(&client, &server, hot, &png).await;
+        assert_eq!(body["session"], "shared");
+    }
+    wait_for_metrics(&server, |m| metric(m, "lorkd_dedicated_sessions") == 1.0).await;
+    assert_eq!(
+        metric(
+            &server.metrics().await,
+            &format!("lorkd_expert_promotions_total{{task=\"{hot}\"}}")
+        ),
+        1.0
+    );
+
+    for case in golden.cases.iter().filter(|c| &c.task == hot) {
+        let png = std::fs::read(package.join(&case.file)).unwrap();
+        let body = predict(&client, &server, hot, &png).await;
+        assert_eq!(body["session"], "dedicated");
+        let got: Vec<f32> = serde_json::from_value(body["logits"].clone()).unwrap();
+        let diff = max_abs_diff(&got, &case.logits);
+        assert!(
+            diff <= golden.tolerance,
+            "dedicated {}: max diff {diff}",
+            case.file
+        );
+        assert_eq!(argmax(&got), case.top1);
+    }
+    // Only one slot: the other expert stays on the shared session however often it is used.
+    let (png, logits, tolerance) = golden_png(cold);
+    for _ in 0..4 {
+        let body = predict(&client, &server, cold, &png).await;
+        assert_eq!(body["session"], "shared");
+        let got: Vec<f32> = serde_json::from_value(body["logits"].clone()).unwrap();
+        assert!(max_abs_diff(&got, &logits) <= tolerance);
+    }
+    assert_eq!(
+        metric(&server.metrics().await, "lorkd_dedicated_sessions"),
+        1.0
+    );
+    server.stop().await.unwrap();
+}

@@ -5,14 +5,16 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn golden_logits_through_native_and_oip_apis() {
+/// Every golden case through both APIs (and all of a task's cases in one OIP batch); returns the max errors.
+async fn check_golden(
+    server: &TestServer,
+    expect_session: Option<&str>,
+) -> Vec<(String, f32, f32)> {
     let package = package_dir();
     let golden = golden(&package);
     let manifest = manifest(&package);
     let tasks = task_ids(&package);
     assert!(!golden.cases.is_empty());
-    let server = start(&[]).await;
     let client = reqwest::Client::new();
     let mut report: Vec<(String, f32, f32)> = Vec::new();
 
@@ -53,6 +55,9 @@ async fn golden_logits_through_native_and_oip_apis() {
                 case.file
             );
             assert_eq!(argmax(&logits), case.top1);
+            if let Some(session) = expect_session {
+                assert_eq!(body["session"], session);
+            }
             native_max = native_max.max(diff);
 
             let input = preprocess_in_test(&png, spec);
@@ -117,8 +122,50 @@ async fn golden_logits_through_native_and_oip_apis() {
         }
         report.push((task.clone(), native_max, oip_max));
     }
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_logits_through_native_and_oip_apis() {
+    let server = start(&[]).await;
+    let report = check_golden(&server, Some("shared")).await;
     println!(
-        "parity (max |logit - golden|) per task, tolerance {}:",
+        "parity on the shared session (max |logit - golden|, tolerance {}):",
+        golden(&package_dir()).tolerance
+    );
+    for (task, native, oip) in &report {
+        println!("  {task:<12} native {native:.3e}  oip {oip:.3e}");
+    }
+    server.stop().await.unwrap();
+}
+
+/// The same golden answers once every expert is promoted to its own session (weights baked in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_logits_on_dedicated_sessions() {
+    let package = package_dir();
+    let tasks = task_ids(&package);
+    let golden = golden(&package);
+    let server = start(&["--promote-after", "1", "--dedicated-sessions", "64"]).await;
+    let client = reqwest::Client::new();
+    for task in &tasks {
+        let case = golden.cases.iter().find(|c| &c.task == task).unwrap();
+        let png = std::fs::read(package.join(&case.file)).unwrap();
+        let response = client
+            .post(server.url(&format!("/v1/experts/{task}/predict")))
+            .header("content-type", "image/png")
+            .body(png)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    wait_for_metrics(&server, |m| {
+        metric(m, "lorkd_dedicated_sessions") == tasks.len() as f64
+    })
+    .await;
+    let report = check_golden(&server, Some("dedicated")).await;
+    println!(
+        "parity on dedicated sessions (max |logit - golden|, tolerance {}):",
         golden.tolerance
     );
     for (task, native, oip) in &report {

@@ -15,6 +15,7 @@ use crate::{
     error::ApiError,
     package::{ExpertEntry, ExpertStatus},
     preprocess::{self, PreprocessError},
+    runtime::SessionKind,
     state::AppState,
 };
 
@@ -107,7 +108,8 @@ pub async fn info(State(state): State<AppState>) -> Json<Value> {
             "provider": state.backend.provider,
             "requested_provider": state.config.provider,
             "onnxruntime_library": state.ort_library,
-            "execution": "one shared ONNX Runtime session; assembled expert weights are fed as graph inputs",
+            "execution": "hybrid: one shared ONNX Runtime session fed the assembled weights as graph inputs; the hottest experts (up to dedicated_sessions, after promote_after requests) get their own session with the weights baked in",
+            "dedicated_sessions": state.metrics.dedicated_sessions.get(),
         },
         "cache": {"budget_bytes": state.cache.budget(), "resident_bytes": state.cache.resident_bytes()},
         "config": state.config,
@@ -138,6 +140,8 @@ pub struct PredictResponse {
     pub logits: Vec<f32>,
     pub cache: &'static str,
     pub batch_size: usize,
+    /// `shared` (weights fed as inputs) or `dedicated` (promoted expert with its own session).
+    pub session: SessionKind,
     pub timings: Timings,
 }
 
@@ -319,6 +323,7 @@ pub async fn predict(
         logits,
         cache: if prediction.cache.hit { "hit" } else { "miss" },
         batch_size: prediction.output.batch_images,
+        session: prediction.output.session,
         timings: Timings {
             decode_ms,
             expert_ms: prediction.expert_seconds * 1e3,

@@ -114,6 +114,7 @@ fn schemas() -> Value {
             "predictions": {"type": "array", "items": {"type": "object", "properties": {"index": {"type": "integer"}, "label": {"type": "string"}, "probability": {"type": "number"}}}},
             "logits": {"type": "array", "items": {"type": "number"}},
             "cache": {"type": "string", "enum": ["hit", "miss"]}, "batch_size": {"type": "integer"},
+            "session": {"type": "string", "enum": ["shared", "dedicated"], "description": "shared: weights fed to the one shared session; dedicated: promoted expert with its own session"},
             "timings": {"type": "object", "properties": {"decode_ms": {"type": "number"}, "expert_ms": {"type": "number"}, "queue_ms": {"type": "number"}, "inference_ms": {"type": "number"}, "total_ms": {"type": "number"}}}}},
         "Info": {"type": "object", "properties": {"service": {"type": "object"}, "package": {"type": "object"}, "runtime": {"type": "object", "properties": {"provider": {"type": "string", "enum": ["cpu", "cuda"]}}}, "cache": {"type": "object"}, "config": {"type": "object"}}},
         "OipServerMetadata": {"type": "object", "properties": {"name": {"type": "string"}, "version": {"type": "string"}, "extensions": {"type": "array", "items": {"type": "string"}}}},
