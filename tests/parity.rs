@@ -127,7 +127,7 @@ async fn check_golden(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn golden_logits_through_native_and_oip_apis() {
-    let server = start(&[]).await;
+    let server = start(&["--dedicated-sessions", "0"]).await;
     let report = check_golden(&server, Some("shared")).await;
     println!(
         "parity on the shared session (max |logit - golden|, tolerance {}):",
