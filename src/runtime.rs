@@ -74,6 +74,8 @@ pub struct Expert {
     pub head_bias: Tensor<f32>,
     /// Bytes of weights this expert holds (what the cache budget counts).
     pub bytes: usize,
+    /// Whether the backend may promote it to a dedicated session (false for the warm-up base network).
+    pub promotable: bool,
 }
 
 impl Expert {
@@ -103,6 +105,7 @@ impl Expert {
             head_weight: Tensor::from_array(head_weight).map_err(|e| e.to_string())?,
             head_bias: Tensor::from_array((vec![classes], head_bias)).map_err(|e| e.to_string())?,
             bytes,
+            promotable: true,
         })
     }
 }
@@ -462,11 +465,25 @@ impl Worker {
         } else {
             SessionKind::Shared
         };
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| match dedicated {
+        let mut kind = kind;
+        let mut result = std::panic::catch_unwind(AssertUnwindSafe(|| match dedicated {
             Some(session) => run_batch(session, &self.names, &batch, false),
             None => run_batch(&mut self.shared, &self.names, &batch, true),
         }))
         .unwrap_or_else(|_| Err("inference panicked".to_string()));
+        if kind == SessionKind::Dedicated && result.is_err() {
+            // A dedicated session is an optimisation: drop it and answer from the shared session.
+            tracing::warn!(task = %expert.task, error = ?result.as_ref().err(), "dedicated session failed; back to the shared session");
+            self.dedicated.remove(&expert.task);
+            self.metrics
+                .dedicated_sessions
+                .set(self.dedicated.len() as i64);
+            kind = SessionKind::Shared;
+            result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                run_batch(&mut self.shared, &self.names, &batch, true)
+            }))
+            .unwrap_or_else(|_| Err("inference panicked".to_string()));
+        }
         let total: usize = batch.iter().map(|j| j.images).sum();
         let (height, width) = (batch[0].height, batch[0].width);
         let jobs = batch.len() as u64;
@@ -495,7 +512,7 @@ impl Worker {
                 }
             }
         }
-        if kind == SessionKind::Shared && expert.task != "base" {
+        if kind == SessionKind::Shared && expert.promotable {
             let served = self.served.entry(expert.task.clone()).or_default();
             *served += jobs;
             let config = &self.factory.config;

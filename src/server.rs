@@ -184,7 +184,7 @@ impl App {
             let manifest = &state.package.manifest;
             let (height, width) = (manifest.input.height, manifest.input.width);
             let features = manifest.model.feature_dim;
-            let base = Expert::new(
+            let mut base = Expert::new(
                 "base",
                 "base",
                 Vec::new(),
@@ -192,6 +192,7 @@ impl App {
                 vec![0.0],
             )
             .map_err(StartupError)?;
+            base.promotable = false;
             state
                 .backend
                 .infer(
