@@ -120,6 +120,20 @@ async fn check_golden(
             );
             oip_max = oip_max.max(diff);
         }
+        // The versioned path answers the same for the expert's version.
+        let version = body["model_version"].as_str().unwrap();
+        let versioned: Value = client
+            .post(server.url(&format!("/v2/models/{task}/versions/{version}/infer")))
+            .json(&request)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let versioned: Vec<f32> =
+            serde_json::from_value(versioned["outputs"][0]["data"].clone()).unwrap();
+        assert!(max_abs_diff(&versioned, &data) <= golden.tolerance);
         report.push((task.clone(), native_max, oip_max));
     }
     report

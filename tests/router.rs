@@ -114,6 +114,34 @@ async fn router_as_a_function() {
             (status, ready["ready"].as_bool()),
             (StatusCode::OK, Some(true))
         );
+        let (status, _) = call(
+            &app,
+            "GET",
+            &format!("/v2/models/{id}/versions/{version}/ready"),
+            Body::empty(),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, meta) = call(
+            &app,
+            "GET",
+            &format!("/v2/models/{id}/versions/{version}"),
+            Body::empty(),
+            None,
+        )
+        .await;
+        assert_eq!((status, meta["name"].as_str()), (StatusCode::OK, Some(id)));
+        let (status, body) = call(
+            &app,
+            "GET",
+            &format!("/v2/models/{id}/versions/0000000000000000"),
+            Body::empty(),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body["error"].as_str().unwrap().contains("version"));
     }
 
     // Info shows the provider actually chosen (auto falls back to CPU with the PyPI CPU library).
@@ -203,8 +231,20 @@ async fn every_documented_route_is_mounted() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(served, api::openapi::document());
     let task = task_ids(&package_dir())[0].clone();
+    let (_, expert) = call(
+        &app,
+        "GET",
+        &format!("/v1/experts/{task}"),
+        Body::empty(),
+        None,
+    )
+    .await;
+    let version = expert["version"].as_str().unwrap().to_string();
     for route in api::ROUTES {
-        let uri = route.path.replace("{task}", &task);
+        let uri = route
+            .path
+            .replace("{task}", &task)
+            .replace("{version}", &version);
         let (status, body) = call(&app, route.method, &uri, Body::empty(), None).await;
         let unmatched = status == StatusCode::NOT_FOUND
             && body["error"]["message"]

@@ -256,6 +256,44 @@ pub async fn infer(
     }))
 }
 
+/// The versioned OIP paths (`/v2/models/{task}/versions/{version}/...`) answer only for the expert's current
+/// version hash; any other version is an unknown model.
+fn check_version(state: &AppState, task: &str, version: &str) -> Result<(), OipError> {
+    let entry = state.package.expert(task).ok_or_else(|| unknown(task))?;
+    if entry.version.as_deref() == Some(version) {
+        Ok(())
+    } else {
+        Err(OipError(ApiError::NotFound(format!(
+            "model `{task}` has no version `{version}`"
+        ))))
+    }
+}
+
+pub async fn versioned_model_metadata(
+    State(state): State<AppState>,
+    Path((task, version)): Path<(String, String)>,
+) -> Result<Json<Value>, OipError> {
+    check_version(&state, &task, &version)?;
+    model_metadata(State(state), Path(task)).await
+}
+
+pub async fn versioned_model_ready(
+    State(state): State<AppState>,
+    Path((task, version)): Path<(String, String)>,
+) -> Result<Response, OipError> {
+    check_version(&state, &task, &version)?;
+    model_ready(State(state), Path(task)).await
+}
+
+pub async fn versioned_infer(
+    State(state): State<AppState>,
+    Path((task, version)): Path<(String, String)>,
+    request: Request,
+) -> Result<Json<InferResponse>, OipError> {
+    check_version(&state, &task, &version)?;
+    infer(State(state), Path(task), request).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,8 +16,9 @@ fn schema_ref(name: &str) -> Value {
 fn path_parameters(path: &str) -> Vec<Value> {
     path.split('/')
         .filter_map(|segment| segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-        .map(|name| {
-            json!({"name": name, "in": "path", "required": true, "description": "Task id (= OIP model name)", "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,63}$"}})
+        .map(|name| match name {
+            "version" => json!({"name": name, "in": "path", "required": true, "description": "Expert version hash (16 hex chars)", "schema": {"type": "string", "pattern": "^[0-9a-f]{16}$"}}),
+            _ => json!({"name": name, "in": "path", "required": true, "description": "Task id (= OIP model name)", "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,63}$"}}),
         })
         .collect()
 }
