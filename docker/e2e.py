@@ -24,6 +24,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,18 @@ class Container:
             time.sleep(0.05)
         raise E2EError(f"not ready after {timeout:.0f}s:\n{self.logs()[-3000:]}")
 
+    def exec_to_ready(self) -> float | None:
+        """Seconds from the container's start to lorkd's JSON log line that says it is ready (best effort)."""
+        started = parse_time(self.state()["StartedAt"])
+        for line in self.logs().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if "ready" in str(event.get("message", "")) and "timestamp" in event:
+                return parse_time(event["timestamp"]) - started
+        return None
+
     def wait_healthy(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -111,6 +124,12 @@ class Container:
 
     def remove(self) -> None:
         docker("rm", "-f", self.name, check=False)
+
+
+def parse_time(text: str) -> float:
+    """RFC 3339 with up to nanoseconds (Docker, tracing) -> POSIX seconds."""
+    stamp, _, frac = text.rstrip("Z").partition(".")
+    return datetime.fromisoformat(stamp).replace(tzinfo=UTC).timestamp() + float(f"0.{frac or 0}")
 
 
 def predict(base: str, task: str, png: bytes) -> dict[str, Any]:
@@ -233,6 +252,9 @@ def main() -> int:
         containers.append(c)
         ready_s = c.wait_ready()
         print(f"e2e: cold start to ready: {ready_s:.2f}s (docker run -> first 200 on /v2/health/ready)")
+        inside = c.exec_to_ready()
+        if inside is not None:
+            print(f"e2e: of which lorkd itself, container start -> 'ready' log line: {inside:.2f}s")
         c.wait_healthy()
         print("e2e: docker HEALTHCHECK reports healthy")
         status, body = http("GET", f"{c.base}/v1/info")
