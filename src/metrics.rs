@@ -1,8 +1,8 @@
 //! Prometheus metrics of one server instance (own registry, so several servers can live in one process).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 #[derive(Clone)]
@@ -25,6 +25,8 @@ pub struct Metrics {
     pub dedicated_sessions: IntGauge,
     pub promotions: IntCounterVec,
     pub session_build_seconds: Histogram,
+    pub info: IntGaugeVec,
+    pub experts: IntGaugeVec,
 }
 
 impl Metrics {
@@ -142,6 +144,19 @@ impl Metrics {
             .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
         )
         .unwrap();
+        let info = IntGaugeVec::new(
+            Opts::new(
+                "info",
+                "Always 1: service version, package and execution provider in use",
+            ),
+            &["version", "package", "provider"],
+        )
+        .unwrap();
+        let experts = IntGaugeVec::new(
+            Opts::new("experts", "Experts of the package by status"),
+            &["status"],
+        )
+        .unwrap();
         let metrics = Metrics {
             registry,
             http_requests,
@@ -161,6 +176,8 @@ impl Metrics {
             dedicated_sessions,
             promotions,
             session_build_seconds,
+            info,
+            experts,
         };
         let r = &metrics.registry;
         r.register(Box::new(metrics.http_requests.clone())).unwrap();
@@ -188,6 +205,8 @@ impl Metrics {
         r.register(Box::new(metrics.promotions.clone())).unwrap();
         r.register(Box::new(metrics.session_build_seconds.clone()))
             .unwrap();
+        r.register(Box::new(metrics.info.clone())).unwrap();
+        r.register(Box::new(metrics.experts.clone())).unwrap();
         metrics
     }
 

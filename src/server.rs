@@ -121,6 +121,22 @@ impl App {
             seconds = started.elapsed().as_secs_f64(),
             "package loaded"
         );
+        metrics
+            .info
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                package.manifest.name.as_str(),
+                backend.provider,
+            ])
+            .set(1);
+        metrics
+            .experts
+            .with_label_values(&["available"])
+            .set(available as i64);
+        metrics
+            .experts
+            .with_label_values(&["disabled"])
+            .set((package.experts.len() - available) as i64);
         let cache = Arc::new(ExpertCache::new(
             package.clone(),
             config.cache_bytes,

@@ -133,6 +133,15 @@ async fn bad_expert_file_disables_only_that_expert() {
             .status(),
         200
     );
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric(&metrics, "lorkd_experts{status=\"disabled\"}"),
+        (1 + removed.iter().count()) as f64
+    );
+    assert_eq!(
+        metric(&metrics, "lorkd_experts{status=\"available\"}"),
+        (tasks.len() - 1 - removed.iter().count()) as f64
+    );
     let info: Value = client
         .get(server.url("/v1/info"))
         .send()
