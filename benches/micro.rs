@@ -56,6 +56,20 @@ fn assembly(c: &mut Criterion) {
             }
         })
     });
+    // The same, keeping every merged layer alive until the end (as an assembled expert does): the difference to
+    // the line above is fresh-memory cost (page faults), not arithmetic.
+    group.bench_function(BenchmarkId::new("merge_all_layers_kept", &task), |b| {
+        b.iter(|| {
+            package
+                .layers
+                .iter()
+                .zip(&deltas.factors)
+                .map(|(base, (a, bf))| {
+                    merge_layer(base.shape, &base.w0, bf, a, deltas.scale).expect("merges")
+                })
+                .collect::<Vec<_>>()
+        })
+    });
     // Single layers: the smallest, the median and the largest by weight count.
     let mut order: Vec<usize> = (0..package.layers.len()).collect();
     order.sort_by_key(|&i| package.layers[i].shape.weight_len());

@@ -8,7 +8,7 @@
 #                               (a crash, a non-2xx answer), never on a number.
 #
 # Environment: LORKD_BENCH_TASK (warm expert, default retina), LORKD_BENCH_PACKAGE (default models/medmnist-lorkd),
-# LORKD_BENCH_DURATION (seconds per wrk row, default 10), LORKD_BENCH_COUNTS (synthetic packages, default
+# LORKD_BENCH_DURATION (seconds per wrk run, default 6), LORKD_BENCH_REPEATS (interleaved rounds, default 3), LORKD_BENCH_COUNTS (synthetic packages, default
 # 10,100,1000). Outputs under bench-out/ (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,7 +64,7 @@ if [ $smoke = 1 ]; then
   cargo test --locked --bench micro --bench ceiling 2>&1 | tee "$out/cargo-bench.log" | grep -v '^\s*$' | tail -40
   binary=target/debug/lorkd
   [ -x "$binary" ] || cargo test --locked --no-run >/dev/null
-  e2e_args=(--duration 1 --warmup 1 --concurrency 1,8 --counts 10 --starts 1 --cold-requests 6
+  e2e_args=(--duration 1 --warmup 1 --repeats 1 --concurrency 1,8 --counts 10 --starts 1 --cold-requests 6
             --cold-experts "$cold_experts" --check)
 else
   echo "== release build"
@@ -74,7 +74,8 @@ else
   cargo bench --locked --bench micro 2>&1 | tee "$out/criterion.log" | grep -E '^[a-z].*time:|^\S+/' | head -60 || true
   echo "== in-process ceiling"
   cargo bench --locked --bench ceiling 2>&1 | tee "$out/ceiling.log" | tail -25
-  e2e_args=(--duration "${LORKD_BENCH_DURATION:-10}" --counts "$counts" --cold-experts "$cold_experts")
+  e2e_args=(--duration "${LORKD_BENCH_DURATION:-6}" --repeats "${LORKD_BENCH_REPEATS:-3}" --counts "$counts"
+            --cold-experts "$cold_experts")
 fi
 echo "== end to end ($binary)"
 $python scripts/bench/e2e.py --binary "$binary" --package "$package" --task "$task" --out "$out" "${e2e_args[@]}"

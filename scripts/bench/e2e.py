@@ -53,7 +53,8 @@ def proc_status(pid: int) -> dict[str, int]:
 class Server:
     """One lorkd process on 127.0.0.1:<free port>; `ready_s` is the time from spawn to /v2/health/ready = 200."""
 
-    def __init__(self, binary: Path, package: Path, extra: list[str], logs: Path, name: str):
+    def __init__(self, binary: Path, package: Path, extra: list[str], logs: Path, name: str,
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         self.log_path = logs / f"{name}.log"
         cmd = [str(binary), "--host", "127.0.0.1", "--port", str(self.port), "--package", str(package),
@@ -61,7 +62,8 @@ class Server:
         self.cmd = cmd
         self.log = self.log_path.open("w")
         started = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, **(env or {})))
         deadline = started + 300
         while True:
             if self.proc.poll() is not None:
@@ -161,6 +163,31 @@ def wrk(server: Server, *, body: Path, content_type: str, path_fmt: str, connect
     }
 
 
+def interleaved(plan: list[tuple[str, Server, dict]], repeats: int) -> dict[str, dict]:
+    """Runs every (key, server, wrk kwargs) of `plan` once per round, `repeats` rounds, in rotating order, so that
+    the noise of a shared machine hits every row alike; returns per key the medians over rounds."""
+    runs: dict[str, list[dict]] = {key: [] for key, _, _ in plan}
+    for r in range(repeats):
+        for i in range(len(plan)):
+            key, server, kwargs = plan[(i + r) % len(plan)]
+            runs[key].append(wrk(server, **kwargs))
+    out = {}
+    for key, rs in runs.items():
+        def med(k: str, rs: list[dict] = rs) -> float | None:
+            values = [x[k] for x in rs if x[k] is not None]
+            return statistics.median(values) if values else None
+
+        out[key] = {
+            "connections": rs[0]["connections"], "repeats": len(rs), "seconds": rs[0]["seconds"],
+            "requests": sum(x["requests"] for x in rs), "errors": sum(x["errors"] for x in rs),
+            "rps": med("rps"), "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"), "mean_ms": med("mean_ms"),
+            "mean_batch": med("mean_batch"), "hit_rate": med("hit_rate"),
+            "cache_hits": sum(x["cache_hits"] for x in rs), "cache_misses": sum(x["cache_misses"] for x in rs),
+            "dedicated_sessions": rs[-1]["dedicated_sessions"], "rps_runs": [round(x["rps"], 1) for x in rs],
+        }
+    return out
+
+
 def oip_body(manifest: dict, task: str, image: Path, out: Path) -> Path:
     """An OIP v2 infer request for `task` holding `image` preprocessed as FORMAT.md section 4 says."""
     spec = next(t for t in manifest["tasks"] if t["id"] == task)["input"]
@@ -235,56 +262,64 @@ def section_warm(a, results: dict, logs: Path) -> None:
     manifest = json.loads((a.package / "manifest.json").read_text())
     png = a.package / "golden" / a.task / "0.png"
     oip = oip_body(manifest, a.task, png, a.out / f"oip-{a.task}.json")
-    rows = []
+    native = dict(body=png, content_type="image/png", path_fmt=NATIVE, task=a.task)
+    infer = dict(body=oip, content_type="application/json", path_fmt=OIP, task=a.task)
+    shared_flag = "--dedicated-sessions" in help_text(a.binary)
     with Server(a.binary, a.package, ["--preload", a.task], logs, "warm") as s:
-        # Warm-up: allocator arenas, connection pools and (where the server has it) promotion to a dedicated session.
-        wrk(s, body=png, content_type="image/png", path_fmt=NATIVE, task=a.task, connections=8,
-            seconds=a.warmup)
-        for route, body, ctype, fmt in [("native", png, "image/png", NATIVE),
-                                        ("oip", oip, "application/json", OIP)]:
-            for c in a.concurrency:
-                r = wrk(s, body=body, content_type=ctype, path_fmt=fmt, task=a.task, connections=c,
-                        seconds=a.duration)
-                r["route"] = route
-                r["server"] = "default flags"
-                rows.append(r)
-                print(f"warm {route:6} c={c:<3} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms  "
-                      f"p99 {r['p99_ms']:7.2f} ms  batch {r['mean_batch'] or 0:5.2f}  errors {r['errors']}",
-                      flush=True)
-        results["warm_memory"] = s.memory()
-    if "--dedicated-sessions" in help_text(a.binary):
-        # The same expert kept on the shared session (weights fed as inputs), for the shared-path ratio.
-        with Server(a.binary, a.package, ["--preload", a.task, "--dedicated-sessions", "0"], logs,
-                    "warm-shared") as s:
-            wrk(s, body=png, content_type="image/png", path_fmt=NATIVE, task=a.task, connections=8,
-                seconds=a.warmup)
-            for c in sorted({a.concurrency[0], 32 if 32 in a.concurrency else a.concurrency[-1]}):
-                r = wrk(s, body=png, content_type="image/png", path_fmt=NATIVE, task=a.task, connections=c,
-                        seconds=a.duration)
-                r["route"] = "native"
-                r["server"] = "--dedicated-sessions 0"
-                rows.append(r)
-                print(f"warm shared-session native c={c:<3} {r['rps']:8.1f} req/s  p99 {r['p99_ms']:7.2f} ms",
-                      flush=True)
+        other = (Server(a.binary, a.package, ["--preload", a.task, "--dedicated-sessions", "0"], logs,
+                        "warm-shared") if shared_flag else None)
+        try:
+            # Warm-up: arenas, connections and (where the server has it) promotion to a dedicated session.
+            for server in (s, other):
+                if server:
+                    wrk(server, **native, connections=8, seconds=a.warmup)
+            plan = []
+            for route, kw in [("native", native), ("oip", infer)]:
+                for c in a.concurrency:
+                    plan.append((f"{route}|default flags|{c}", s, dict(kw, connections=c, seconds=a.duration)))
+            if other:
+                # The same expert kept on the shared session (weights fed as graph inputs), for the shared path.
+                for c in sorted({a.concurrency[0], 32 if 32 in a.concurrency else a.concurrency[-1]}):
+                    plan.append((f"native|--dedicated-sessions 0|{c}", other,
+                                 dict(native, connections=c, seconds=a.duration)))
+            agg = interleaved(plan, a.repeats)
+            results["warm_memory"] = s.memory()
+        finally:
+            if other:
+                other.stop()
+    rows = []
+    for key, r in agg.items():
+        r["route"], r["server"], _ = key.split("|")
+        rows.append(r)
+        print(f"warm {r['route']:6} {r['server']:24} c={r['connections']:<3} {r['rps']:8.1f} req/s  "
+              f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  batch {r['mean_batch'] or 0:5.2f}  "
+              f"runs {r['rps_runs']}  errors {r['errors']}", flush=True)
     results["warm"] = rows
 
 
 def section_batching(a, results: dict, logs: Path) -> None:
     png = a.package / "golden" / a.task / "0.png"
-    rows = []
-    levels = [c for c in a.concurrency if c > 1] or a.concurrency
-    levels = [c for c in levels if c in (8, 32)] or levels[-1:]
-    for label, extra in [("off (--max-batch-size 1)", ["--max-batch-size", "1"]), ("on (default, max 32)", [])]:
-        with Server(a.binary, a.package, ["--preload", a.task, *extra], logs, f"batching-{len(extra)}") as s:
-            wrk(s, body=png, content_type="image/png", path_fmt=NATIVE, task=a.task, connections=8,
-                seconds=a.warmup)
+    native = dict(body=png, content_type="image/png", path_fmt=NATIVE, task=a.task)
+    levels = [c for c in a.concurrency if c in (8, 32)] or a.concurrency[-1:]
+    off = Server(a.binary, a.package, ["--preload", a.task, "--max-batch-size", "1"], logs, "batching-off")
+    try:
+        with Server(a.binary, a.package, ["--preload", a.task], logs, "batching-on") as on:
+            for server in (off, on):
+                wrk(server, **native, connections=8, seconds=a.warmup)
+            plan = []
             for c in levels:
-                r = wrk(s, body=png, content_type="image/png", path_fmt=NATIVE, task=a.task, connections=c,
-                        seconds=a.duration)
-                r["batching"] = label
-                rows.append(r)
-                print(f"batching {label:26} c={c:<3} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f}  "
-                      f"p99 {r['p99_ms']:7.2f} ms  batch {r['mean_batch'] or 0:5.2f}", flush=True)
+                plan.append((f"off (--max-batch-size 1)|{c}", off, dict(native, connections=c, seconds=a.duration)))
+                plan.append((f"on (default, max 32)|{c}", on, dict(native, connections=c, seconds=a.duration)))
+            agg = interleaved(plan, a.repeats)
+    finally:
+        off.stop()
+    rows = []
+    for key, r in agg.items():
+        r["batching"] = key.split("|")[0]
+        rows.append(r)
+        print(f"batching {r['batching']:26} c={r['connections']:<3} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f}  "
+              f"p99 {r['p99_ms']:7.2f} ms  batch {r['mean_batch'] or 0:5.2f}  runs {r['rps_runs']}", flush=True)
+    rows.sort(key=lambda r: (r["connections"], r["batching"]))
     results["batching"] = rows
 
 
@@ -333,7 +368,15 @@ def section_cold(a, results: dict, logs: Path) -> None:
 def section_scale(a, results: dict, logs: Path) -> None:
     png = a.package / "golden" / a.task / "0.png"
     rows = []
-    for n in a.counts:
+    runs = [(n, "default flags", [], {}) for n in a.counts]
+    if a.counts and "--dedicated-sessions" in help_text(a.binary):
+        # Where the memory goes, at the largest count: without dedicated sessions, and with glibc limited to two
+        # malloc arenas (fragmentation across threads' arenas shows up as RSS).
+        n = max(a.counts)
+        runs.append((n, "--dedicated-sessions 0", ["--dedicated-sessions", "0"], {}))
+        runs.append((n, "--dedicated-sessions 0, MALLOC_ARENA_MAX=2", ["--dedicated-sessions", "0"],
+                     {"MALLOC_ARENA_MAX": "2"}))
+    for n, label, extra, env in runs:
         pkg = a.packages / f"synthetic-{n}"
         manifest = json.loads((pkg / "manifest.json").read_text())
         tasks = [t["id"] for t in manifest["tasks"]]
@@ -341,35 +384,37 @@ def section_scale(a, results: dict, logs: Path) -> None:
         tasks_file.write_text("\n".join(tasks) + "\n")
         per_expert = expert_bytes(manifest)
         budget = 16 * per_expert
-        with Server(a.binary, pkg, ["--cache-bytes", str(budget)], logs, f"scale-{n}") as s:
+        single_kw = dict(body=png, content_type="image/png", path_fmt=NATIVE, task=tasks[0],
+                         connections=a.scale_concurrency)
+        mix_kw = dict(body=png, content_type="image/png", path_fmt=NATIVE, tasks_file=tasks_file,
+                      connections=a.scale_concurrency)
+        with Server(a.binary, pkg, ["--cache-bytes", str(budget), *extra], logs, f"scale-{n}-{len(runs)}",
+                    env=env) as s:
             at_ready = s.memory()
-            single_task = tasks[0]
-            wrk(s, body=png, content_type="image/png", path_fmt=NATIVE, task=single_task,
-                connections=a.scale_concurrency, seconds=a.warmup)
-            single = wrk(s, body=png, content_type="image/png", path_fmt=NATIVE, task=single_task,
-                         connections=a.scale_concurrency, seconds=a.duration)
-            wrk(s, body=png, content_type="image/png", path_fmt=NATIVE, tasks_file=tasks_file,
-                connections=a.scale_concurrency, seconds=a.warmup)
-            mix = wrk(s, body=png, content_type="image/png", path_fmt=NATIVE, tasks_file=tasks_file,
-                      connections=a.scale_concurrency, seconds=a.duration)
+            wrk(s, **single_kw, seconds=a.warmup)
+            wrk(s, **mix_kw, seconds=a.warmup)
+            agg = interleaved([("single", s, dict(single_kw, seconds=a.duration)),
+                               ("mix", s, dict(mix_kw, seconds=a.duration))], a.repeats)
             mem = s.memory()
             m = s.metrics()
-        files = sorted((pkg / "experts").iterdir())
-        deltas_bytes = sum(f.stat().st_size for f in files)
+        single, mix = agg["single"], agg["mix"]
+        deltas_bytes = sum(f.stat().st_size for f in (pkg / "experts").iterdir())
         shared_bytes = (pkg / "student.onnx").stat().st_size
         row = {
-            "experts": n, "cache_budget_bytes": budget, "expert_bytes": per_expert,
+            "experts": n, "server": label, "cache_budget_bytes": budget, "expert_bytes": per_expert,
             "single": single, "mix": mix,
             "rss_at_ready": at_ready["VmRSS"], "rss_after": mem["VmRSS"], "rss_peak": mem["VmHWM"],
             "ready_s": s.ready_s,
             "shared_model_bytes": shared_bytes, "deltas_bytes": deltas_bytes,
             "rss_target_bytes": shared_bytes + deltas_bytes + 16 * per_expert + 150 * 2**20,
             "resident_experts": m.get("lorkd_expert_cache_resident_experts"),
+            "dedicated_sessions": m.get("lorkd_dedicated_sessions"),
         }
         rows.append(row)
-        print(f"scale N={n:<5} single {single['rps']:7.1f} req/s | mix {mix['rps']:7.1f} req/s "
-              f"p99 {mix['p99_ms']:7.1f} ms hit {mix['hit_rate'] or 0:.3f} | RSS {mem['VmRSS'] / 2**20:.0f} MiB "
-              f"(peak {mem['VmHWM'] / 2**20:.0f}, target {row['rss_target_bytes'] / 2**20:.0f})", flush=True)
+        print(f"scale N={n:<5} [{label}] single {single['rps']:7.1f} req/s | mix {mix['rps']:7.1f} req/s "
+              f"p99 {mix['p99_ms']:7.1f} ms hit {mix['hit_rate'] or 0:.3f} batch {mix['mean_batch'] or 0:.2f} | "
+              f"RSS {mem['VmRSS'] / 2**20:.0f} MiB (peak {mem['VmHWM'] / 2**20:.0f}, "
+              f"target {row['rss_target_bytes'] / 2**20:.0f})", flush=True)
     results["scale"] = rows
 
 
@@ -390,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", default="warm,batching,cold,scale")
     p.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run")
     p.add_argument("--warmup", type=int, default=2, help="seconds of wrk warm-up before measuring")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds per row (medians are reported)")
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--scale-concurrency", type=int, default=32)
     p.add_argument("--counts", default="10,100,1000")

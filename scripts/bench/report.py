@@ -66,18 +66,24 @@ def ceiling(c: dict) -> tuple[str, dict]:
     get = {(r["variant"], r["batch"]): r for r in rows}
     body = []
     for v in variants:
-        body.append([f"`{v}`"] + [f"{get[(v, b)]['images_per_s']:,.0f} ({get[(v, b)]['run_ms']:.2f} ms)"
+        body.append([f"`{v}`"] + [f"{get[(v, b)]['images_per_s']:,.0f} / {get[(v, b)]['run_ms']:.2f} ms / "
+                                  f"{b / get[(v, b)]['run_ms'] * 1e3:,.0f}"
                                   if (v, b) in get else "n/a" for b in batches])
-    text = table(["variant"] + [f"batch {b}: images/s (run ms)" for b in batches], body)
+    text = ("Each cell: images/s over the whole window / median time of one run / batch ÷ median run "
+            "(the last is what an uncontended core pair gives; the first includes preemption by other "
+            "processes).\n\n")
+    text += table(["variant"] + [f"batch {b}" for b in batches], body)
     ratios = []
     if "standalone" in variants:
         for v in variants:
             if v == "standalone":
                 continue
             ratios.append([f"`{v}` / `standalone`"] + [
-                f"{get[(v, b)]['images_per_s'] / get[('standalone', b)]['images_per_s']:.2f}"
+                f"{get[(v, b)]['images_per_s'] / get[('standalone', b)]['images_per_s']:.2f} | "
+                f"{get[('standalone', b)]['run_ms'] / get[(v, b)]['run_ms']:.2f}"
                 if (v, b) in get and ("standalone", b) in get else "n/a" for b in batches])
-        text += "\nRatios to the standalone merged expert (same batch; median images/s over rounds):\n\n"
+        text += ("\nRatios to the standalone merged expert, same batch: throughput over the window "
+                 "(median of rounds) | from the median run time:\n\n")
         text += table(["ratio"] + [f"batch {b}" for b in batches], ratios)
     best = {v: max(get[(v, b)]["images_per_s"] for b in batches if (v, b) in get) for v in variants}
     at = {v: {b: get[(v, b)]["images_per_s"] for b in batches if (v, b) in get} for v in variants}
@@ -86,14 +92,20 @@ def ceiling(c: dict) -> tuple[str, dict]:
 
 def e2e_warm(rows: list[dict]) -> str:
     body = [[r["route"], r.get("server", ""), r["connections"], fmt(r["rps"]), fmt(r["p50_ms"], 2),
-             fmt(r["p99_ms"], 2), fmt(r["mean_batch"], 2), r["errors"]] for r in rows]
-    return table(["route", "server", "concurrency", "req/s", "p50 ms", "p99 ms", "mean batch", "errors"], body)
+             fmt(r["p99_ms"], 2), fmt(r["mean_batch"], 2), r["errors"], runs(r)] for r in rows]
+    return table(["route", "server", "concurrency", "req/s", "p50 ms", "p99 ms", "mean batch", "errors",
+                  "req/s of each round"], body)
+
+
+def runs(r: dict) -> str:
+    return ", ".join(f"{x:.0f}" for x in r.get("rps_runs", []))
 
 
 def batching(rows: list[dict]) -> str:
     body = [[r["batching"], r["connections"], fmt(r["rps"]), fmt(r["p50_ms"], 2), fmt(r["p99_ms"], 2),
-             fmt(r["mean_batch"], 2), r["errors"]] for r in rows]
-    return table(["dynamic batching", "concurrency", "req/s", "p50 ms", "p99 ms", "mean batch", "errors"], body)
+             fmt(r["mean_batch"], 2), r["errors"], runs(r)] for r in rows]
+    return table(["dynamic batching", "concurrency", "req/s", "p50 ms", "p99 ms", "mean batch", "errors",
+                  "req/s of each round"], body)
 
 
 def cold(c: dict) -> str:
@@ -116,11 +128,15 @@ def scale(rows: list[dict], naive_rss: float | None, merged_bytes: int | None) -
         s, m = r["single"], r["mix"]
         naive = f"{r['experts'] * merged_bytes / MiB:,.0f}" if merged_bytes else "n/a"
         naive_m = f"{r['experts'] * naive_rss / MiB:,.0f}" if naive_rss else "n/a"
-        body.append([r["experts"], fmt(s["rps"]), fmt(m["rps"]), f"{m['rps'] / s['rps']:.2f}", fmt(m["p99_ms"]),
+        body.append([r["experts"], r.get("server", ""), fmt(s["rps"]), fmt(m["rps"]), f"{m['rps'] / s['rps']:.2f}",
+                     fmt(s["p99_ms"]), fmt(m["p99_ms"]),
                      f"{m['hit_rate']:.3f}" if m["hit_rate"] is not None else "n/a",
+                     f"{fmt(s['mean_batch'], 1)} / {fmt(m['mean_batch'], 1)}",
+                     fmt(r.get("dedicated_sessions"), 0),
                      f"{r['rss_at_ready'] / MiB:.0f}", f"{r['rss_after'] / MiB:.0f}",
                      f"{r['rss_peak'] / MiB:.0f}", f"{r['rss_target_bytes'] / MiB:.0f}", naive, naive_m])
-    return table(["experts", "single req/s", "mix req/s", "mix/single", "mix p99 ms", "mix hit rate",
+    return table(["experts", "server", "single req/s", "mix req/s", "mix/single", "single p99 ms", "mix p99 ms",
+                  "mix hit rate", "mean batch single / mix", "dedicated sessions",
                   "RSS ready MiB", "RSS after MiB", "RSS peak MiB", "RSS target MiB",
                   "naive: N x merged file MiB", "naive: N x session RSS MiB"], body)
 
@@ -159,7 +175,7 @@ def targets(c_info: dict | None, e2e: dict) -> str:
         body.append(["cold expert first answer <= 50 ms p50 (shipped package)", f"{coldrow['p50_ms']:.1f} ms",
                      "met" if coldrow["p50_ms"] <= 50 else "not met"])
     for r in e2e.get("scale", []):
-        if r["experts"] != max(x["experts"] for x in e2e["scale"]):
+        if r["experts"] != max(x["experts"] for x in e2e["scale"]) or r.get("server", "default flags") != "default flags":
             continue
         n = r["experts"]
         body.append([f"{n} experts, 16-expert cache: RSS <= shared model + all deltas + 16 experts + 150 MiB",
