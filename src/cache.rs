@@ -157,6 +157,15 @@ impl ExpertCache {
     }
 
     fn insert(&self, task: &str, expert: Arc<Expert>) {
+        let evicted = self.insert_and_evict(task, expert);
+        if evicted > 0 {
+            release_freed_memory();
+        }
+    }
+
+    /// Inserts `expert` and evicts least recently used experts until the budget holds; returns how many were evicted.
+    fn insert_and_evict(&self, task: &str, expert: Arc<Expert>) -> usize {
+        let mut evicted_count = 0;
         let mut inner = self.lock();
         inner.clock += 1;
         let now = inner.clock;
@@ -193,12 +202,14 @@ impl ExpertCache {
                 .cache_evictions
                 .with_label_values(&[&victim])
                 .inc();
+            evicted_count += 1;
             tracing::info!(task = %victim, bytes = evicted.expert.bytes, "expert evicted");
         }
         self.metrics.cache_resident_bytes.set(inner.bytes as i64);
         self.metrics
             .cache_resident_experts
             .set(inner.resident.len() as i64);
+        evicted_count
     }
 
     pub fn state(&self, task: &str) -> CacheEntryState {
@@ -232,6 +243,16 @@ impl ExpertCache {
 
     pub fn budget(&self) -> usize {
         self.budget
+    }
+}
+
+/// Returns freed heap pages to the OS. Experts are megabytes of many-sized buffers allocated on varying blocking
+/// threads; without this, glibc keeps evicted experts' pages in its arenas and RSS drifts far above the cache budget.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own allocator state; it is thread-safe and has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

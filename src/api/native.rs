@@ -108,7 +108,7 @@ pub async fn info(State(state): State<AppState>) -> Json<Value> {
             "provider": state.backend.provider,
             "requested_provider": state.config.provider,
             "onnxruntime_library": state.ort_library,
-            "execution": "hybrid: one shared ONNX Runtime session fed the assembled weights as graph inputs; the hottest experts (up to dedicated_sessions, after promote_after requests) get their own session with the weights baked in",
+            "execution": "one shared ONNX Runtime session fed the assembled weights as graph inputs; when LORKD_DEDICATED_SESSIONS > 0, experts that served LORKD_PROMOTE_AFTER requests get their own session with the weights baked in",
             "dedicated_sessions": state.metrics.dedicated_sessions.get(),
         },
         "cache": {"budget_bytes": state.cache.budget(), "resident_bytes": state.cache.resident_bytes()},
