@@ -183,17 +183,18 @@ pub fn validate(
             ),
         ));
     }
-    let images = input.shape[0] as usize;
-    let mut data = Vec::with_capacity(images * 3 * height * width);
+    // The declared shape is untrusted: never size an allocation from it (a huge N must be a 400, not an abort).
+    let images = usize::try_from(input.shape[0]).unwrap_or(usize::MAX);
+    let needed = images.checked_mul(3 * height * width);
+    let mut data = Vec::new();
     flatten_fp32(&input.data, &mut data)?;
-    if data.len() != images * 3 * height * width {
+    if needed != Some(data.len()) {
         return Err(bad(
             "bad_shape",
             format!(
-                "input holds {} values; shape {:?} needs {}",
+                "input holds {} values; shape {:?} needs N x 3 x {height} x {width}",
                 data.len(),
-                input.shape,
-                images * 3 * height * width
+                input.shape
             ),
         ));
     }
@@ -361,6 +362,16 @@ mod tests {
         assert_eq!(
             validate(&text, "input", "logits", 1, 2).unwrap_err().code(),
             "bad_tensor"
+        );
+        let huge = request(vec![i64::MAX, 3, 1, 2], "FP32", json!([1, 2, 3, 4, 5, 6]));
+        assert_eq!(
+            validate(&huge, "input", "logits", 1, 2).unwrap_err().code(),
+            "bad_shape"
+        );
+        let big = request(vec![1 << 40, 3, 1, 2], "FP32", json!([1, 2, 3, 4, 5, 6]));
+        assert_eq!(
+            validate(&big, "input", "logits", 1, 2).unwrap_err().code(),
+            "bad_shape"
         );
         let zero = request(vec![0, 3, 1, 2], "FP32", json!([]));
         assert_eq!(
