@@ -45,6 +45,15 @@ NOT_IN_CONFIGMAP = {
     "LORKD_ORT_LIBRARY": "image-specific: the image sets ORT_DYLIB_PATH to its own libonnxruntime",
 }
 QUANTITY = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[numkMGTPE]|[KMGTPE]i)?$")
+# Base ConfigMap values that deliberately differ from the service's defaults, with the reason. Every
+# other key must equal the default, so a changed default in the service cannot leave a stale override.
+BASE_OVERRIDES = {
+    "LORKD_PACKAGE": "the image's baked-in package path",
+    "LORKD_PROVIDER": "explicit cpu in the CPU deployment (default auto); the gpu overlay sets cuda",
+    "LORKD_INTRA_OP_THREADS": "match the container's CPU limit (2) instead of the node's core count",
+    "LORKD_PRELOAD": "warm every expert before the pod turns ready",
+    "LORKD_LOG_FORMAT": "JSON logs for log collectors",
+}
 OIP_LIVE, OIP_READY = "/v2/health/live", "/v2/health/ready"
 CRD_GROUPS = ("serving.kserve.io/",)  # no schema in kubernetes-validate: checked structurally below
 
@@ -232,6 +241,14 @@ def check_workload(target: str, docs: list[dict[str, Any]], variables: dict[str,
             f"k8s/base/lorkd.env, or list them in NOT_IN_CONFIGMAP with a reason): {missing}",
         )
     check_configmap_values(f"{target}: ConfigMap", data, binary)
+    if target == "base" and binary:  # defaults are known only from the binary's listing
+        for key, value in sorted(data.items()):
+            if key in variables and key not in BASE_OVERRIDES and str(value) != variables[key]:
+                fail(
+                    target,
+                    f"{key}={value} differs from the service default {variables[key]!r}: use the default, "
+                    "or list it in BASE_OVERRIDES with a reason",
+                )
 
     # Drain: grace period > preStop sleep + the service's shutdown timeout.
     drain_s = int(data.get("LORKD_SHUTDOWN_TIMEOUT_MS", variables.get("LORKD_SHUTDOWN_TIMEOUT_MS") or 0)) / 1000
