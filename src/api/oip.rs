@@ -82,7 +82,7 @@ pub struct InferInput {
     pub name: String,
     pub shape: Vec<i64>,
     pub datatype: String,
-    pub data: Value,
+    pub data: Fp32Data,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,42 +111,104 @@ fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::bad_request(code, message)
 }
 
-/// Flattens `data` (flat or nested arrays, row-major) into finite f32 values.
-pub fn flatten_fp32(data: &Value, out: &mut Vec<f32>) -> Result<(), ApiError> {
-    match data {
-        Value::Array(items) => items.iter().try_for_each(|item| flatten_fp32(item, out)),
-        Value::Number(n) => {
-            let v = n.as_f64().ok_or_else(|| {
-                bad(
-                    "bad_tensor",
-                    "tensor data holds a number that is not representable",
-                )
-            })? as f32;
-            if !v.is_finite() {
-                return Err(bad(
-                    "bad_tensor",
-                    "tensor data holds NaN or infinite values (or values beyond FP32 range)",
-                ));
-            }
-            out.push(v);
-            Ok(())
-        }
-        _ => Err(bad(
-            "bad_tensor",
-            "tensor data must hold only numbers (NaN/Infinity are not allowed)",
-        )),
+/// Tensor `data` read straight from the JSON text into f32 (flat or nested arrays, row-major), without building a
+/// `serde_json::Value` tree (which costs ~30 bytes per number). Problems are recorded, not raised, so that the
+/// request's shape and datatype are still checked and reported first.
+#[derive(Debug, Default, PartialEq)]
+pub struct Fp32Data {
+    pub values: Vec<f32>,
+    pub problem: Option<&'static str>,
+}
+
+const NON_FINITE: &str = "tensor data holds NaN or infinite values (or values beyond FP32 range)";
+const NOT_NUMBER: &str = "tensor data must hold only numbers (NaN/Infinity are not allowed)";
+
+impl<'de> Deserialize<'de> for Fp32Data {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut data = Fp32Data::default();
+        deserializer.deserialize_any(Fp32Visitor(&mut data))?;
+        Ok(data)
     }
 }
 
-/// Checks an inference request against the model and returns `(images, data)`.
+struct Fp32Visitor<'a>(&'a mut Fp32Data);
+
+impl Fp32Visitor<'_> {
+    fn push(self, value: f64) {
+        let value = value as f32;
+        if value.is_finite() {
+            self.0.values.push(value);
+        } else {
+            self.0.problem.get_or_insert(NON_FINITE);
+        }
+    }
+    fn not_a_number(self) {
+        self.0.problem.get_or_insert(NOT_NUMBER);
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Fp32Visitor<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("numbers, or (nested) arrays of numbers")
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        self.push(v);
+        Ok(())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.push(v as f64);
+        Ok(())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        self.push(v as f64);
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        self.not_a_number();
+        Ok(())
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        self.not_a_number();
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.not_a_number();
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Fp32Seed(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+            .is_some()
+        {}
+        self.not_a_number();
+        Ok(())
+    }
+}
+
+struct Fp32Seed<'a>(&'a mut Fp32Data);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Fp32Seed<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(Fp32Visitor(self.0))
+    }
+}
+
+/// Checks an inference request against the model and returns `(images, data)` (the data is moved out).
 pub fn validate(
-    request: &InferRequest,
+    request: &mut InferRequest,
     input_name: &str,
     output_name: &str,
     height: usize,
     width: usize,
 ) -> Result<(usize, Vec<f32>), ApiError> {
-    let [input] = &request.inputs[..] else {
+    let [input] = &mut request.inputs[..] else {
         return Err(bad(
             "bad_tensor",
             format!(
@@ -186,8 +248,10 @@ pub fn validate(
     // The declared shape is untrusted: never size an allocation from it (a huge N must be a 400, not an abort).
     let images = usize::try_from(input.shape[0]).unwrap_or(usize::MAX);
     let needed = images.checked_mul(3 * height * width);
-    let mut data = Vec::new();
-    flatten_fp32(&input.data, &mut data)?;
+    if let Some(problem) = input.data.problem {
+        return Err(bad("bad_tensor", problem));
+    }
+    let data = std::mem::take(&mut input.data.values);
     if needed != Some(data.len()) {
         return Err(bad(
             "bad_shape",
@@ -229,10 +293,10 @@ pub async fn infer(
     let (height, width) = (entry.spec.input.height, entry.spec.input.width);
     let work = async {
         let bytes = read_body(request.into_body(), state.config.max_body_bytes).await?;
-        let parsed: InferRequest = serde_json::from_slice(&bytes)
+        let mut parsed: InferRequest = serde_json::from_slice(&bytes)
             .map_err(|e| bad("bad_json", format!("invalid inference request: {e}")))?;
         let (images, data) = validate(
-            &parsed,
+            &mut parsed,
             &model.input_name,
             &model.output_name,
             height,
@@ -299,7 +363,12 @@ pub async fn versioned_infer(
 mod tests {
     use super::*;
 
+    fn check(mut request: InferRequest) -> Result<(usize, Vec<f32>), ApiError> {
+        validate(&mut request, "input", "logits", 1, 2)
+    }
+
     fn request(shape: Vec<i64>, datatype: &str, data: Value) -> InferRequest {
+        let data: Fp32Data = serde_json::from_value(data).unwrap();
         InferRequest {
             id: None,
             inputs: vec![InferInput {
@@ -313,10 +382,24 @@ mod tests {
     }
 
     #[test]
+    fn data_is_read_without_a_value_tree_and_problems_are_recorded() {
+        let parse = |text: &str| serde_json::from_str::<Fp32Data>(text).unwrap();
+        assert_eq!(parse("[[1, 2.5], [-3e2]]").values, [1.0, 2.5, -300.0]);
+        assert_eq!(parse("[1, 1e39]").problem, Some(NON_FINITE));
+        for bad in [r#"[1, "NaN"]"#, "[1, null]", "[true]", r#"[{"a": [1]}]"#] {
+            assert_eq!(parse(bad).problem, Some(NOT_NUMBER), "{bad}");
+        }
+        assert!(
+            serde_json::from_str::<Fp32Data>("[1, 1e400]").is_err(),
+            "out of f64 range is a JSON error"
+        );
+    }
+
+    #[test]
     fn accepts_flat_and_nested_data() {
         let flat = request(vec![1, 3, 1, 2], "FP32", json!([1, 2, 3, 4, 5, 6]));
         assert_eq!(
-            validate(&flat, "input", "logits", 1, 2).unwrap(),
+            check(flat).unwrap(),
             (1, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
         );
         let nested = request(
@@ -324,59 +407,26 @@ mod tests {
             "FP32",
             json!([[[[1, 2]], [[3, 4]], [[5, 6.5]]]]),
         );
-        assert_eq!(
-            validate(&nested, "input", "logits", 1, 2).unwrap().1[5],
-            6.5
-        );
+        assert_eq!(check(nested).unwrap().1[5], 6.5);
     }
 
     #[test]
     fn rejects_wrong_shape_datatype_count_and_non_finite() {
         let wrong_shape = request(vec![1, 1, 1, 2], "FP32", json!([1, 2]));
-        assert_eq!(
-            validate(&wrong_shape, "input", "logits", 1, 2)
-                .unwrap_err()
-                .code(),
-            "bad_shape"
-        );
+        assert_eq!(check(wrong_shape).unwrap_err().code(), "bad_shape");
         let wrong_type = request(vec![1, 3, 1, 2], "INT8", json!([1, 2, 3, 4, 5, 6]));
-        assert_eq!(
-            validate(&wrong_type, "input", "logits", 1, 2)
-                .unwrap_err()
-                .code(),
-            "bad_datatype"
-        );
+        assert_eq!(check(wrong_type).unwrap_err().code(), "bad_datatype");
         let short = request(vec![1, 3, 1, 2], "FP32", json!([1, 2, 3]));
-        assert_eq!(
-            validate(&short, "input", "logits", 1, 2)
-                .unwrap_err()
-                .code(),
-            "bad_shape"
-        );
+        assert_eq!(check(short).unwrap_err().code(), "bad_shape");
         let huge = request(vec![1, 3, 1, 2], "FP32", json!([1e300, 2, 3, 4, 5, 6]));
-        assert_eq!(
-            validate(&huge, "input", "logits", 1, 2).unwrap_err().code(),
-            "bad_tensor"
-        );
+        assert_eq!(check(huge).unwrap_err().code(), "bad_tensor");
         let text = request(vec![1, 3, 1, 2], "FP32", json!(["NaN", 2, 3, 4, 5, 6]));
-        assert_eq!(
-            validate(&text, "input", "logits", 1, 2).unwrap_err().code(),
-            "bad_tensor"
-        );
+        assert_eq!(check(text).unwrap_err().code(), "bad_tensor");
         let huge = request(vec![i64::MAX, 3, 1, 2], "FP32", json!([1, 2, 3, 4, 5, 6]));
-        assert_eq!(
-            validate(&huge, "input", "logits", 1, 2).unwrap_err().code(),
-            "bad_shape"
-        );
+        assert_eq!(check(huge).unwrap_err().code(), "bad_shape");
         let big = request(vec![1 << 40, 3, 1, 2], "FP32", json!([1, 2, 3, 4, 5, 6]));
-        assert_eq!(
-            validate(&big, "input", "logits", 1, 2).unwrap_err().code(),
-            "bad_shape"
-        );
+        assert_eq!(check(big).unwrap_err().code(), "bad_shape");
         let zero = request(vec![0, 3, 1, 2], "FP32", json!([]));
-        assert_eq!(
-            validate(&zero, "input", "logits", 1, 2).unwrap_err().code(),
-            "bad_shape"
-        );
+        assert_eq!(check(zero).unwrap_err().code(), "bad_shape");
     }
 }
