@@ -150,6 +150,9 @@ impl App {
             backend,
             metrics,
             admission,
+            decode_slots: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
             ready: false.into(),
             started: Instant::now(),
             ort_library: library.display().to_string(),

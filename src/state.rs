@@ -37,6 +37,9 @@ pub struct Shared {
     pub backend: Backend,
     pub metrics: Metrics,
     pub admission: Arc<Semaphore>,
+    /// Bounds CPU-heavy request work (image decoding, JSON tensor parsing) to about one job per core, so that a
+    /// burst of large admitted requests cannot hold hundreds of decoded images in memory at once.
+    pub decode_slots: Arc<Semaphore>,
     pub ready: AtomicBool,
     pub started: Instant,
     pub ort_library: String,
@@ -110,6 +113,21 @@ impl Shared {
                 })
             }
         }
+    }
+
+    /// Runs `work` on a blocking thread once a decode slot is free.
+    pub async fn decode<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let _slot = self
+            .decode_slots
+            .acquire()
+            .await
+            .map_err(ApiError::internal)?;
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(ApiError::internal)
     }
 
     /// Gets (or assembles) the expert and runs `images` preprocessed images through it.

@@ -277,12 +277,12 @@ pub async fn predict(
         let decode_started = Instant::now();
         let limits = state.image_limits();
         let spec_input = entry.spec.input.clone();
-        let input = tokio::task::spawn_blocking(move || -> Result<Vec<f32>, PreprocessError> {
-            let pixels = preprocess::decode(&bytes, limits)?;
-            Ok(preprocess::to_task_input(&pixels, &spec_input))
-        })
-        .await
-        .map_err(ApiError::internal)??;
+        let input = state
+            .decode(move || -> Result<Vec<f32>, PreprocessError> {
+                let pixels = preprocess::decode(&bytes, limits)?;
+                Ok(preprocess::to_task_input(&pixels, &spec_input))
+            })
+            .await??;
         let decode_ms = decode_started.elapsed().as_secs_f64() * 1e3;
         let prediction = state
             .predict(

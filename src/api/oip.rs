@@ -293,7 +293,9 @@ pub async fn infer(
     let (height, width) = (entry.spec.input.height, entry.spec.input.width);
     let work = async {
         let bytes = read_body(request.into_body(), state.config.max_body_bytes).await?;
-        let mut parsed: InferRequest = serde_json::from_slice(&bytes)
+        let mut parsed: InferRequest = state
+            .decode(move || serde_json::from_slice::<InferRequest>(&bytes))
+            .await?
             .map_err(|e| bad("bad_json", format!("invalid inference request: {e}")))?;
         let (images, data) = validate(
             &mut parsed,
