@@ -16,7 +16,7 @@
 //! Environment: `LORKD_BENCH_PACKAGE` (default models/medmnist-lorkd), `LORKD_BENCH_TASK` (default: first task),
 //! `LORKD_BENCH_MERGED` (merged ONNX of that task; without it `standalone` is skipped), `LORKD_BENCH_SECONDS`
 //! (per variant and round, default 1.5), `LORKD_BENCH_ROUNDS` (default 5), `LORKD_BENCH_BATCHES` (default 1,8,32),
-//! `LORKD_BENCH_OUT` (JSON result file). Run by `cargo bench --bench ceiling`; under `cargo test --benches` it
+//! `LORKD_BENCH_THREADS` (ORT intra-op threads, default 0 = one per core), `LORKD_BENCH_OUT` (JSON result file). Run by `cargo bench --bench ceiling`; under `cargo test --benches` it
 //! runs with tiny counts (a smoke check).
 
 use std::{
@@ -48,11 +48,24 @@ fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// `LORKD_BENCH_THREADS`: ONNX Runtime intra-op threads for every variant (0 = its default, one per core).
+fn threads() -> usize {
+    env_or("LORKD_BENCH_THREADS", "0")
+        .parse()
+        .expect("LORKD_BENCH_THREADS")
+}
+
 fn session(environment: &Environment, bytes: &[u8]) -> Session {
-    Session::builder(environment)
+    let mut builder = Session::builder(environment)
         .expect("session builder")
         .with_optimization_level(GraphOptimizationLevel::All)
-        .expect("optimisation level")
+        .expect("optimisation level");
+    if threads() > 0 {
+        builder = builder
+            .with_intra_threads(threads())
+            .expect("intra-op threads");
+    }
+    builder
         .commit_from_memory(bytes)
         .expect("ONNX Runtime loads the model")
 }
@@ -143,6 +156,7 @@ fn main() {
         .expect("tokio runtime");
     // The service as the server builds it (flags, not struct fields: the backend's settings evolve).
     let dir = package_dir.display().to_string();
+    let threads = threads().to_string();
     let service = |extra: &[&str]| -> Option<App> {
         let mut args = vec![
             "--package",
@@ -151,6 +165,8 @@ fn main() {
             "cpu",
             "--max-batch-wait-ms",
             "0",
+            "--intra-op-threads",
+            &threads,
         ];
         args.extend_from_slice(extra);
         let config = match Config::from_args(&args) {
@@ -321,6 +337,7 @@ fn main() {
         "merged_model": merged_path.map(|p| p.display().to_string()),
         "seconds_per_cell": seconds,
         "rounds": rounds,
+        "intra_op_threads": threads,
         "rows": rows,
         "expert_bytes": expert.bytes,
         "naive_session_rss_bytes": naive.map(|(per, _)| per),

@@ -2,7 +2,7 @@
 # All of BENCHMARKS.md in one command (issue 5): criterion micro-benches, the in-process ORT ceiling, and the
 # end-to-end / cold-start / scale / batching runs against the release server (loopback only, bounded in time).
 #
-#   scripts/bench.sh            full run (~15 min on 2 cores): builds release, writes bench-out/results/tables.md
+#   scripts/bench.sh            full run (~20 min on 2 shared cores): builds release, writes bench-out/results/tables.md
 #   scripts/bench.sh --smoke    tiny counts, no release build: reuses the debug build `cargo test` made
 #                               (well under 2 minutes once that build exists); fails only when something is broken
 #                               (a crash, a non-2xx answer), never on a number.
@@ -74,6 +74,9 @@ else
   cargo bench --locked --bench micro 2>&1 | tee "$out/criterion.log" | grep -E '^[a-z].*time:|^\S+/' | head -60 || true
   echo "== in-process ceiling"
   cargo bench --locked --bench ceiling 2>&1 | tee "$out/ceiling.log" | tail -25
+  echo "== in-process ceiling, one intra-op thread"
+  LORKD_BENCH_THREADS=1 LORKD_BENCH_ROUNDS=3 LORKD_BENCH_SECONDS=1 LORKD_BENCH_OUT="$root/$out/ceiling-1thread.json" \
+    cargo bench --locked --bench ceiling 2>&1 | tee "$out/ceiling-1thread.log" | tail -18
   e2e_args=(--duration "${LORKD_BENCH_DURATION:-6}" --repeats "${LORKD_BENCH_REPEATS:-3}" --counts "$counts"
             --cold-experts "$cold_experts")
 fi

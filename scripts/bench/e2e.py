@@ -268,9 +268,11 @@ def section_warm(a, results: dict, logs: Path) -> None:
     with Server(a.binary, a.package, ["--preload", a.task], logs, "warm") as s:
         other = (Server(a.binary, a.package, ["--preload", a.task, "--dedicated-sessions", "0"], logs,
                         "warm-shared") if shared_flag else None)
+        # One ORT intra-op thread instead of one per core: on a shared machine a spinning pool loses its slices.
+        single = Server(a.binary, a.package, ["--preload", a.task, "--intra-op-threads", "1"], logs, "warm-1thread")
         try:
             # Warm-up: arenas, connections and (where the server has it) promotion to a dedicated session.
-            for server in (s, other):
+            for server in (s, other, single):
                 if server:
                     wrk(server, **native, connections=8, seconds=a.warmup)
             plan = []
@@ -282,9 +284,13 @@ def section_warm(a, results: dict, logs: Path) -> None:
                 for c in sorted({a.concurrency[0], 32 if 32 in a.concurrency else a.concurrency[-1]}):
                     plan.append((f"native|--dedicated-sessions 0|{c}", other,
                                  dict(native, connections=c, seconds=a.duration)))
+            for c in sorted({a.concurrency[0], 32 if 32 in a.concurrency else a.concurrency[-1]}):
+                plan.append((f"native|--intra-op-threads 1|{c}", single,
+                             dict(native, connections=c, seconds=a.duration)))
             agg = interleaved(plan, a.repeats)
             results["warm_memory"] = s.memory()
         finally:
+            single.stop()
             if other:
                 other.stop()
     rows = []

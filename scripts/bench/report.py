@@ -79,11 +79,11 @@ def ceiling(c: dict) -> tuple[str, dict]:
             if v == "standalone":
                 continue
             ratios.append([f"`{v}` / `standalone`"] + [
-                f"{get[(v, b)]['images_per_s'] / get[('standalone', b)]['images_per_s']:.2f} | "
-                f"{get[('standalone', b)]['run_ms'] / get[(v, b)]['run_ms']:.2f}"
+                f"{get[(v, b)]['images_per_s'] / get[('standalone', b)]['images_per_s']:.2f} "
+                f"({get[('standalone', b)]['run_ms'] / get[(v, b)]['run_ms']:.2f})"
                 if (v, b) in get and ("standalone", b) in get else "n/a" for b in batches])
         text += ("\nRatios to the standalone merged expert, same batch: throughput over the window "
-                 "(median of rounds) | from the median run time:\n\n")
+                 "(median of rounds), in brackets from the median run time:\n\n")
         text += table(["ratio"] + [f"batch {b}" for b in batches], ratios)
     best = {v: max(get[(v, b)]["images_per_s"] for b in batches if (v, b) in get) for v in variants}
     at = {v: {b: get[(v, b)]["images_per_s"] for b in batches if (v, b) in get} for v in variants}
@@ -212,6 +212,14 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(f"Naive alternative, measured: each extra standalone session of the merged model adds "
                          f"{naive_rss / MiB:.1f} MiB RSS (merged file {merged_bytes / MiB:.1f} MiB); "
                          f"one assembled expert in the cache holds {c['expert_bytes'] / MiB:.1f} MiB.\n")
+    one = a.results / "ceiling-1thread.json"
+    if one.exists():
+        c1 = json.loads(one.read_text())
+        text, _ = ceiling(c1)
+        parts.append(f"### 2b. The same with one ONNX Runtime intra-op thread (`LORKD_BENCH_THREADS=1`, "
+                     f"`--intra-op-threads 1`; {c1['rounds']} rounds x {c1['seconds_per_cell']} s)\n\n"
+                     "Less sensitive to the other processes on the 2 cores (no spinning thread pool), so the "
+                     "per-run cost of each path shows more clearly.\n\n" + text)
     e2e_path = a.results / "e2e.json"
     e2e = json.loads(e2e_path.read_text()) if e2e_path.exists() else {}
     if e2e.get("warm"):
