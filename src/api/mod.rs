@@ -55,11 +55,6 @@ pub struct RouteDoc {
     pub responses: &'static [(u16, &'static str, &'static str)],
 }
 
-const NATIVE_ERRORS: [(u16, &str, &str); 2] = [
-    (404, "Unknown task", "Error"),
-    (503, "Expert disabled", "Error"),
-];
-
 /// Every route of the service. The router and `/openapi.json` are both built from this list.
 pub const ROUTES: &[RouteDoc] = &[
     RouteDoc {
@@ -93,13 +88,13 @@ pub const ROUTES: &[RouteDoc] = &[
         responses: &[
             (200, "Prediction", "Prediction"),
             (400, "Undecodable or truncated image, bad query", "Error"),
-            NATIVE_ERRORS[0],
+            (404, "Unknown task", "Error"),
             (413, "Body over the limit", "Error"),
             (415, "Content type is not image/png, image/jpeg or multipart/form-data", "Error"),
             (422, "Image dimensions over the limit (checked before decoding)", "Error"),
             (429, "Queue full; see Retry-After", "Error"),
             (500, "Internal error (details only in the server log)", "Error"),
-            NATIVE_ERRORS[1],
+            (503, "Expert disabled", "Error"),
             (504, "Request timed out", "Error"),
         ],
     },
