@@ -41,8 +41,9 @@ pub struct Config {
     pub package: PathBuf,
 
     /// Path of libonnxruntime.so; when unset, ORT_DYLIB_PATH, then the system search path.
-    #[arg(long, env = "LORKD_ORT_LIBRARY")]
-    pub ort_library: Option<PathBuf>,
+    /// (Empty means unset, so the listing's `LORKD_ORT_LIBRARY=` line can be used as is.)
+    #[arg(long, env = "LORKD_ORT_LIBRARY", default_value = "")]
+    pub ort_library: String,
 
     /// Execution provider: cpu, cuda or auto.
     #[arg(long, env = "LORKD_PROVIDER", value_enum, default_value_t = Provider::Auto)]
@@ -254,6 +255,14 @@ mod tests {
             .count();
         assert_eq!(vars, args_with_env);
         assert!(!listing.contains("PRINT_ENV"));
+    }
+
+    #[test]
+    fn empty_optional_values_mean_unset() {
+        let config =
+            Config::from_args(["--ort-library", "", "--pin", "", "--preload", ""]).unwrap();
+        assert_eq!(config.ort_library, "");
+        assert!(config.pin.iter().all(|p| p.is_empty()));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::{
     collections::HashSet,
     future::{Future, IntoFuture},
+    path::PathBuf,
     sync::{atomic::Ordering, Arc},
     time::Instant,
 };
@@ -62,7 +63,11 @@ impl App {
     /// Loads and verifies the package, loads ONNX Runtime, creates the session and starts the backend thread.
     pub async fn build(config: Config) -> Result<App, StartupError> {
         let started = Instant::now();
-        let library = runtime::library_path(config.ort_library.as_ref());
+        let library = runtime::library_path(
+            (!config.ort_library.is_empty())
+                .then(|| PathBuf::from(&config.ort_library))
+                .as_ref(),
+        );
         let package_path = config.package.clone();
         let package = tokio::task::spawn_blocking(move || Package::load(&package_path))
             .await
