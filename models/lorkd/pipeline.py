@@ -141,12 +141,16 @@ def run_pipeline(config: Path, runs: Path, package: Path, data_dir: Path | None 
         cfg = cfg_for(name, mode=mode, **extra)
         tasks = load_tasks(cfg.tasks, data_dir)
         if mode == "stl":
+            # same budget per task as the multi-task runs: member t draws its task's share of an epoch
+            sizes = torch.tensor([float(len(td.labels["train"])) for td in tasks])
+            shares = sizes.pow(cfg.task_power) / sizes.pow(cfg.task_power).sum()
             # two pipeline lanes may both reach STL: each member is claimed by one live process
-            for td in tasks:
+            for td, share in zip(tasks, shares.tolist(), strict=True):
                 member = runs / name / td.spec.id
-                if not done(member, cfg) and _claim(member):
+                mcfg = TrainConfig.from_dict({**cfg.to_dict(), "epoch_draws": round(share * float(sizes.sum()))})
+                if not done(member, mcfg) and _claim(member):
                     try:
-                        train_run(cfg, [td], member, progress)
+                        train_run(mcfg, [td], member, progress)
                     finally:
                         (member / ".claim").unlink(missing_ok=True)
         elif not done(runs / name, cfg):

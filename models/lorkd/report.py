@@ -67,12 +67,12 @@ def evaluate_runs(runs: Path, data_dir: Path | None) -> dict:
     return out
 
 
-def model_costs(runs: Path) -> dict:
+def model_costs(runs: Path, data_dir: Path | None = None) -> dict:
     """Parameters and MACs of one deployed expert (backbone + a 2-class head) per method."""
     costs = {}
     cfg = TrainConfig.from_dict(json.loads((runs / "lorkd" / "config.json").read_text())) if (
         runs / "lorkd" / "config.json").exists() else TrainConfig()
-    student = build_model(cfg.with_overrides(["mode=mtl"]), load_tasks(cfg.tasks))
+    student = build_model(cfg.with_overrides(["mode=mtl"]), load_tasks(cfg.tasks, data_dir))
     deploy = DeployStudent(student.cfg).eval()
     p, macs = count_params_macs(deploy.net)
     f = student.cfg.feature_dim
@@ -178,17 +178,25 @@ def render(ev: dict, costs: dict, runs: Path, package: Path | None) -> str:
         lines.append("")
 
     timings = runs / "timings.json"
+    lines += ["### Wall times (this 2-core CPU, shared with other jobs; one torch thread per run)", "",
+              "| run | seconds (training + per-epoch val) |", "| --- | --- |"]
+    for name in ORDER:
+        if name in ev:
+            lines.append(f"| {name} | {ev[name]['wall_seconds']:.0f} |")
     if timings.exists():
         tm = json.loads(timings.read_text())
-        lines += ["### Wall times (this 2-core CPU, shared with a parallel Rust build)", "",
-                  "| stage | seconds |", "| --- | --- |"]
-        for k, v in tm.items():
-            lines.append(f"| {k} | {v:.0f} |")
-        wall = runs / "wall.json"
-        if wall.exists():
-            w = json.loads(wall.read_text())
-            lines.append(f"| training, both lanes in parallel (wall clock) | {w['training_wall_seconds']:.0f} |")
-        lines.append("")
+        if "features" in tm:
+            lines.append(f"| teacher features (train images + flips) | {tm['features']:.0f} |")
+        for k in ("report", "package"):
+            if k in tm:
+                lines.append(f"| {k} stage | {tm[k]:.0f} |")
+    wall = runs / "wall.json"
+    if wall.exists():
+        w = json.loads(wall.read_text())
+        lines.append(f"| everything above, two lanes in parallel (wall clock) | {w['training_wall_seconds']:.0f} |")
+        if w.get("note"):
+            lines += ["", w["note"]]
+    lines.append("")
     parity = runs / "parity.json"
     if parity.exists():
         p = json.loads(parity.read_text())
@@ -219,7 +227,7 @@ def write_report(runs: Path, readme: Path, figures: Path, data_dir: Path | None 
     if not ev:
         raise SystemExit(f"no finished runs under {runs}")
     (runs / "evaluation.json").write_text(json.dumps({"runs": ev}, indent=1))
-    costs = model_costs(runs)
+    costs = model_costs(runs, data_dir)
     curves_png(runs, figures / "training_curves.png")
     for name, rec in ev.items():
         confusion_png(rec["test"], f"{name}: test confusion matrices", figures / f"confusion_{name}.png")

@@ -55,6 +55,7 @@ class TrainConfig:
     num_threads: int = 1  # 1 beats 2 by 3-7x on this shared 2-core box (OpenMP contention), see README
     eval_batch_size: int = 512
     max_batches_per_epoch: int = 0  # 0 = full epoch (tests use small numbers)
+    epoch_draws: int = 0  # samples drawn per epoch; 0 = the training set size (STL members get their task share)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -198,7 +199,7 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
         raise ValueError(f"unknown optimizer {cfg.optimizer}")
 
     weights = task_balanced_weights(train.t, cfg.task_power)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    steps_per_epoch = math.ceil((cfg.epoch_draws or len(train)) / cfg.batch_size)
     if cfg.max_batches_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_batches_per_epoch)
     total_steps = steps_per_epoch * cfg.epochs
