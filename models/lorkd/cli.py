@@ -17,7 +17,11 @@ def _load_cfg(args):
 
     cfg = TrainConfig()
     if getattr(args, "config", None):
-        cfg = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
+        d = json.loads(Path(args.config).read_text())
+        if "common" in d:  # a pipeline config: common block + the block of this mode
+            mode = args.mode or d["common"].get("mode", "lorkd")
+            d = {**d["common"], **d.get(mode, {}), "mode": mode}
+        cfg = TrainConfig.from_dict(d)
     if getattr(args, "mode", None):
         cfg = cfg.with_overrides([f"mode={args.mode}"])
     return cfg.with_overrides(args.set or [])

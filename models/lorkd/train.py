@@ -29,7 +29,7 @@ class TrainConfig:
 
     mode: str = "lorkd"
     tasks: tuple[str, ...] = ("breast", "pneumonia", "retina")
-    epochs: int = 12
+    epochs: int = 7
     batch_size: int = 128
     optimizer: str = "sgd"  # sgd | adamw
     lr: float = 0.05

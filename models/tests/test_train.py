@@ -53,3 +53,17 @@ def test_transfer_loss_values_and_gradient():
 def test_config_overrides():
     cfg = TrainConfig().with_overrides(["epochs=3", "beta=0.5", "hflip=false", "tasks=breast,retina"])
     assert cfg.epochs == 3 and cfg.beta == 0.5 and cfg.hflip is False and cfg.tasks == ("breast", "retina")
+
+
+def test_cli_reads_the_pipeline_config(tmp_path):
+    from types import SimpleNamespace
+
+    from lorkd.cli import _load_cfg
+
+    cfg_file = tmp_path / "p.json"
+    cfg_file.write_text(json.dumps({"common": {"epochs": 3, "beta": 5.0}, "teacher": {"epochs": 8},
+                                    "lorkd_nokd": {"beta": 0.0}}))
+    teacher = _load_cfg(SimpleNamespace(config=str(cfg_file), mode="teacher", set=None))
+    assert teacher.mode == "teacher" and teacher.epochs == 8
+    nokd = _load_cfg(SimpleNamespace(config=str(cfg_file), mode="lorkd_nokd", set=["epochs=2"]))
+    assert nokd.beta == 0.0 and nokd.epochs == 2
