@@ -1,7 +1,7 @@
 """End-to-end test of a built lorkd image (run by scripts/test-deploy.sh; Python stdlib only).
 
 Starts the image as Kubernetes would run it (non-root, read-only root filesystem, tmpfs /tmp, no
-capabilities), measures cold start to ready, checks the container HEALTHCHECK, predicts every golden
+capabilities, the ConfigMap's settings with --env-file), measures cold start to ready, checks the container HEALTHCHECK, predicts every golden
 image of the baked-in package through `POST /v1/experts/{task}/predict` (top-1 and logits against
 golden/golden.json), checks /v1/info and /metrics, then sends SIGTERM while a request is still in
 flight and checks that the request is answered (drain), the log says so and the exit code is 0.
@@ -244,11 +244,12 @@ def main() -> int:
     parser.add_argument("--image", required=True)
     parser.add_argument("--package", required=True, type=Path, help="host copy of the package baked into the image")
     parser.add_argument("--name", default="lorkd-e2e")
+    parser.add_argument("--env-file", help="LORKD_* settings for the main container (the Kubernetes ConfigMap's)")
     args = parser.parse_args()
     package = args.package.resolve()
     containers: list[Container] = []
     try:
-        c = Container(args.image, args.name, [])
+        c = Container(args.image, args.name, ["--env-file", args.env_file] if args.env_file else [])
         containers.append(c)
         ready_s = c.wait_ready()
         print(f"e2e: cold start to ready: {ready_s:.2f}s (docker run -> first 200 on /v2/health/ready)")

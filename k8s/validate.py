@@ -41,9 +41,7 @@ TARGETS: dict[str, str] = {
     "kserve": "1.30",
 }
 # Service variables deliberately not in the ConfigMap, with the reason.
-NOT_IN_CONFIGMAP = {
-    "LORKD_ORT_LIBRARY": "image-specific: the image sets ORT_DYLIB_PATH to its own libonnxruntime",
-}
+NOT_IN_CONFIGMAP: dict[str, str] = {}
 QUANTITY = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[numkMGTPE]|[KMGTPE]i)?$")
 # Base ConfigMap values that deliberately differ from the service's defaults, with the reason. Every
 # other key must equal the default, so a changed default in the service cannot leave a stale override.

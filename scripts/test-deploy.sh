@@ -111,6 +111,6 @@ fi
 docker image prune -f --filter label=org.opencontainers.image.title=lorkd >/dev/null 2>&1 || true
 docker image prune -f --filter label=org.opencontainers.image.title=lorkd-cuda >/dev/null 2>&1 || true
 
-"$PY" docker/e2e.py --image "$IMAGE" --package "$PACKAGE" || status=1
+"$PY" docker/e2e.py --image "$IMAGE" --package "$PACKAGE" --env-file k8s/base/lorkd.env || status=1
 echo "deploy: done in $(( $(date +%s) - t0 ))s"
 exit $status
