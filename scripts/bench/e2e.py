@@ -266,8 +266,9 @@ def section_warm(a, results: dict, logs: Path) -> None:
     infer = dict(body=oip, content_type="application/json", path_fmt=OIP, task=a.task)
     shared_flag = "--dedicated-sessions" in help_text(a.binary)
     with Server(a.binary, a.package, ["--preload", a.task], logs, "warm") as s:
-        other = (Server(a.binary, a.package, ["--preload", a.task, "--dedicated-sessions", "0"], logs,
-                        "warm-shared") if shared_flag else None)
+        # The expert promoted to a dedicated session (weights baked in) after the warm-up, for that path.
+        other = (Server(a.binary, a.package, ["--preload", a.task, "--dedicated-sessions", "1"], logs,
+                        "warm-dedicated") if shared_flag else None)
         # One ORT intra-op thread instead of one per core: on a shared machine a spinning pool loses its slices.
         single = Server(a.binary, a.package, ["--preload", a.task, "--intra-op-threads", "1"], logs, "warm-1thread")
         try:
@@ -280,9 +281,8 @@ def section_warm(a, results: dict, logs: Path) -> None:
                 for c in a.concurrency:
                     plan.append((f"{route}|default flags|{c}", s, dict(kw, connections=c, seconds=a.duration)))
             if other:
-                # The same expert kept on the shared session (weights fed as graph inputs), for the shared path.
                 for c in sorted({a.concurrency[0], 32 if 32 in a.concurrency else a.concurrency[-1]}):
-                    plan.append((f"native|--dedicated-sessions 0|{c}", other,
+                    plan.append((f"native|--dedicated-sessions 1|{c}", other,
                                  dict(native, connections=c, seconds=a.duration)))
             for c in sorted({a.concurrency[0], 32 if 32 in a.concurrency else a.concurrency[-1]}):
                 plan.append((f"native|--intra-op-threads 1|{c}", single,
@@ -376,12 +376,12 @@ def section_scale(a, results: dict, logs: Path) -> None:
     rows = []
     runs = [(n, "default flags", [], {}) for n in a.counts]
     if a.counts and "--dedicated-sessions" in help_text(a.binary):
-        # Where the memory goes, at the largest count: without dedicated sessions, and with glibc limited to two
-        # malloc arenas (fragmentation across threads' arenas shows up as RSS).
+        # Where the memory goes, at the largest count: glibc limited to two malloc arenas (fragmentation across
+        # threads' arenas shows up as RSS), and up to 4 hot experts promoted to dedicated sessions.
         n = max(a.counts)
-        runs.append((n, "--dedicated-sessions 0", ["--dedicated-sessions", "0"], {}))
         runs.append((n, "--dedicated-sessions 0, MALLOC_ARENA_MAX=2", ["--dedicated-sessions", "0"],
                      {"MALLOC_ARENA_MAX": "2"}))
+        runs.append((n, "--dedicated-sessions 4", ["--dedicated-sessions", "4"], {}))
     for n, label, extra, env in runs:
         pkg = a.packages / f"synthetic-{n}"
         manifest = json.loads((pkg / "manifest.json").read_text())
