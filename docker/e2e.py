@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -243,7 +244,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", required=True)
     parser.add_argument("--package", required=True, type=Path, help="host copy of the package baked into the image")
-    parser.add_argument("--name", default="lorkd-e2e")
+    parser.add_argument("--name", default=f"lorkd-e2e-{os.getpid()}", help="container name (unique per run)")
     parser.add_argument("--env-file", help="LORKD_* settings for the main container (the Kubernetes ConfigMap's)")
     args = parser.parse_args()
     package = args.package.resolve()
