@@ -173,6 +173,8 @@ def check_workload(target: str, docs: list[dict[str, Any]], variables: dict[str,
     ref = hpa["spec"]["scaleTargetRef"]
     if (ref["kind"], ref["name"]) != ("Deployment", deploy["metadata"]["name"]):
         fail(target, f"HorizontalPodAutoscaler targets {ref}, not the Deployment")
+    if spec.get("enableServiceLinks") is not False:
+        fail(target, "enableServiceLinks is not false: the Service `lorkd` would inject LORKD_PORT=tcp://...")
     if "replicas" in deploy["spec"]:
         fail(target, "Deployment sets replicas although the HPA owns the count")
 
@@ -347,6 +349,7 @@ def self_test(variables: dict[str, str]) -> None:
         ),
         "schema: unknown field": lambda d: container(d).update(imagePullPolicyy="Always"),
         "schema: wrong type": lambda d: container(d)["ports"][0].update(containerPort="eighty"),
+        "service links on": lambda d: find("Deployment", d)["spec"]["template"]["spec"].pop("enableServiceLinks"),
         "bad quantity": lambda d: container(d)["resources"]["limits"].update(memory="lots"),
         "service selector mismatch": lambda d: find("Service", d)["spec"]["selector"].update(
             {"app.kubernetes.io/component": "other"}
