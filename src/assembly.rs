@@ -46,6 +46,36 @@ pub fn merge_layer(
     a: &[f32],
     scale: f32,
 ) -> Result<Vec<f32>, String> {
+    check_sizes(shape, w0, b, a)?;
+    let mut merged = w0.to_vec();
+    accumulate(shape, b, a, scale, &mut merged)?;
+    Ok(merged)
+}
+
+/// [`merge_layer`] written into `out` (exactly `shape.weight_len()` values; its old contents are overwritten), so an
+/// evicted expert's buffer can be reused instead of faulting in fresh pages.
+pub fn merge_layer_into(
+    shape: LayerShape,
+    w0: &[f32],
+    b: &[f32],
+    a: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) -> Result<(), String> {
+    check_sizes(shape, w0, b, a)?;
+    if out.len() != w0.len() {
+        return Err(format!(
+            "output buffer has {} values, shape {:?} needs {}",
+            out.len(),
+            shape.weight_shape(),
+            shape.weight_len()
+        ));
+    }
+    out.copy_from_slice(w0);
+    accumulate(shape, b, a, scale, out)
+}
+
+fn check_sizes(shape: LayerShape, w0: &[f32], b: &[f32], a: &[f32]) -> Result<(), String> {
     let [b_rows, b_cols] = shape.b_shape();
     let [a_rows, a_cols] = shape.a_shape();
     if w0.len() != shape.weight_len() {
@@ -65,13 +95,25 @@ pub fn merge_layer(
             shape.a_shape()
         ));
     }
+    Ok(())
+}
+
+/// `target += scale * B @ A`, `target` viewed as the `(Cout*k) x (Cin*k)` matrix (sizes already checked).
+fn accumulate(
+    shape: LayerShape,
+    b: &[f32],
+    a: &[f32],
+    scale: f32,
+    target: &mut [f32],
+) -> Result<(), String> {
+    let [b_rows, b_cols] = shape.b_shape();
+    let [a_rows, a_cols] = shape.a_shape();
     let b = ArrayView2::from_shape((b_rows, b_cols), b).map_err(|e| format!("B: {e}"))?;
     let a = ArrayView2::from_shape((a_rows, a_cols), a).map_err(|e| format!("A: {e}"))?;
-    let mut merged = w0.to_vec();
     let mut target =
-        ArrayViewMut2::from_shape((b_rows, a_cols), &mut merged).map_err(|e| format!("W: {e}"))?;
+        ArrayViewMut2::from_shape((b_rows, a_cols), target).map_err(|e| format!("W: {e}"))?;
     general_mat_mul(scale, &b, &a, 1.0, &mut target);
-    Ok(merged)
+    Ok(())
 }
 
 /// `dW = scale * reshape(B @ A)` alone: what an in-place switch subtracts or adds.
@@ -183,6 +225,25 @@ mod tests {
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max);
         assert!(max_diff < 1e-5, "max diff {max_diff}");
+    }
+
+    #[test]
+    fn merging_into_a_used_buffer_equals_merge_layer() {
+        let shape = LayerShape {
+            out_channels: 24,
+            in_channels: 16,
+            kernel: 3,
+            rank_k: 12,
+        };
+        let w0 = values(shape.weight_len(), 0.1);
+        let b = values(shape.b_shape().iter().product(), 0.7);
+        let a = values(shape.a_shape().iter().product(), 1.3);
+        // A buffer that held another expert's layer: every old value must be overwritten.
+        let mut out = values(shape.weight_len(), 9.0);
+        merge_layer_into(shape, &w0, &b, &a, 4.0, &mut out).unwrap();
+        assert_eq!(out, merge_layer(shape, &w0, &b, &a, 4.0).unwrap());
+        let mut short = vec![0.0; shape.weight_len() - 1];
+        assert!(merge_layer_into(shape, &w0, &b, &a, 4.0, &mut short).is_err());
     }
 
     #[test]

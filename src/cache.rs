@@ -9,7 +9,21 @@ use std::{
 use serde::Serialize;
 use tokio::sync::OnceCell;
 
-use crate::{assembly::merge_layer, metrics::Metrics, package::Package, runtime::Expert};
+use ort::value::Tensor;
+
+use crate::{
+    assembly::{merge_layer, merge_layer_into},
+    metrics::Metrics,
+    package::Package,
+    runtime::Expert,
+};
+
+/// Evicted experts whose layer buffers are kept for the next assembly to overwrite in place. One is enough: each
+/// miss takes a set and each eviction gives one back, and it bounds the extra memory to one expert's layers.
+const POOL_EXPERTS: usize = 1;
+
+/// The layer tensors of one evicted expert, in package layer order.
+pub type LayerBuffers = Vec<(String, Tensor<f32>)>;
 
 /// How a lookup was served.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -42,6 +56,10 @@ struct Inner {
     loading: HashMap<String, Arc<OnceCell<Arc<Expert>>>>,
     clock: u64,
     bytes: usize,
+    /// Evicted experts kept for their layer buffers (at most [`POOL_EXPERTS`]), outside the budget. One may still
+    /// be held by a queued job; it is reused once that job has let go.
+    pool: Vec<Arc<Expert>>,
+    pool_bytes: usize,
 }
 
 pub struct ExpertCache {
@@ -141,8 +159,9 @@ impl ExpertCache {
         if let Some(entry) = self.lock().resident.get(task) {
             return Ok((entry.expert.clone(), 0.0));
         }
+        let recycled = self.take_pooled();
         let started = Instant::now();
-        let expert = Arc::new(assemble(&self.package, task)?);
+        let expert = Arc::new(assemble_with(&self.package, task, recycled)?);
         let took = started.elapsed().as_secs_f64();
         self.metrics.assemblies.with_label_values(&[task]).inc();
         self.metrics.assembly_seconds.observe(took);
@@ -158,14 +177,45 @@ impl ExpertCache {
 
     fn insert(&self, task: &str, expert: Arc<Expert>) {
         let evicted = self.insert_and_evict(task, expert);
-        if evicted > 0 {
+        let dropped = {
+            let mut inner = self.lock();
+            let mut dropped = Vec::new();
+            for expert in evicted {
+                if inner.pool.len() < POOL_EXPERTS && !expert.layers.is_empty() {
+                    inner.pool_bytes += expert.bytes;
+                    inner.pool.push(expert);
+                } else {
+                    dropped.push(expert);
+                }
+            }
+            self.metrics.cache_pooled_bytes.set(inner.pool_bytes as i64);
+            dropped
+        };
+        // Trimming walks every arena and hands pages to the OS that the next assembly would fault in again; it pays
+        // only where an evicted expert's buffers are freed rather than recycled.
+        if !dropped.is_empty() {
+            drop(dropped);
             release_freed_memory();
         }
     }
 
-    /// Inserts `expert` and evicts least recently used experts until the budget holds; returns how many were evicted.
-    fn insert_and_evict(&self, task: &str, expert: Arc<Expert>) -> usize {
-        let mut evicted_count = 0;
+    /// A recycled set of layer buffers for the next assembly: a pooled expert that no job holds any more.
+    fn take_pooled(&self) -> Option<LayerBuffers> {
+        let mut inner = self.lock();
+        let free = inner
+            .pool
+            .iter()
+            .position(|expert| Arc::strong_count(expert) == 1)?;
+        let expert = inner.pool.swap_remove(free);
+        inner.pool_bytes -= expert.bytes;
+        self.metrics.cache_pooled_bytes.set(inner.pool_bytes as i64);
+        // Only the pool held it (evicted experts are never handed out again), so this succeeds.
+        Arc::try_unwrap(expert).ok().map(|expert| expert.layers)
+    }
+
+    /// Inserts `expert` and evicts least recently used experts until the budget holds; returns the evicted ones.
+    fn insert_and_evict(&self, task: &str, expert: Arc<Expert>) -> Vec<Arc<Expert>> {
+        let mut evicted_experts = Vec::new();
         let mut inner = self.lock();
         inner.clock += 1;
         let now = inner.clock;
@@ -202,14 +252,19 @@ impl ExpertCache {
                 .cache_evictions
                 .with_label_values(&[&victim])
                 .inc();
-            evicted_count += 1;
             tracing::info!(task = %victim, bytes = evicted.expert.bytes, "expert evicted");
+            evicted_experts.push(evicted.expert);
         }
         self.metrics.cache_resident_bytes.set(inner.bytes as i64);
         self.metrics
             .cache_resident_experts
             .set(inner.resident.len() as i64);
-        evicted_count
+        evicted_experts
+    }
+
+    /// Bytes of evicted experts held for the next assembly to reuse (not part of the budget).
+    pub fn pooled_bytes(&self) -> usize {
+        self.lock().pool_bytes
     }
 
     pub fn state(&self, task: &str) -> CacheEntryState {
@@ -258,6 +313,16 @@ fn release_freed_memory() {
 
 /// Builds expert `task` from the package: `W0 + scale * B @ A` for every layer, plus the task's head.
 pub fn assemble(package: &Package, task: &str) -> Result<Expert, String> {
+    assemble_with(package, task, None)
+}
+
+/// [`assemble`], merging into `recycled` (an evicted expert's layer tensors of this package) in place when given and
+/// shaped alike; fresh buffers otherwise. Heads differ in size between tasks and are always allocated fresh.
+pub fn assemble_with(
+    package: &Package,
+    task: &str,
+    recycled: Option<LayerBuffers>,
+) -> Result<Expert, String> {
     let entry = package
         .expert(task)
         .ok_or_else(|| format!("unknown task `{task}`"))?;
@@ -266,6 +331,23 @@ pub fn assemble(package: &Package, task: &str) -> Result<Expert, String> {
         .as_ref()
         .ok_or_else(|| format!("expert `{task}` is disabled"))?;
     let version = entry.version.clone().unwrap_or_default();
+    let classes = entry.spec.num_classes;
+    let features = package.manifest.model.feature_dim;
+    let head = (vec![classes, features], deltas.head_weight.clone());
+    if let Some(mut layers) = recycled.filter(|l| fits(package, l)) {
+        for ((base, (a, b)), (name, tensor)) in package
+            .layers
+            .iter()
+            .zip(&deltas.factors)
+            .zip(layers.iter_mut())
+        {
+            let (_, out) = tensor.extract_tensor_mut();
+            merge_layer_into(base.shape, &base.w0, b, a, deltas.scale, out)
+                .map_err(|e| format!("layer `{}`: {e}", base.name))?;
+            name.clone_from(&base.name);
+        }
+        return Expert::from_layer_tensors(task, &version, layers, head, deltas.head_bias.clone());
+    }
     let mut layers = Vec::with_capacity(package.layers.len());
     for (base, (a, b)) in package.layers.iter().zip(&deltas.factors) {
         let merged = merge_layer(base.shape, &base.w0, b, a, deltas.scale)
@@ -276,13 +358,22 @@ pub fn assemble(package: &Package, task: &str) -> Result<Expert, String> {
             merged,
         ));
     }
-    let classes = entry.spec.num_classes;
-    let features = package.manifest.model.feature_dim;
-    Expert::new(
-        task,
-        &version,
-        layers,
-        (vec![classes, features], deltas.head_weight.clone()),
-        deltas.head_bias.clone(),
-    )
+    Expert::new(task, &version, layers, head, deltas.head_bias.clone())
+}
+
+/// Whether recycled buffers have exactly this package's layer shapes (same count, same dims, layer by layer).
+fn fits(package: &Package, layers: &[(String, Tensor<f32>)]) -> bool {
+    layers.len() == package.layers.len()
+        && package
+            .layers
+            .iter()
+            .zip(layers)
+            .all(|(base, (_, tensor))| {
+                let (shape, _) = tensor.extract_tensor();
+                shape.len() == 4
+                    && shape
+                        .iter()
+                        .zip(base.shape.weight_shape())
+                        .all(|(&d, w)| d == w as i64)
+            })
 }

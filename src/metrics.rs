@@ -20,6 +20,7 @@ pub struct Metrics {
     pub assemblies: IntCounterVec,
     pub assembly_seconds: Histogram,
     pub cache_resident_bytes: IntGauge,
+    pub cache_pooled_bytes: IntGauge,
     pub cache_resident_experts: IntGauge,
     pub cache_budget_bytes: IntGauge,
     pub dedicated_sessions: IntGauge,
@@ -113,6 +114,11 @@ impl Metrics {
             "Bytes of assembled expert weights held by the cache",
         )
         .unwrap();
+        let cache_pooled_bytes = IntGauge::new(
+            "expert_cache_pooled_bytes",
+            "Bytes of evicted experts' layer buffers kept for the next assembly to reuse (outside the budget)",
+        )
+        .unwrap();
         let cache_resident_experts = IntGauge::new(
             "expert_cache_resident_experts",
             "Assembled experts held by the cache",
@@ -171,6 +177,7 @@ impl Metrics {
             assemblies,
             assembly_seconds,
             cache_resident_bytes,
+            cache_pooled_bytes,
             cache_resident_experts,
             cache_budget_bytes,
             dedicated_sessions,
@@ -193,6 +200,8 @@ impl Metrics {
             .unwrap();
         r.register(Box::new(metrics.assemblies.clone())).unwrap();
         r.register(Box::new(metrics.assembly_seconds.clone()))
+            .unwrap();
+        r.register(Box::new(metrics.cache_pooled_bytes.clone()))
             .unwrap();
         r.register(Box::new(metrics.cache_resident_bytes.clone()))
             .unwrap();

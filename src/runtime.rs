@@ -86,17 +86,27 @@ impl Expert {
         head_weight: (Vec<usize>, Vec<f32>),
         head_bias: Vec<f32>,
     ) -> Result<Expert, String> {
-        let mut bytes = (head_weight.1.len() + head_bias.len()) * 4;
-        let classes = head_bias.len();
         let layers = layers
             .into_iter()
             .map(|(name, shape, data)| {
-                bytes += data.len() * 4;
                 Tensor::from_array((shape, data))
                     .map(|t| (name, t))
                     .map_err(|e| e.to_string())
             })
             .collect::<Result<Vec<_>, _>>()?;
+        Expert::from_layer_tensors(task, version, layers, head_weight, head_bias)
+    }
+
+    /// Like [`Expert::new`], with the layers already ONNX Runtime tensors (recycled buffers, merged in place).
+    pub fn from_layer_tensors(
+        task: &str,
+        version: &str,
+        layers: Vec<(String, Tensor<f32>)>,
+        head_weight: (Vec<usize>, Vec<f32>),
+        head_bias: Vec<f32>,
+    ) -> Result<Expert, String> {
+        let classes = head_bias.len();
+        let bytes = (head_weight.1.len() + head_bias.len()) * 4 + layer_bytes(&layers);
         Ok(Expert {
             task: task.to_string(),
             version: version.to_string(),
@@ -108,6 +118,14 @@ impl Expert {
             promotable: true,
         })
     }
+}
+
+/// Bytes of weights held by `layers`.
+fn layer_bytes(layers: &[(String, Tensor<f32>)]) -> usize {
+    layers
+        .iter()
+        .map(|(_, t)| t.extract_tensor().1.len() * 4)
+        .sum()
 }
 
 /// Settings of the backend thread.

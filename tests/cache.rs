@@ -253,3 +253,58 @@ async fn promoted_expert_runs_on_a_dedicated_session_with_golden_parity() {
     );
     server.stop().await.unwrap();
 }
+
+/// Recycled weight buffers: under a one-expert budget every switch evicts the previous expert and the next assembly
+/// merges into its layer buffers in place. Old weights must never leak into the new expert: every golden case of
+/// every task gives the golden logits, also when a task comes back (A -> B -> A -> C).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recycled_buffers_give_golden_logits_when_cycling_tasks() {
+    let package = package_dir();
+    let golden = golden(&package);
+    let tasks = task_ids(&package);
+    assert!(tasks.len() >= 3, "the cycle needs three tasks");
+    let (a, b, c) = (&tasks[0], &tasks[1], &tasks[2]);
+    let server = start(&["--cache-bytes", "1", "--dedicated-sessions", "0"]).await;
+    let client = reqwest::Client::new();
+    for (step, task) in [a, b, a, c].into_iter().enumerate() {
+        let cases: Vec<_> = golden
+            .cases
+            .iter()
+            .filter(|case| &case.task == task)
+            .collect();
+        assert!(!cases.is_empty(), "no golden case for {task}");
+        for (i, case) in cases.iter().enumerate() {
+            let png = std::fs::read(package.join(&case.file)).unwrap();
+            let body = predict(&client, &server, task, &png).await;
+            assert_eq!(
+                body["cache"],
+                if i == 0 { "miss" } else { "hit" },
+                "step {step} {task}"
+            );
+            let got: Vec<f32> = serde_json::from_value(body["logits"].clone()).unwrap();
+            let diff = max_abs_diff(&got, &case.logits);
+            assert!(
+                diff <= golden.tolerance,
+                "step {step} {task} {}: max diff {diff}",
+                case.file
+            );
+            assert_eq!(argmax(&got), case.top1);
+        }
+    }
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            &format!("lorkd_expert_assemblies_total{{task=\"{a}\"}}")
+        ),
+        2.0
+    );
+    // The last eviction (A, for C) left one expert in the pool (bounded to one), counted by the gauge.
+    let pooled = metric(&metrics, "lorkd_expert_cache_pooled_bytes");
+    let resident = metric(&metrics, "lorkd_expert_cache_resident_bytes");
+    assert!(
+        pooled > 0.0 && pooled < 2.0 * resident,
+        "pooled {pooled} resident {resident}"
+    );
+    server.stop().await.unwrap();
+}
