@@ -110,6 +110,7 @@ fi
 # Images replaced by rebuilds: drop the dangling ones of ours.
 docker image prune -f --filter label=org.opencontainers.image.title=lorkd >/dev/null 2>&1 || true
 docker image prune -f --filter label=org.opencontainers.image.title=lorkd-cuda >/dev/null 2>&1 || true
+docker image prune -f --filter label=org.lorkd.stage >/dev/null 2>&1 || true
 
 "$PY" docker/e2e.py --image "$IMAGE" --package "$PACKAGE" --env-file k8s/base/lorkd.env || status=1
 echo "deploy: done in $(( $(date +%s) - t0 ))s"
