@@ -148,7 +148,10 @@ def export_package(
             "format": "lorkd-expert", "format_version": str(FORMAT_VERSION), "task": td.spec.id,
             "rank": str(cfg.rank), "alpha": repr(float(cfg.alpha)), "scale": repr(float(scale)),
         }
-        save_file(tensors, str(out_dir / "experts" / f"{td.spec.id}.safetensors"), metadata=meta)
+        expert_path = out_dir / "experts" / f"{td.spec.id}.safetensors"
+        save_file(tensors, str(expert_path), metadata=meta)
+        # safetensors writes 0600; a package is served by another user (the image runs as uid 65532).
+        expert_path.chmod(0o644)
 
     # golden cases: logits of the exported PyTorch model (EKS forward, unmerged, BN unfolded)
     cases = []

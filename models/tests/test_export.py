@@ -54,6 +54,9 @@ def test_package_layout_and_expert_metadata(pkg, tiny_student):
             assert list(f.get_tensor(f"{L['name']}.lora_A").shape) == L["a_shape"]
             assert list(f.get_tensor(f"{L['name']}.lora_B").shape) == L["b_shape"]
         assert f.get_tensor("head.weight").shape == (3, 64)
+    # servers run as another user (the image's uid 65532): expert files must be world-readable
+    for expert in (pkg / "experts").iterdir():
+        assert expert.stat().st_mode & 0o044 == 0o044, expert
 
 
 def test_ort_matches_pytorch_eks_and_base(pkg, tiny_student, tasks):

@@ -4,7 +4,7 @@ pub mod native;
 pub mod oip;
 pub mod openapi;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::{
     body::Body,
@@ -284,9 +284,8 @@ pub fn router(state: AppState) -> Router {
                             tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %request_id)
                         })
                         .on_request(())
-                        .on_response(|response: &Response, latency: Duration, _span: &tracing::Span| {
-                            tracing::info!(status = response.status().as_u16(), latency_ms = latency.as_secs_f64() * 1e3, "response");
-                        })
+                        // The response is logged by `record_metrics`, which knows the route (probes at debug).
+                        .on_response(())
                         .on_failure(()),
                 )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone())),
@@ -303,7 +302,15 @@ async fn record_metrics(State(state): State<AppState>, request: Request, next: N
     let method = request.method().clone();
     let started = Instant::now();
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
+    let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+    let status_code = response.status().as_u16();
+    // Kubernetes probes and Prometheus scrapes arrive every few seconds: at info they would flood the log.
+    if route.starts_with("/v2/health") || route == "/metrics" {
+        tracing::debug!(status = status_code, latency_ms, "response");
+    } else {
+        tracing::info!(status = status_code, latency_ms, "response");
+    }
+    let status = status_code.to_string();
     let labels = [route.as_str(), method.as_str(), status.as_str()];
     state.metrics.http_requests.with_label_values(&labels).inc();
     state
