@@ -41,15 +41,7 @@ async fn concurrent_requests_for_cold_experts_assemble_each_once() {
             let (client, png, logits) = (client.clone(), png.clone(), logits.clone());
             let url = server.url(&format!("/v1/experts/{task}/predict"));
             requests.spawn(async move {
-                let response = client
-                    .post(url)
-                    .header("content-type", "image/png")
-                    .body(png)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(response.status(), 200);
-                let body: Value = response.json().await.unwrap();
+                let body = predict_png(&client, url, png).await;
                 let got: Vec<f32> = serde_json::from_value(body["logits"].clone()).unwrap();
                 assert!(max_abs_diff(&got, &logits) <= tolerance);
             });

@@ -113,15 +113,12 @@ async fn bad_expert_file_disables_only_that_expert() {
     }
 
     // The others still serve the golden answers.
-    let response = client
-        .post(server.url(&format!("/v1/experts/{healthy}/predict")))
-        .header("content-type", "image/png")
-        .body(png)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
+    let body = predict_png(
+        &client,
+        server.url(&format!("/v1/experts/{healthy}/predict")),
+        png,
+    )
+    .await;
     let got: Vec<f32> = serde_json::from_value(body["logits"].clone()).unwrap();
     assert!(max_abs_diff(&got, &logits) <= tolerance);
     assert_eq!(

@@ -32,15 +32,12 @@ async fn check_golden(
         for case in &cases {
             let png = std::fs::read(package.join(&case.file)).unwrap();
 
-            let response = client
-                .post(server.url(&format!("/v1/experts/{task}/predict?top_k=1")))
-                .header("content-type", "image/png")
-                .body(png.clone())
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200);
-            let body: Value = response.json().await.unwrap();
+            let body = predict_png(
+                &client,
+                server.url(&format!("/v1/experts/{task}/predict?top_k=1")),
+                png.clone(),
+            )
+            .await;
             let logits: Vec<f32> = serde_json::from_value(body["logits"].clone()).unwrap();
             let diff = max_abs_diff(&logits, &case.logits);
             assert!(

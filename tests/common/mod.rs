@@ -300,3 +300,20 @@ pub fn status_of(raw_response: &str) -> u16 {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
 }
+
+/// POSTs `png` as a raw `image/png` body to a native predict URL, asserts 200 and returns the JSON answer.
+pub async fn predict_png(
+    client: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    png: impl Into<reqwest::Body>,
+) -> serde_json::Value {
+    let response = client
+        .post(url)
+        .header("content-type", "image/png")
+        .body(png)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
