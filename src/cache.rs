@@ -13,6 +13,7 @@ use ort::value::Tensor;
 
 use crate::{
     assembly::{merge_layer, merge_layer_into},
+    budget::MemoryBudget,
     metrics::Metrics,
     package::Package,
     runtime::Expert,
@@ -24,6 +25,25 @@ const POOL_EXPERTS: usize = 1;
 
 /// The layer tensors of one evicted expert, in package layer order.
 pub type LayerBuffers = Vec<(String, Tensor<f32>)>;
+
+/// Why an expert could not be had.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AssemblyError {
+    /// The request-memory budget cannot cover one more assembly right now (counted with bodies and decoding,
+    /// so a burst of cold experts cannot assemble past it).
+    MemoryBusy,
+    /// Our fault or the package's (detail for the log).
+    Failed(String),
+}
+
+impl std::fmt::Display for AssemblyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::MemoryBusy => f.write_str("request memory budget spent"),
+            Self::Failed(detail) => f.write_str(detail),
+        }
+    }
+}
 
 /// How a lookup was served.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -67,6 +87,9 @@ pub struct ExpertCache {
     budget: usize,
     pinned: HashSet<String>,
     metrics: Metrics,
+    memory: MemoryBudget,
+    /// Bytes one freshly assembled expert's layers take (what an assembly reserves from `memory`).
+    assembly_bytes: u64,
     inner: Mutex<Inner>,
 }
 
@@ -76,15 +99,23 @@ impl ExpertCache {
         budget_bytes: u64,
         pinned: HashSet<String>,
         metrics: Metrics,
+        memory: MemoryBudget,
     ) -> Self {
         metrics
             .cache_budget_bytes
             .set(budget_bytes.min(i64::MAX as u64) as i64);
+        let assembly_bytes = package
+            .layers
+            .iter()
+            .map(|l| l.shape.weight_shape().iter().product::<usize>() as u64 * 4)
+            .sum();
         ExpertCache {
             package,
             budget: usize::try_from(budget_bytes).unwrap_or(usize::MAX),
             pinned,
             metrics,
+            memory,
+            assembly_bytes,
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -96,7 +127,10 @@ impl ExpertCache {
     }
 
     /// The assembled expert for `task`, assembling it (once, off the async runtime) when it is not resident.
-    pub async fn get(self: &Arc<Self>, task: &str) -> Result<(Arc<Expert>, CacheOutcome), String> {
+    pub async fn get(
+        self: &Arc<Self>,
+        task: &str,
+    ) -> Result<(Arc<Expert>, CacheOutcome), AssemblyError> {
         let cell = {
             let mut inner = self.lock();
             inner.clock += 1;
@@ -127,9 +161,11 @@ impl ExpertCache {
                     let (expert, took) =
                         tokio::task::spawn_blocking(move || cache.assemble_and_insert(&task))
                             .await
-                            .map_err(|e| format!("assembly task failed: {e}"))??;
+                            .map_err(|e| {
+                                AssemblyError::Failed(format!("assembly task failed: {e}"))
+                            })??;
                     *seconds = Some(took);
-                    Ok::<_, String>(expert)
+                    Ok::<_, AssemblyError>(expert)
                 }
             })
             .await
@@ -155,13 +191,23 @@ impl ExpertCache {
         })
     }
 
-    fn assemble_and_insert(&self, task: &str) -> Result<(Arc<Expert>, f64), String> {
+    fn assemble_and_insert(&self, task: &str) -> Result<(Arc<Expert>, f64), AssemblyError> {
         if let Some(entry) = self.lock().resident.get(task) {
             return Ok((entry.expert.clone(), 0.0));
         }
         let recycled = self.take_pooled();
+        // Fresh buffers are request memory until the cache owns them (its own budget); recycled ones are not new.
+        let _reserved = match recycled {
+            Some(_) => None,
+            None => Some(
+                self.memory
+                    .try_reserve(self.assembly_bytes)
+                    .map_err(|_| AssemblyError::MemoryBusy)?,
+            ),
+        };
         let started = Instant::now();
-        let expert = Arc::new(assemble_with(&self.package, task, recycled)?);
+        let expert =
+            Arc::new(assemble_with(&self.package, task, recycled).map_err(AssemblyError::Failed)?);
         let took = started.elapsed().as_secs_f64();
         self.metrics.assemblies.with_label_values(&[task]).inc();
         self.metrics.assembly_seconds.observe(took);

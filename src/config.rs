@@ -38,11 +38,13 @@ pub struct Config {
 
     /// Package folder (models/FORMAT.md v1).
     #[arg(long, env = "LORKD_PACKAGE", default_value = "models/medmnist-lorkd")]
+    #[serde(skip)]
     pub package: PathBuf,
 
     /// Path of libonnxruntime.so; when unset, ORT_DYLIB_PATH, then the system search path.
     /// (Empty means unset, so the listing's `LORKD_ORT_LIBRARY=` line can be used as is.)
     #[arg(long, env = "LORKD_ORT_LIBRARY", default_value = "")]
+    #[serde(skip)]
     pub ort_library: String,
 
     /// Execution provider: cpu, cuda or auto.
@@ -95,13 +97,57 @@ pub struct Config {
     #[arg(long, env = "LORKD_MAX_BODY_BYTES", default_value = "32MiB", value_parser = parse_bytes)]
     pub max_body_bytes: u64,
 
+    /// Most images in one request (OIP batch dimension N, multipart image parts); more gets 413.
+    #[arg(long, env = "LORKD_MAX_CLIENT_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_client_batch_size: u32,
+
+    /// Byte budget of request memory in use at once: bodies being read, images and tensors being decoded, experts
+    /// being assembled. When it is spent, new work gets 503 with Retry-After instead of growing memory.
+    #[arg(long, env = "LORKD_REQUEST_MEMORY_BYTES", default_value = "256MiB", value_parser = parse_bytes)]
+    pub request_memory_bytes: u64,
+
     /// Largest decoded image, in pixels (width x height), checked from the header before decoding; larger gets 422.
-    #[arg(long, env = "LORKD_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    #[arg(long, env = "LORKD_MAX_IMAGE_PIXELS", default_value_t = 16_777_216)]
     pub max_image_pixels: u64,
 
     /// Largest image width or height, checked from the header before decoding; larger gets 422.
-    #[arg(long, env = "LORKD_MAX_IMAGE_SIDE", default_value_t = 16_384)]
+    #[arg(long, env = "LORKD_MAX_IMAGE_SIDE", default_value_t = 8_192)]
     pub max_image_side: u32,
+
+    /// Most open client connections; further connections wait in the listen backlog until one closes.
+    #[arg(long, env = "LORKD_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// A client must send a request's headers within this many milliseconds (also closes idle keep-alive
+    /// connections), else the connection is closed.
+    #[arg(long, env = "LORKD_HEADER_TIMEOUT_MS", default_value_t = 5_000)]
+    pub header_timeout_ms: u64,
+
+    /// A client must send the whole request body within this many milliseconds, else 408.
+    #[arg(long, env = "LORKD_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    pub body_timeout_ms: u64,
+
+    /// API keys accepted as `Authorization: Bearer <key>` (comma separated; several allow rotation). With no key
+    /// here and no key file, authentication is off. Never logged or shown.
+    #[arg(
+        long,
+        env = "LORKD_API_KEYS",
+        value_delimiter = ',',
+        default_value = "",
+        hide_env_values = true
+    )]
+    #[serde(skip)]
+    pub api_keys: Vec<String>,
+
+    /// File with one API key per line (`#` comments and blank lines ignored), e.g. a mounted Kubernetes Secret.
+    #[arg(long, env = "LORKD_API_KEYS_FILE", default_value = "")]
+    #[serde(skip)]
+    pub api_keys_file: String,
+
+    /// Separate port for operations (`/metrics`, `/v1/info`, health probes); 0 keeps them on the main port.
+    /// When set, the main port no longer answers `/metrics` and `/v1/info`.
+    #[arg(long, env = "LORKD_OPS_PORT", default_value_t = 0)]
+    pub ops_port: u16,
 
     /// Time limit for one predict/infer request (decode, assembly, queue, inference) in milliseconds; over it gets 504.
     #[arg(long, env = "LORKD_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
@@ -169,6 +215,73 @@ impl Config {
     pub fn max_batch_wait(&self) -> Duration {
         Duration::from_millis(self.max_batch_wait_ms)
     }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
+    }
+
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_timeout_ms)
+    }
+
+    pub fn ops_addr(&self) -> Result<Option<SocketAddr>, String> {
+        if self.ops_port == 0 {
+            return Ok(None);
+        }
+        if self.ops_port == self.port {
+            return Err(format!(
+                "LORKD_OPS_PORT ({}) must differ from LORKD_PORT",
+                self.ops_port
+            ));
+        }
+        let mut addr = self.listen_addr()?;
+        addr.set_port(self.ops_port);
+        Ok(Some(addr))
+    }
+
+    /// Every configured API key: `LORKD_API_KEYS` plus the lines of `LORKD_API_KEYS_FILE`. Empty: auth is off.
+    pub fn load_api_keys(&self) -> Result<Vec<String>, String> {
+        let mut keys: Vec<String> = self
+            .api_keys
+            .iter()
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty())
+            .collect();
+        if !self.api_keys_file.is_empty() {
+            let text = std::fs::read_to_string(&self.api_keys_file).map_err(|e| {
+                format!(
+                    "cannot read LORKD_API_KEYS_FILE {}: {e}",
+                    self.api_keys_file
+                )
+            })?;
+            keys.extend(parse_key_file(&text));
+            if keys.is_empty() {
+                return Err(format!(
+                    "LORKD_API_KEYS_FILE {} holds no key: refusing to start with authentication off",
+                    self.api_keys_file
+                ));
+            }
+        }
+        if let Some(short) = keys.iter().find(|k| k.len() < MIN_KEY_LENGTH) {
+            return Err(format!(
+                "an API key has {} characters; keys need at least {MIN_KEY_LENGTH}",
+                short.len()
+            ));
+        }
+        Ok(keys)
+    }
+}
+
+/// Shortest API key accepted (guessing a 16-character random key is out of reach).
+pub const MIN_KEY_LENGTH: usize = 16;
+
+/// Keys of a key file: one per line, surrounding blanks trimmed, `#` comments and empty lines skipped.
+pub fn parse_key_file(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Every `LORKD_*` variable with its default, as an env file (`# help` line, then `NAME=default`).
@@ -263,6 +376,39 @@ mod tests {
             Config::from_args(["--ort-library", "", "--pin", "", "--preload", ""]).unwrap();
         assert_eq!(config.ort_library, "");
         assert!(config.pin.iter().all(|p| p.is_empty()));
+    }
+
+    #[test]
+    fn key_files_skip_comments_and_short_keys_are_refused() {
+        assert_eq!(
+            parse_key_file("# rotated 2026-11\n  key-one-0123456789  \n\nkey-two-0123456789\n"),
+            ["key-one-0123456789", "key-two-0123456789"]
+        );
+        let config = Config::from_args(["--api-keys", "short"]).unwrap();
+        assert!(config.load_api_keys().unwrap_err().contains("at least"));
+        let config =
+            Config::from_args(["--api-keys", "a-long-enough-key-1,a-long-enough-key-2"]).unwrap();
+        assert_eq!(config.load_api_keys().unwrap().len(), 2);
+        assert!(Config::from_args(Vec::<String>::new())
+            .unwrap()
+            .load_api_keys()
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn secrets_and_paths_are_never_serialised() {
+        let config = Config::from_args([
+            "--api-keys",
+            "a-long-enough-secret-key",
+            "--package",
+            "/secret/path/pkg",
+        ])
+        .unwrap();
+        let text = serde_json::to_string(&config).unwrap();
+        assert!(!text.contains("a-long-enough-secret-key"));
+        assert!(!text.contains("/secret/path"));
+        assert!(!text.contains("api_keys"));
     }
 
     #[test]

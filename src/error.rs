@@ -6,7 +6,13 @@
 //! - [`ApiError::Unavailable`]: a known expert that cannot serve (disabled at load) or a server not ready yet.
 //! - [`ApiError::PayloadTooLarge`], [`ApiError::UnsupportedMediaType`], [`ApiError::ImageTooLarge`]: limits and
 //!   content types, each with its own status so clients can react without parsing messages.
-//! - [`ApiError::Overloaded`]: the admission queue is full; answered with `Retry-After` before any work.
+//! - [`ApiError::Overloaded`]: the inference queue is full; answered with `Retry-After` before decoding.
+//! - [`ApiError::MemoryBusy`]: the request-memory budget is spent right now (bodies, decoding, assembly);
+//!   `Retry-After`, nothing grows. Use it for server-wide memory, never for one request that is too big
+//!   (that is [`ApiError::PayloadTooLarge`], [`ApiError::TooManyImages`] or [`ApiError::ImageTooLarge`]).
+//! - [`ApiError::TooManyImages`]: more images in one request than `LORKD_MAX_CLIENT_BATCH_SIZE`.
+//! - [`ApiError::BodyTimeout`]: the client did not send its body within `LORKD_BODY_TIMEOUT_MS` (408).
+//! - [`ApiError::Unauthorized`]: missing or unknown API key (401 with `WWW-Authenticate: Bearer`).
 //! - [`ApiError::Timeout`]: the request ran past `LORKD_REQUEST_TIMEOUT_MS`.
 //! - [`ApiError::Internal`]: our fault. The detail is logged (once, here) and never sent to the client.
 
@@ -39,6 +45,14 @@ pub enum ApiError {
     Overloaded { capacity: u32, retry_after_s: u32 },
     #[error("request did not finish within {timeout_ms} ms")]
     Timeout { timeout_ms: u64 },
+    #[error("the server's request memory is in use; retry after {retry_after_s} s")]
+    MemoryBusy { retry_after_s: u32 },
+    #[error("request carries {images} images; at most {limit} per request")]
+    TooManyImages { images: usize, limit: u32 },
+    #[error("request body was not received within {timeout_ms} ms")]
+    BodyTimeout { timeout_ms: u64 },
+    #[error("{0}")]
+    Unauthorized(&'static str),
     /// The string is logged, never returned.
     #[error("internal error")]
     Internal(String),
@@ -76,6 +90,10 @@ impl ApiError {
             Self::ImageTooLarge(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::MemoryBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TooManyImages { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -92,6 +110,10 @@ impl ApiError {
             Self::ImageTooLarge(_) => "image_too_large",
             Self::Overloaded { .. } => "overloaded",
             Self::Timeout { .. } => "timeout",
+            Self::MemoryBusy { .. } => "memory_busy",
+            Self::TooManyImages { .. } => "too_many_images",
+            Self::BodyTimeout { .. } => "body_timeout",
+            Self::Unauthorized(_) => "unauthorized",
             Self::Internal(_) => "internal",
         }
     }
@@ -103,7 +125,11 @@ impl ApiError {
             Self::Internal(detail) => {
                 tracing::error!(code = self.code(), detail = %detail, "request failed")
             }
-            Self::Overloaded { .. } | Self::Timeout { .. } | Self::Unavailable(_) => {
+            Self::Overloaded { .. }
+            | Self::Timeout { .. }
+            | Self::Unavailable(_)
+            | Self::MemoryBusy { .. }
+            | Self::BodyTimeout { .. } => {
                 tracing::warn!(status = status.as_u16(), code = self.code(), message = %self, "request rejected")
             }
             _ => {
@@ -116,10 +142,25 @@ impl ApiError {
             ErrorForm::Oip => json!({"error": message}),
         };
         let mut response = (status, Json(body)).into_response();
-        if let Self::Overloaded { retry_after_s, .. } = self {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+        match self {
+            Self::Overloaded { retry_after_s, .. } | Self::MemoryBusy { retry_after_s } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+            }
+            Self::Unauthorized(_) => {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"lorkd\""),
+                );
+            }
+            Self::BodyTimeout { .. } => {
+                // The rest of a stalled body is never read: the connection cannot be reused.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         response
     }

@@ -3,6 +3,8 @@
 
 pub mod api;
 pub mod assembly;
+pub mod auth;
+pub mod budget;
 pub mod cache;
 pub mod config;
 pub mod error;
@@ -15,4 +17,4 @@ pub mod server;
 pub mod state;
 
 pub use config::Config;
-pub use server::{serve, App, StartupError};
+pub use server::{serve, serve_with_ops, App, StartupError};

@@ -28,6 +28,9 @@ pub struct Metrics {
     pub session_build_seconds: Histogram,
     pub info: IntGaugeVec,
     pub experts: IntGaugeVec,
+    pub connections: IntGauge,
+    pub request_memory_bytes: IntGauge,
+    pub request_memory_budget_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -61,7 +64,7 @@ impl Metrics {
         let rejected = IntCounterVec::new(
             Opts::new(
                 "rejected_total",
-                "Requests rejected before any work, by reason",
+                "Requests rejected before inference, by reason (queue_full, memory, unauthorized, too_many_images, body_timeout)",
             ),
             &["reason"],
         )
@@ -163,6 +166,21 @@ impl Metrics {
             &["status"],
         )
         .unwrap();
+        let connections = IntGauge::new(
+            "connections",
+            "Open client connections (capped by LORKD_MAX_CONNECTIONS)",
+        )
+        .unwrap();
+        let request_memory_bytes = IntGauge::new(
+            "request_memory_bytes",
+            "Bytes of the request-memory budget in use (bodies, decoding, assembly), sampled at scrape",
+        )
+        .unwrap();
+        let request_memory_budget_bytes = IntGauge::new(
+            "request_memory_budget_bytes",
+            "The request-memory budget (LORKD_REQUEST_MEMORY_BYTES)",
+        )
+        .unwrap();
         let metrics = Metrics {
             registry,
             http_requests,
@@ -185,6 +203,9 @@ impl Metrics {
             session_build_seconds,
             info,
             experts,
+            connections,
+            request_memory_bytes,
+            request_memory_budget_bytes,
         };
         let r = &metrics.registry;
         r.register(Box::new(metrics.http_requests.clone())).unwrap();
@@ -216,6 +237,11 @@ impl Metrics {
             .unwrap();
         r.register(Box::new(metrics.info.clone())).unwrap();
         r.register(Box::new(metrics.experts.clone())).unwrap();
+        r.register(Box::new(metrics.connections.clone())).unwrap();
+        r.register(Box::new(metrics.request_memory_bytes.clone()))
+            .unwrap();
+        r.register(Box::new(metrics.request_memory_budget_bytes.clone()))
+            .unwrap();
         metrics
     }
 

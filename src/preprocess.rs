@@ -44,6 +44,27 @@ impl Pixels {
 
 /// Decodes PNG or JPEG bytes to 8-bit grey or RGB. Dimensions are read from the header and checked
 /// against `limits` before any pixel data is decoded (decompression bombs never allocate).
+/// Bytes that decoding `bytes` holds at most, from the header alone: the decoded image in its own sample type
+/// plus its 8-bit grey/RGB conversion (the resized task input is small). Dimensions over `limits` are an error
+/// here already (nothing is reserved for a bomb). None when no header can be read; then decoding fails before
+/// it allocates anything.
+pub fn decoded_bytes(bytes: &[u8], limits: ImageLimits) -> Result<Option<u64>, PreprocessError> {
+    use image::ImageDecoder;
+    let Some(decoder) = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()
+        .and_then(|reader| reader.into_decoder().ok())
+    else {
+        return Ok(None);
+    };
+    let (width, height) = decoder.dimensions();
+    check_dimensions(width, height, limits)?;
+    let pixels = u64::from(width) * u64::from(height);
+    Ok(Some(pixels.saturating_mul(
+        u64::from(decoder.color_type().bytes_per_pixel()) + 3,
+    )))
+}
+
 pub fn decode(bytes: &[u8], limits: ImageLimits) -> Result<Pixels, PreprocessError> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -338,6 +359,29 @@ mod tests {
             decode(&rgba, LIMITS).unwrap(),
             Pixels::Rgb(RgbImage::from_pixel(1, 1, image::Rgb([1, 2, 3])))
         );
+    }
+
+    #[test]
+    fn decoded_size_is_read_from_the_header() {
+        let png = encode(
+            DynamicImage::ImageRgb8(RgbImage::from_pixel(10, 4, image::Rgb([1, 2, 3]))),
+            ImageFormat::Png,
+        );
+        assert_eq!(decoded_bytes(&png, LIMITS), Ok(Some(40 * (3 + 3))));
+        let sixteen = encode(
+            DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(5, 5, image::Luma([9u16]))),
+            ImageFormat::Png,
+        );
+        assert_eq!(decoded_bytes(&sixteen, LIMITS), Ok(Some(25 * (2 + 3))));
+        assert_eq!(decoded_bytes(b"not an image", LIMITS), Ok(None));
+        let wide = encode(
+            DynamicImage::ImageLuma8(GrayImage::new(5000, 1)),
+            ImageFormat::Png,
+        );
+        assert!(matches!(
+            decoded_bytes(&wide, LIMITS),
+            Err(PreprocessError::TooLarge(_))
+        ));
     }
 
     #[test]

@@ -22,6 +22,9 @@ use crate::{config::Provider, metrics::Metrics, onnx, package::Package};
 
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
 
+/// The ONNX Runtime release lorkd is built and tested against (`ort` 2.0.0-rc.15, `load-dynamic`).
+pub const ORT_VERSION: &str = "1.31.1";
+
 /// Where scripts/setup.sh unpacks the library from the PyPI wheel.
 pub const SETUP_LIBRARY: &str = ".ort/lib/libonnxruntime.so.1.31.1";
 

@@ -2,16 +2,18 @@
 
 use std::{
     collections::HashSet,
-    future::{Future, IntoFuture},
+    future::Future,
     path::PathBuf,
     sync::{atomic::Ordering, Arc},
     time::Instant,
 };
 
-use tokio::{net::TcpListener, sync::Notify};
+use tokio::{net::TcpListener, sync::Semaphore};
 
 use crate::{
-    api,
+    api::{self, Port},
+    auth::ApiKeys,
+    budget::MemoryBudget,
     cache::ExpertCache,
     config::{Config, LogFormat},
     metrics::Metrics,
@@ -142,11 +144,31 @@ impl App {
             .experts
             .with_label_values(&["disabled"])
             .set((package.experts.len() - available) as i64);
+        let api_keys = ApiKeys::new(&config.load_api_keys().map_err(StartupError)?);
+        if api_keys.enabled() {
+            tracing::info!(keys = api_keys.len(), "API keys required on the API routes");
+        } else {
+            tracing::warn!("authentication is off (no LORKD_API_KEYS / LORKD_API_KEYS_FILE): anyone who reaches the port can use the API");
+        }
+        let memory = MemoryBudget::new(config.request_memory_bytes);
+        metrics
+            .request_memory_budget_bytes
+            .set(memory.total_bytes().min(i64::MAX as u64) as i64);
+        let plan = MemoryPlan::new(&config, &package);
+        match memory_limit_of_this_container() {
+            Some(limit) if plan.total() > limit => tracing::warn!(
+                planned_bytes = plan.total(),
+                limit_bytes = limit,
+                "the memory plan (see docs/deploy.md) exceeds this container's memory limit: lower LORKD_CACHE_BYTES or LORKD_REQUEST_MEMORY_BYTES, or raise the limit"
+            ),
+            limit => tracing::info!(planned_bytes = plan.total(), limit_bytes = ?limit, "memory plan"),
+        }
         let cache = Arc::new(ExpertCache::new(
             package.clone(),
             config.cache_bytes,
             pinned,
             metrics.clone(),
+            memory.clone(),
         ));
         let shared = Shared {
             config,
@@ -155,6 +177,8 @@ impl App {
             backend,
             metrics,
             admission,
+            memory,
+            api_keys,
             decode_slots: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
@@ -246,30 +270,181 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let drain = app.state.config.shutdown_timeout();
-    let draining = Arc::new(Notify::new());
-    let signal = draining.clone();
-    let server = axum::serve(listener, app.router())
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!(
-                drain_ms = drain.as_millis() as u64,
-                "shutdown requested: finishing in-flight requests"
-            );
-            signal.notify_one();
-        })
-        .into_future();
-    let deadline = async move {
-        draining.notified().await;
-        tokio::time::sleep(drain).await;
+    serve_with_ops(app, listener, None, shutdown).await
+}
+
+/// [`serve`], plus the ops routes on their own listener when one is given (`LORKD_OPS_PORT`).
+pub async fn serve_with_ops(
+    app: &App,
+    listener: TcpListener,
+    ops: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let config = &app.state.config;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let drain = config.shutdown_timeout();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!(
+            drain_ms = drain.as_millis() as u64,
+            "shutdown requested: finishing in-flight requests"
+        );
+        let _ = stop_tx.send(true);
+    });
+    // One connection cap for both listeners: the ops port cannot be used to get around it.
+    let connections = Arc::new(Semaphore::new(config.max_connections as usize));
+    let limits = ConnectionLimits {
+        connections,
+        header_timeout: config.header_timeout(),
+        drain,
     };
+    let main = accept_loop(
+        api::router_for(app.state.clone(), Port::Main),
+        listener,
+        limits.clone(),
+        app.state.metrics.clone(),
+        stop_rx.clone(),
+    );
+    match ops {
+        Some(ops) => {
+            let ops = accept_loop(
+                api::router_for(app.state.clone(), Port::Ops),
+                ops,
+                limits,
+                app.state.metrics.clone(),
+                stop_rx,
+            );
+            let (a, b) = tokio::join!(main, ops);
+            a.and(b)
+        }
+        None => main.await,
+    }
+}
+
+#[derive(Clone)]
+struct ConnectionLimits {
+    connections: Arc<Semaphore>,
+    header_timeout: std::time::Duration,
+    drain: std::time::Duration,
+}
+
+/// Accepts connections while a connection slot is free (further clients wait in the listen backlog), serves
+/// each with HTTP/1.1 and a header read timeout, and on shutdown closes idle connections and gives the busy
+/// ones `drain` to finish.
+async fn accept_loop(
+    router: axum::Router,
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    metrics: Metrics,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    let stopped = |stop: &tokio::sync::watch::Receiver<bool>| *stop.borrow();
+    loop {
+        if stopped(&stop) {
+            break;
+        }
+        let permit = tokio::select! {
+            permit = limits.connections.clone().acquire_owned() => permit.expect("never closed"),
+            _ = stop.changed() => continue,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning; the listener itself stays usable.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => continue,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        metrics.connections.inc();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+            metrics.connections.dec();
+            drop(permit);
+        });
+    }
+    drop(listener);
     tokio::select! {
-        result = server => result,
-        _ = deadline => {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(limits.drain) => {
             tracing::warn!("drain timeout passed with requests still in flight; exiting");
-            Ok(())
         }
     }
+    Ok(())
+}
+
+/// What the process is planned to hold at most (docs/deploy.md, "Memory"): a measured base for the binary,
+/// ONNX Runtime and its arena at the largest batch, the package's weights, the cache budget plus one pooled
+/// expert, the request-memory budget, and socket buffers of every allowed connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    pub base: u64,
+    pub package: u64,
+    pub cache: u64,
+    pub requests: u64,
+    pub connections: u64,
+}
+
+/// Resident memory of the service with the package loaded and before any expert, measured (docs/deploy.md).
+pub const BASE_BYTES: u64 = 96 << 20;
+/// Per-connection allowance: hyper's read and write buffers plus the task (measured ~20 KiB; rounded up).
+pub const CONNECTION_BYTES: u64 = 32 << 10;
+
+impl MemoryPlan {
+    pub fn new(config: &Config, package: &Package) -> Self {
+        let expert_bytes: u64 = package
+            .layers
+            .iter()
+            .map(|l| l.shape.weight_shape().iter().product::<usize>() as u64 * 4)
+            .sum();
+        MemoryPlan {
+            base: BASE_BYTES,
+            // W0 is held twice (parsed layers for assembly, and the session's copy of the graph).
+            package: 2 * package.model_bytes.len() as u64,
+            cache: config.cache_bytes.saturating_add(expert_bytes),
+            requests: config.request_memory_bytes,
+            connections: u64::from(config.max_connections) * CONNECTION_BYTES,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.base
+            .saturating_add(self.package)
+            .saturating_add(self.cache)
+            .saturating_add(self.requests)
+            .saturating_add(self.connections)
+    }
+}
+
+/// The cgroup (v2, then v1) memory limit of this process, when there is one.
+fn memory_limit_of_this_container() -> Option<u64> {
+    for path in [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ] {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if let Ok(limit) = text.trim().parse::<u64>() {
+                // cgroup v1 reports "no limit" as a huge page-aligned number.
+                return (limit < (1 << 60)).then_some(limit);
+            }
+        }
+    }
+    None
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -315,11 +490,22 @@ pub fn init_tracing(format: LogFormat, filter: &str) {
 /// The binary's whole life: start, bind, warm up (while already answering liveness), serve until a signal.
 pub async fn run(config: Config) -> Result<(), StartupError> {
     let address = config.listen_addr().map_err(StartupError)?;
+    let ops_address = config.ops_addr().map_err(StartupError)?;
     let app = App::build(config).await?;
     let listener = TcpListener::bind(address)
         .await
         .map_err(|e| StartupError(format!("cannot listen on {address}: {e}")))?;
     tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
+    let ops = match ops_address {
+        Some(address) => {
+            let ops = TcpListener::bind(address)
+                .await
+                .map_err(|e| StartupError(format!("cannot listen on {address} (ops): {e}")))?;
+            tracing::info!(%address, "ops routes (metrics, info, health) listening");
+            Some(ops)
+        }
+        None => None,
+    };
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<StartupError>();
     let warm_state = App {
         state: app.state.clone(),
@@ -339,7 +525,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
             }
         }
     };
-    serve(&app, listener, shutdown)
+    serve_with_ops(&app, listener, ops, shutdown)
         .await
         .map_err(|e| StartupError(format!("server error: {e}")))?;
     let failed = warm_up_failed

@@ -11,7 +11,9 @@ use std::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{
-    cache::{CacheOutcome, ExpertCache},
+    auth::ApiKeys,
+    budget::{MemoryBudget, Reservation},
+    cache::{AssemblyError, CacheOutcome, ExpertCache},
     config::Config,
     error::ApiError,
     metrics::Metrics,
@@ -37,6 +39,9 @@ pub struct Shared {
     pub backend: Backend,
     pub metrics: Metrics,
     pub admission: Arc<Semaphore>,
+    /// Request memory in use at once (bodies, decoding, assembly): see `budget`.
+    pub memory: MemoryBudget,
+    pub api_keys: ApiKeys,
     /// Bounds CPU-heavy request work (image decoding, JSON tensor parsing) to about one job per core, so that a
     /// burst of large admitted requests cannot hold hundreds of decoded images in memory at once.
     pub decode_slots: Arc<Semaphore>,
@@ -71,6 +76,25 @@ impl Shared {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// 503 + Retry-After for a spent request-memory budget (counted once here).
+    pub fn memory_busy(&self) -> ApiError {
+        self.metrics.rejected.with_label_values(&["memory"]).inc();
+        ApiError::MemoryBusy { retry_after_s: 1 }
+    }
+
+    /// 413 when a request carries more images than `LORKD_MAX_CLIENT_BATCH_SIZE`.
+    pub fn check_image_count(&self, images: usize) -> Result<(), ApiError> {
+        let limit = self.config.max_client_batch_size;
+        if images > limit as usize {
+            self.metrics
+                .rejected
+                .with_label_values(&["too_many_images"])
+                .inc();
+            return Err(ApiError::TooManyImages { images, limit });
+        }
+        Ok(())
+    }
+
     pub fn image_limits(&self) -> ImageLimits {
         ImageLimits {
             max_pixels: self.config.max_image_pixels,
@@ -92,7 +116,8 @@ impl Shared {
         }
     }
 
-    /// Takes a place in the bounded queue or answers 429 at once (before the body is read or decoded).
+    /// Takes a place in the bounded inference queue or answers 429 at once. Called once the body is read, so
+    /// that slow or stalled uploads never hold a place (reading is bounded by the memory budget and timeouts).
     pub fn admit(&self) -> Result<Admission, ApiError> {
         match self.admission.clone().try_acquire_owned() {
             Ok(permit) => {
@@ -115,19 +140,28 @@ impl Shared {
         }
     }
 
-    /// Runs `work` on a blocking thread once a decode slot is free.
+    /// Runs `work` on a blocking thread once a decode slot is free. The slot and `memory` (the bytes the work
+    /// needs) move into the blocking job: they are released when the work ends, not when the request is
+    /// cancelled, so a client that hangs up cannot free them while its decoding still runs.
     pub async fn decode<T: Send + 'static>(
         &self,
-        work: impl FnOnce() -> T + Send + 'static,
+        memory: Reservation,
+        work: impl FnOnce(&mut Reservation) -> T + Send + 'static,
     ) -> Result<T, ApiError> {
-        let _slot = self
+        let slot = self
             .decode_slots
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(ApiError::internal)?;
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(ApiError::internal)
+        tokio::task::spawn_blocking(move || {
+            let mut memory = memory;
+            let out = work(&mut memory);
+            drop((slot, memory));
+            out
+        })
+        .await
+        .map_err(ApiError::internal)
     }
 
     /// Gets (or assembles) the expert and runs `images` preprocessed images through it.
@@ -140,15 +174,49 @@ impl Shared {
         width: usize,
     ) -> Result<Prediction, ApiError> {
         let started = Instant::now();
-        let (expert, cache) = self.cache.get(task).await.map_err(ApiError::internal)?;
+        let (expert, cache) = self.cache.get(task).await.map_err(|e| match e {
+            AssemblyError::MemoryBusy => self.memory_busy(),
+            AssemblyError::Failed(detail) => ApiError::internal(detail),
+        })?;
         let expert_seconds = started.elapsed().as_secs_f64();
         let version = expert.version.clone();
         let classes = expert.classes;
-        let output = self
-            .backend
-            .infer(expert, input, images, height, width)
-            .await
-            .map_err(ApiError::internal)?;
+        // Never more than LORKD_MAX_BATCH_SIZE images in one ONNX Runtime run: the runtime's memory arena grows to
+        // the largest run it has seen and keeps that size, so the batch size is what bounds it.
+        let per_run = self.config.max_batch_size.max(1) as usize;
+        let output = if images <= per_run {
+            self.backend
+                .infer(expert, input, images, height, width)
+                .await
+                .map_err(ApiError::internal)?
+        } else {
+            let stride = 3 * height * width;
+            let mut merged: Option<InferOutput> = None;
+            // One run after another: a request this large is not worth more memory to finish sooner.
+            for chunk in input.chunks(per_run * stride) {
+                let output = self
+                    .backend
+                    .infer(
+                        expert.clone(),
+                        chunk.to_vec(),
+                        chunk.len() / stride,
+                        height,
+                        width,
+                    )
+                    .await
+                    .map_err(ApiError::internal)?;
+                match &mut merged {
+                    None => merged = Some(output),
+                    Some(all) => {
+                        all.logits.extend_from_slice(&output.logits);
+                        all.queue_seconds += output.queue_seconds;
+                        all.run_seconds += output.run_seconds;
+                        all.batch_images = all.batch_images.max(output.batch_images);
+                    }
+                }
+            }
+            merged.expect("images > per_run >= 1 gives at least one run")
+        };
         Ok(Prediction {
             version,
             classes,

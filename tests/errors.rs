@@ -236,11 +236,12 @@ async fn bad_requests_get_clear_json_errors_and_the_server_keeps_serving() {
     .await;
     let mut huge_batch = oip_request(&task_input, 1, json!(vec![0.0; n]));
     huge_batch["inputs"][0]["shape"][0] = json!(1_000_000_000_000i64);
-    oip_error(
+    assert!(oip_error(
         client.post(&infer).json(&huge_batch).send().await.unwrap(),
-        400,
+        413,
     )
-    .await;
+    .await
+    .contains("at most"));
     let mut bad_output = oip_request(&task_input, 1, json!(vec![0.0; n]));
     bad_output["outputs"] = json!([{"name": "features"}]);
     oip_error(
@@ -465,7 +466,7 @@ async fn image_dimension_limit_is_422() {
 /// Queue capacity 1: while one admitted request waits for its body, the next gets 429 + Retry-After at once,
 /// in both forms; the first then completes normally.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_queue_is_429_with_retry_after_before_any_work() {
+async fn full_queue_is_429_with_retry_after_before_decoding() {
     let package = package_dir();
     let manifest = manifest(&package);
     let (task, png) = first_case();
@@ -478,10 +479,25 @@ async fn full_queue_is_429_with_retry_after_before_any_work() {
         .clone();
     let server = start(&["--queue-capacity", "1"]).await;
     let path = format!("/v1/experts/{task}/predict");
-    let stalled = StalledRequest::open(&server.addr(), &path, "image/png", &png, 16).await;
-    wait_for_metrics(&server, |m| metric(m, "lorkd_queue_depth") == 1.0).await;
-
     let client = Client::new();
+    // A stalled upload holds no place in the queue (admission comes after the body is read) ...
+    let stalled = StalledRequest::open(&server.addr(), &path, "image/png", &png, 16).await;
+    let response = client
+        .post(server.url(&path))
+        .header("content-type", "image/png")
+        .body(png.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "a stalled upload must not fill a queue of one"
+    );
+    assert_eq!(metric(&server.metrics().await, "lorkd_queue_depth"), 0.0);
+
+    // ... while an admitted request does: hold the one place as a request being served would.
+    let held = server.state.admit().expect("the queue is empty");
     let response = client
         .post(server.url(&path))
         .header("content-type", "image/png")
@@ -509,18 +525,11 @@ async fn full_queue_is_429_with_retry_after_before_any_work() {
         ),
         2.0
     );
+    drop(held);
 
     let raw = stalled.finish().await;
     assert_eq!(status_of(&raw), 200, "{raw}");
     wait_for_metrics(&server, |m| metric(m, "lorkd_queue_depth") == 0.0).await;
-    let response = client
-        .post(server.url(&path))
-        .header("content-type", "image/png")
-        .body(png)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
     server.stop().await.unwrap();
 }
 

@@ -273,7 +273,8 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
         16,
     )
     .await;
-    wait_for_metrics(&server, |m| metric(m, "lorkd_queue_depth") == 1.0).await;
+    // In flight: its first body bytes are held in request memory (it takes a queue place only once read).
+    wait_for_metrics(&server, |m| metric(m, "lorkd_request_memory_bytes") > 0.0).await;
     server.trigger_shutdown();
     let raw = stalled.finish().await;
     assert_eq!(status_of(&raw), 200, "{raw}");

@@ -6,6 +6,7 @@ pub mod openapi;
 
 use std::time::Instant;
 
+use axum::body::Bytes;
 use axum::{
     body::Body,
     extract::{DefaultBodyLimit, MatchedPath, Request, State},
@@ -15,14 +16,18 @@ use axum::{
     routing::{get, post, MethodRouter},
     Router,
 };
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use tower::ServiceBuilder;
 use tower_http::{
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer},
     trace::TraceLayer,
 };
 
-use crate::{error::ApiError, state::AppState};
+use crate::{
+    budget::Reservation,
+    error::{ApiError, ErrorForm},
+    state::{AppState, Shared},
+};
 
 /// Which wire format a route's errors use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,12 +94,12 @@ pub const ROUTES: &[RouteDoc] = &[
             (200, "Prediction", "Prediction"),
             (400, "Undecodable or truncated image, bad query", "Error"),
             (404, "Unknown task", "Error"),
-            (413, "Body over the limit", "Error"),
+            (413, "Body over LORKD_MAX_BODY_BYTES (payload_too_large)", "Error"),
             (415, "Content type is not image/png, image/jpeg or multipart/form-data", "Error"),
             (422, "Image dimensions over the limit (checked before decoding)", "Error"),
             (429, "Queue full; see Retry-After", "Error"),
             (500, "Internal error (details only in the server log)", "Error"),
-            (503, "Expert disabled", "Error"),
+            (503, "Expert disabled, or the request-memory budget is in use (memory_busy, see Retry-After)", "Error"),
             (504, "Request timed out", "Error"),
         ],
     },
@@ -170,10 +175,10 @@ pub const ROUTES: &[RouteDoc] = &[
             (200, "Inference result", "OipInferResponse"),
             (400, "Bad JSON, wrong tensor name, shape or datatype, NaN/inf", "OipError"),
             (404, "Unknown model", "OipError"),
-            (413, "Body over the limit", "OipError"),
+            (413, "Body over LORKD_MAX_BODY_BYTES, or N over LORKD_MAX_CLIENT_BATCH_SIZE", "OipError"),
             (429, "Queue full; see Retry-After", "OipError"),
             (500, "Internal error", "OipError"),
-            (503, "Model disabled", "OipError"),
+            (503, "Model disabled, or the request-memory budget is in use (see Retry-After)", "OipError"),
             (504, "Request timed out", "OipError"),
         ],
     },
@@ -209,10 +214,10 @@ pub const ROUTES: &[RouteDoc] = &[
             (200, "Inference result", "OipInferResponse"),
             (400, "Bad JSON, wrong tensor name, shape or datatype, NaN/inf", "OipError"),
             (404, "Unknown model or version", "OipError"),
-            (413, "Body over the limit", "OipError"),
+            (413, "Body over LORKD_MAX_BODY_BYTES, or N over LORKD_MAX_CLIENT_BATCH_SIZE", "OipError"),
             (429, "Queue full; see Retry-After", "OipError"),
             (500, "Internal error", "OipError"),
-            (503, "Model disabled", "OipError"),
+            (503, "Model disabled, or the request-memory budget is in use (see Retry-After)", "OipError"),
             (504, "Request timed out", "OipError"),
         ],
     },
@@ -261,11 +266,51 @@ fn handler(operation_id: &str) -> MethodRouter<AppState> {
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Routes that answer without an API key: health probes (kubelets carry no key) and the API description.
+pub(crate) fn is_open(operation_id: &str) -> bool {
+    matches!(operation_id, "serverLive" | "serverReady" | "openapi")
+}
+
+/// Routes that move to the ops port when `LORKD_OPS_PORT` is set (the public port then exposes only the API).
+fn is_ops(operation_id: &str) -> bool {
+    matches!(operation_id, "metrics" | "info")
+}
+
+/// Which listener a router is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// The API port; it also carries the ops routes when no ops port is configured.
+    Main,
+    /// `LORKD_OPS_PORT`: metrics, info and health probes only, no API key (keep it off the public Service).
+    Ops,
+}
+
 /// The full application: routes from [`ROUTES`], JSON fallbacks, request ids, tracing and metrics.
 pub fn router(state: AppState) -> Router {
+    router_for(state, Port::Main)
+}
+
+/// The routes of one listener (see [`Port`]).
+pub fn router_for(state: AppState, port: Port) -> Router {
+    let separate_ops = state.config.ops_port != 0;
     let mut router = Router::new();
     for route in ROUTES {
-        router = router.route(route.path, handler(route.operation_id));
+        let op = route.operation_id;
+        let mounted = match port {
+            Port::Main => !(separate_ops && is_ops(op)),
+            Port::Ops => is_ops(op) || matches!(op, "serverLive" | "serverReady"),
+        };
+        if !mounted {
+            continue;
+        }
+        let mut method_router = handler(op);
+        if port == Port::Main && !is_open(op) {
+            method_router = method_router.route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                require_api_key,
+            ));
+        }
+        router = router.route(route.path, method_router);
     }
     router
         .fallback(not_found)
@@ -291,6 +336,24 @@ pub fn router(state: AppState) -> Router {
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone())),
         )
         .with_state(state)
+}
+
+/// 401 before the handler runs (and so before any body is read) unless the request carries an accepted key.
+async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Err(error) = state.api_keys.check(request.headers()) {
+        state
+            .metrics
+            .rejected
+            .with_label_values(&["unauthorized"])
+            .inc();
+        let oip = request.uri().path().starts_with("/v2");
+        return error.into_response_with(if oip {
+            ErrorForm::Oip
+        } else {
+            ErrorForm::Native
+        });
+    }
+    next.run(request).await
 }
 
 async fn record_metrics(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -337,6 +400,10 @@ async fn method_not_allowed(method: Method, request: Request) -> ApiError {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    state
+        .metrics
+        .request_memory_bytes
+        .set(state.memory.in_use_bytes().min(i64::MAX as u64) as i64);
     (
         [(
             header::CONTENT_TYPE,
@@ -351,19 +418,58 @@ async fn openapi_json() -> Response {
     axum::Json(openapi::document()).into_response()
 }
 
-/// Reads a request body up to `limit` bytes; over it is 413, a broken stream is 400.
-pub async fn read_body(body: Body, limit: u64) -> Result<axum::body::Bytes, ApiError> {
+/// Reads a request body into memory reserved from the request-memory budget, growing the reservation as bytes
+/// arrive (a declared `Content-Length` reserves nothing: stalled clients hold only what they sent).
+/// Over `LORKD_MAX_BODY_BYTES` is 413, a spent budget 503, a body not complete within `LORKD_BODY_TIMEOUT_MS`
+/// 408, a broken stream 400.
+pub async fn read_body(body: Body, state: &Shared) -> Result<(Bytes, Reservation), ApiError> {
+    let limit = state.config.max_body_bytes;
     let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
-    match Limited::new(body, limit_usize).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ApiError::PayloadTooLarge { limit })
+    let deadline = tokio::time::Instant::now() + state.config.body_timeout();
+    let mut reservation = state.memory.empty();
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut body = body;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                state
+                    .metrics
+                    .rejected
+                    .with_label_values(&["body_timeout"])
+                    .inc();
+                return Err(ApiError::BodyTimeout {
+                    timeout_ms: state.config.body_timeout_ms,
+                });
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad_request(
+                    "bad_body",
+                    format!("cannot read request body: {e}"),
+                ))
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        let needed = buffer.len().saturating_add(data.len());
+        if needed > limit_usize {
+            return Err(ApiError::PayloadTooLarge { limit });
         }
-        Err(e) => Err(ApiError::bad_request(
-            "bad_body",
-            format!("cannot read request body: {e}"),
-        )),
+        if needed > buffer.capacity() {
+            // Grow geometrically (few copies), never past the limit, and reserve the capacity before allocating it.
+            let capacity = needed
+                .max(buffer.capacity().saturating_mul(2))
+                .min(limit_usize);
+            reservation
+                .grow_to(capacity as u64)
+                .map_err(|_| state.memory_busy())?;
+            buffer.reserve_exact(capacity - buffer.len());
+        }
+        buffer.extend_from_slice(&data);
     }
+    Ok((Bytes::from(buffer), reservation))
 }
 
 /// 413 straight from `Content-Length`, before reading anything.

@@ -93,7 +93,6 @@ pub async fn info(State(state): State<AppState>) -> Json<Value> {
         "package": {
             "name": manifest.name,
             "description": manifest.description,
-            "path": package.root.display().to_string(),
             "format_version": manifest.format_version,
             "arch": manifest.model.arch,
             "model_sha256": package.model_sha256,
@@ -107,11 +106,13 @@ pub async fn info(State(state): State<AppState>) -> Json<Value> {
         "runtime": {
             "provider": state.backend.provider,
             "requested_provider": state.config.provider,
-            "onnxruntime_library": state.ort_library,
+            "onnxruntime_version": crate::runtime::ORT_VERSION,
             "execution": "one shared ONNX Runtime session fed the assembled weights as graph inputs; when LORKD_DEDICATED_SESSIONS > 0, experts that served LORKD_PROMOTE_AFTER requests get their own session with the weights baked in",
             "dedicated_sessions": state.metrics.dedicated_sessions.get(),
         },
         "cache": {"budget_bytes": state.cache.budget(), "resident_bytes": state.cache.resident_bytes()},
+        "request_memory": {"budget_bytes": state.memory.total_bytes(), "in_use_bytes": state.memory.in_use_bytes()},
+        "authentication": if state.api_keys.enabled() { "api_keys" } else { "off" },
         "config": state.config,
     }))
 }
@@ -261,24 +262,36 @@ pub async fn predict(
         .min(entry.spec.num_classes);
     let kind = body_kind(&request)?;
     check_content_length(&request, state.config.max_body_bytes)?;
-    // Admission before any work: a full queue answers 429 without reading or decoding the body.
-    let _admission = state.admit()?;
     let timeout_ms = state.config.request_timeout_ms;
     let work = async {
         let (parts, body) = request.into_parts();
-        let bytes = read_body(body, state.config.max_body_bytes).await?;
+        let (bytes, mut memory) = read_body(body, &state).await?;
         let bytes = match kind {
             BodyKind::Image => bytes,
             BodyKind::Multipart => {
-                image_from_multipart(Request::from_parts(parts, axum::body::Body::empty()), bytes)
-                    .await?
+                let image = image_from_multipart(
+                    Request::from_parts(parts, axum::body::Body::empty()),
+                    bytes,
+                )
+                .await?;
+                // The part may be a copy of the body: count it as well.
+                memory
+                    .grow(image.len() as u64)
+                    .map_err(|_| state.memory_busy())?;
+                image
             }
         };
+        // Only now, with the body in hand, a place in the inference queue: stalled uploads never hold one.
+        let _admission = state.admit()?;
         let decode_started = Instant::now();
         let limits = state.image_limits();
         let spec_input = entry.spec.input.clone();
+        let worker = state.clone();
         let input = state
-            .decode(move || -> Result<Vec<f32>, PreprocessError> {
+            .decode(memory, move |memory| -> Result<Vec<f32>, ApiError> {
+                if let Some(needed) = preprocess::decoded_bytes(&bytes, limits)? {
+                    memory.grow(needed).map_err(|_| worker.memory_busy())?;
+                }
                 let pixels = preprocess::decode(&bytes, limits)?;
                 Ok(preprocess::to_task_input(&pixels, &spec_input))
             })

@@ -117,7 +117,28 @@ fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
 #[derive(Debug, Default, PartialEq)]
 pub struct Fp32Data {
     pub values: Vec<f32>,
+    /// Numbers read but not kept because the tensor already held [`value_limit`] values.
+    pub dropped: usize,
     pub problem: Option<&'static str>,
+}
+
+thread_local! {
+    /// Most values one tensor keeps while parsing (set by [`parse_request`] on its thread; default unbounded).
+    static VALUE_LIMIT: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+fn value_limit() -> usize {
+    VALUE_LIMIT.with(|l| l.get())
+}
+
+/// Parses an inference request, keeping at most `max_values` numbers of a tensor's `data` in memory (the rest
+/// are counted, so the request still fails with a precise shape error), so that the memory a JSON body can make
+/// us hold is bounded by the per-request image cap, not by the body size.
+pub fn parse_request(bytes: &[u8], max_values: usize) -> Result<InferRequest, serde_json::Error> {
+    let previous = VALUE_LIMIT.with(|l| l.replace(max_values));
+    let parsed = serde_json::from_slice::<InferRequest>(bytes);
+    VALUE_LIMIT.with(|l| l.set(previous));
+    parsed
 }
 
 const NON_FINITE: &str = "tensor data holds NaN or infinite values (or values beyond FP32 range)";
@@ -136,10 +157,12 @@ struct Fp32Visitor<'a>(&'a mut Fp32Data);
 impl Fp32Visitor<'_> {
     fn push(self, value: f64) {
         let value = value as f32;
-        if value.is_finite() {
+        if !value.is_finite() {
+            self.0.problem.get_or_insert(NON_FINITE);
+        } else if self.0.values.len() < value_limit() {
             self.0.values.push(value);
         } else {
-            self.0.problem.get_or_insert(NON_FINITE);
+            self.0.dropped += 1;
         }
     }
     fn not_a_number(self) {
@@ -207,6 +230,7 @@ pub fn validate(
     output_name: &str,
     height: usize,
     width: usize,
+    max_images: u32,
 ) -> Result<(usize, Vec<f32>), ApiError> {
     let [input] = &mut request.inputs[..] else {
         return Err(bad(
@@ -245,23 +269,29 @@ pub fn validate(
             ),
         ));
     }
-    // The declared shape is untrusted: never size an allocation from it (a huge N must be a 400, not an abort).
+    // The declared shape is untrusted: never size an allocation from it (a huge N must be a 4xx, not an abort).
     let images = usize::try_from(input.shape[0]).unwrap_or(usize::MAX);
+    if images > max_images as usize {
+        return Err(ApiError::TooManyImages {
+            images,
+            limit: max_images,
+        });
+    }
     let needed = images.checked_mul(3 * height * width);
     if let Some(problem) = input.data.problem {
         return Err(bad("bad_tensor", problem));
     }
-    let data = std::mem::take(&mut input.data.values);
-    if needed != Some(data.len()) {
+    let held = input.data.values.len() + input.data.dropped;
+    if needed != Some(held) {
         return Err(bad(
             "bad_shape",
             format!(
-                "input holds {} values; shape {:?} needs N x 3 x {height} x {width}",
-                data.len(),
+                "input holds {held} values; shape {:?} needs N x 3 x {height} x {width}",
                 input.shape
             ),
         ));
     }
+    let data = std::mem::take(&mut input.data.values);
     if let Some(outputs) = &request.outputs {
         if let Some(other) = outputs.iter().find(|o| o.name != output_name) {
             return Err(bad(
@@ -287,22 +317,32 @@ pub async fn infer(
         other => other?,
     };
     check_content_length(&request, state.config.max_body_bytes)?;
-    let _admission = state.admit()?;
     let timeout_ms = state.config.request_timeout_ms;
     let model = &state.package.manifest.model;
     let (height, width) = (entry.spec.input.height, entry.spec.input.width);
     let work = async {
-        let bytes = read_body(request.into_body(), state.config.max_body_bytes).await?;
+        let (bytes, memory) = read_body(request.into_body(), &state).await?;
+        // Only now, with the body in hand, a place in the inference queue: stalled uploads never hold one.
+        let _admission = state.admit()?;
+        let max_values = state.config.max_client_batch_size as usize * 3 * height * width;
+        let worker = state.clone();
         let mut parsed: InferRequest = state
-            .decode(move || serde_json::from_slice::<InferRequest>(&bytes))
-            .await?
-            .map_err(|e| bad("bad_json", format!("invalid inference request: {e}")))?;
+            .decode(memory, move |memory| {
+                // The kept values (f32, and a Vec may hold twice what it uses while growing).
+                memory
+                    .grow(max_values as u64 * 8)
+                    .map_err(|_| worker.memory_busy())?;
+                parse_request(&bytes, max_values)
+                    .map_err(|e| bad("bad_json", format!("invalid inference request: {e}")))
+            })
+            .await??;
         let (images, data) = validate(
             &mut parsed,
             &model.input_name,
             &model.output_name,
             height,
             width,
+            state.config.max_client_batch_size,
         )?;
         let prediction = state.predict(&task, data, images, height, width).await?;
         Ok::<_, ApiError>((parsed.id, images, prediction))
@@ -366,7 +406,7 @@ mod tests {
     use super::*;
 
     fn check(mut request: InferRequest) -> Result<(usize, Vec<f32>), ApiError> {
-        validate(&mut request, "input", "logits", 1, 2)
+        validate(&mut request, "input", "logits", 1, 2, 64)
     }
 
     fn request(shape: Vec<i64>, datatype: &str, data: Value) -> InferRequest {
@@ -398,6 +438,29 @@ mod tests {
     }
 
     #[test]
+    fn parsing_keeps_at_most_the_limit_and_counts_the_rest() {
+        let text = r#"{"inputs":[{"name":"input","shape":[2,3,1,2],"datatype":"FP32","data":[1,2,3,4,5,6,7,8,9,10,11,12]}]}"#;
+        let mut parsed = parse_request(text.as_bytes(), 6).unwrap();
+        assert_eq!(parsed.inputs[0].data.values.len(), 6);
+        assert_eq!(parsed.inputs[0].data.dropped, 6);
+        // the shape is within the image cap and the count matches: the dropped values mean the cap was set wrong
+        // for this shape, which the handler never does (cap = max images x image size); here it is a shape error.
+        assert_eq!(
+            validate(&mut parsed, "input", "logits", 1, 2, 1)
+                .unwrap_err()
+                .code(),
+            "too_many_images"
+        );
+        let unlimited = parse_request(text.as_bytes(), usize::MAX).unwrap();
+        assert_eq!(unlimited.inputs[0].data.values.len(), 12);
+        assert_eq!(
+            value_limit(),
+            usize::MAX,
+            "the limit is reset after parsing"
+        );
+    }
+
+    #[test]
     fn accepts_flat_and_nested_data() {
         let flat = request(vec![1, 3, 1, 2], "FP32", json!([1, 2, 3, 4, 5, 6]));
         assert_eq!(
@@ -425,9 +488,11 @@ mod tests {
         let text = request(vec![1, 3, 1, 2], "FP32", json!(["NaN", 2, 3, 4, 5, 6]));
         assert_eq!(check(text).unwrap_err().code(), "bad_tensor");
         let huge = request(vec![i64::MAX, 3, 1, 2], "FP32", json!([1, 2, 3, 4, 5, 6]));
-        assert_eq!(check(huge).unwrap_err().code(), "bad_shape");
+        assert_eq!(check(huge).unwrap_err().code(), "too_many_images");
         let big = request(vec![1 << 40, 3, 1, 2], "FP32", json!([1, 2, 3, 4, 5, 6]));
-        assert_eq!(check(big).unwrap_err().code(), "bad_shape");
+        assert_eq!(check(big).unwrap_err().code(), "too_many_images");
+        let over = request(vec![65, 3, 1, 2], "FP32", json!(vec![0; 65 * 6]));
+        assert_eq!(check(over).unwrap_err().code(), "too_many_images");
         let zero = request(vec![0, 3, 1, 2], "FP32", json!([]));
         assert_eq!(check(zero).unwrap_err().code(), "bad_shape");
     }

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{Api, ROUTES};
+use super::{is_open, Api, ROUTES};
 
 fn schema_ref(name: &str) -> Value {
     match name {
@@ -52,15 +52,35 @@ pub fn document() -> Value {
                 json!({"required": true, "content": content}),
             );
         }
+        let error_schema = match route.api {
+            Api::Oip => "OipError",
+            _ => "Error",
+        };
+        let mut extra: Vec<(u16, &str, &str)> = Vec::new();
+        if !is_open(route.operation_id) {
+            operation.insert("security".into(), json!([{"bearer": []}]));
+            extra.push((
+                401,
+                "Missing or unknown API key (when LORKD_API_KEYS / LORKD_API_KEYS_FILE are set)",
+                error_schema,
+            ));
+        }
+        if !route.request.is_empty() {
+            extra.push((
+                408,
+                "Body not received within LORKD_BODY_TIMEOUT_MS",
+                error_schema,
+            ));
+        }
         let mut responses = Map::new();
-        for (status, description, schema) in route.responses {
-            let media = if *schema == "text" {
+        for (status, description, schema) in route.responses.iter().copied().chain(extra) {
+            let media = if schema == "text" {
                 "text/plain"
             } else {
                 "application/json"
             };
             let mut response = json!({"description": description, "content": {media: {"schema": schema_ref(schema)}}});
-            if *status == 429 {
+            if status == 429 || (status == 503 && !route.request.is_empty()) {
                 response["headers"] = json!({"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}});
             }
             responses.insert(status.to_string(), response);
@@ -79,7 +99,10 @@ pub fn document() -> Value {
             "description": "Serves LoRKD task experts: each expert is the shared student with W0 + scale * B_t A_t and its own head, assembled on demand and cached. Native JSON API under /v1, KServe Open Inference Protocol v2 under /v2."
         },
         "paths": paths,
-        "components": {"schemas": schemas()},
+        "components": {
+            "schemas": schemas(),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "An API key from LORKD_API_KEYS / LORKD_API_KEYS_FILE. Health probes and this document need none."}},
+        },
     })
 }
 
@@ -88,7 +111,7 @@ fn schemas() -> Value {
         "Error": {
             "type": "object", "required": ["error"],
             "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
-                "code": {"type": "string", "examples": ["bad_image", "not_found", "payload_too_large", "unsupported_media_type", "image_too_large", "overloaded", "timeout", "internal"]},
+                "code": {"type": "string", "examples": ["bad_image", "not_found", "payload_too_large", "too_many_images", "unsupported_media_type", "image_too_large", "overloaded", "memory_busy", "body_timeout", "unauthorized", "timeout", "internal"]},
                 "message": {"type": "string"}}}}
         },
         "OipError": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
