@@ -297,7 +297,10 @@ impl Package {
             match std::fs::read(root.join(path)) {
                 Ok(bytes) if sha256_hex(&bytes).eq_ignore_ascii_case(expected) => {}
                 Ok(_) => warnings.push(format!("file `{path}` does not match its sha256")),
-                Err(e) => warnings.push(format!("file `{path}` cannot be read: {e}")),
+                Err(e) => {
+                    tracing::warn!(file = %path, error = %e, "package file cannot be read");
+                    warnings.push(format!("file `{path}` cannot be read"))
+                }
             }
         }
 
@@ -390,8 +393,11 @@ fn load_expert(
                 spec.file
             ));
         }
-        let bytes = std::fs::read(root.join(&spec.file))
-            .map_err(|e| format!("cannot read expert file `{}`: {e}", spec.file))?;
+        // The OS error stays in the log: disabled reasons are shown to clients (`/v1/experts`).
+        let bytes = std::fs::read(root.join(&spec.file)).map_err(|e| {
+            tracing::warn!(task = %spec.id, file = %spec.file, error = %e, "cannot read expert file");
+            format!("cannot read expert file `{}`", spec.file)
+        })?;
         let sha = sha256_hex(&bytes);
         if !sha.eq_ignore_ascii_case(expected) {
             return Err(format!(

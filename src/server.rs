@@ -150,11 +150,17 @@ impl App {
         } else {
             tracing::warn!("authentication is off (no LORKD_API_KEYS / LORKD_API_KEYS_FILE): anyone who reaches the port can use the API");
         }
+        let plan = MemoryPlan::new(&config, &package);
+        if config.request_memory_bytes < plan.expert {
+            return Err(StartupError(format!(
+                "LORKD_REQUEST_MEMORY_BYTES ({}) is below what one expert assembly needs ({} bytes): no expert could ever be assembled",
+                config.request_memory_bytes, plan.expert
+            )));
+        }
         let memory = MemoryBudget::new(config.request_memory_bytes);
         metrics
             .request_memory_budget_bytes
             .set(memory.total_bytes().min(i64::MAX as u64) as i64);
-        let plan = MemoryPlan::new(&config, &package);
         match memory_limit_of_this_container() {
             Some(limit) if plan.total() > limit => tracing::warn!(
                 planned_bytes = plan.total(),
@@ -391,13 +397,16 @@ async fn accept_loop(
 /// What the process is planned to hold at most (docs/deploy.md, "Memory"): a measured base for the binary,
 /// ONNX Runtime and its arena at the largest batch, the package's weights, the cache budget plus one pooled
 /// expert, the request-memory budget, and socket buffers of every allowed connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct MemoryPlan {
     pub base: u64,
     pub package: u64,
     pub cache: u64,
     pub requests: u64,
     pub connections: u64,
+    /// One expert's assembled layers (what an assembly reserves from the request budget).
+    pub expert: u64,
+    pub total: u64,
 }
 
 /// Resident memory of the service with the package loaded and before any expert, measured (docs/deploy.md).
@@ -412,17 +421,25 @@ impl MemoryPlan {
             .iter()
             .map(|l| l.shape.weight_shape().iter().product::<usize>() as u64 * 4)
             .sum();
-        MemoryPlan {
+        let mut plan = MemoryPlan {
             base: BASE_BYTES,
             // W0 is held twice (parsed layers for assembly, and the session's copy of the graph).
             package: 2 * package.model_bytes.len() as u64,
             cache: config.cache_bytes.saturating_add(expert_bytes),
             requests: config.request_memory_bytes,
             connections: u64::from(config.max_connections) * CONNECTION_BYTES,
-        }
+            expert: expert_bytes,
+            total: 0,
+        };
+        plan.total = plan.sum();
+        plan
     }
 
     pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    fn sum(&self) -> u64 {
         self.base
             .saturating_add(self.package)
             .saturating_add(self.cache)

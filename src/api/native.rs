@@ -112,6 +112,7 @@ pub async fn info(State(state): State<AppState>) -> Json<Value> {
         },
         "cache": {"budget_bytes": state.cache.budget(), "resident_bytes": state.cache.resident_bytes()},
         "request_memory": {"budget_bytes": state.memory.total_bytes(), "in_use_bytes": state.memory.in_use_bytes()},
+        "memory_plan": crate::server::MemoryPlan::new(&state.config, package),
         "authentication": if state.api_keys.enabled() { "api_keys" } else { "off" },
         "config": state.config,
     }))

@@ -317,3 +317,118 @@ pub async fn predict_png(
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
 }
+
+/// The real `lorkd` binary as a child process (for what only a separate process shows: its resident memory).
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub base: String,
+}
+
+impl ServerProcess {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").to_string()
+    }
+
+    /// Resident set size in bytes (`VmRSS` of /proc/<pid>/status).
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS");
+        kib * 1024
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `target/.../lorkd` on 127.0.0.1:<ephemeral> with the test package and `extra` flags, waits until ready.
+pub async fn spawn_binary(extra: &[&str]) -> ServerProcess {
+    use std::io::BufRead;
+    let package = package_dir();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lorkd"))
+        .args(["--package", package.to_str().unwrap()])
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--intra-op-threads",
+            "1",
+        ])
+        .args(["--log-format", "json"])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("lorkd binary starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if !sent {
+                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if event["message"] == "listening" {
+                        let _ = tx.send(event["address"].as_str().unwrap_or_default().to_string());
+                        sent = true;
+                    }
+                }
+            }
+        }
+    });
+    let address = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("lorkd logs its address");
+    let server = ServerProcess {
+        child,
+        base: format!("http://{address}"),
+    };
+    for _ in 0..3000 {
+        if let Ok(r) = reqwest::get(server.url("/v2/health/ready")).await {
+            if r.status() == 200 {
+                return server;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("lorkd never became ready");
+}
+
+/// Builds, warms up and serves an app with a separate ops listener (`--ops-port` must be set in `config`).
+pub async fn start_with_ops(config: Config) -> (TestServer, String) {
+    let app = App::build(config).await.expect("server starts");
+    app.warm_up().await.expect("warm-up");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let ops_base = format!("http://{}", ops.local_addr().unwrap());
+    let (tx, rx) = oneshot::channel::<()>();
+    let state = app.state.clone();
+    let handle = tokio::spawn(async move {
+        lorkd::serve_with_ops(&app, listener, Some(ops), async move {
+            let _ = rx.await;
+        })
+        .await
+    });
+    (
+        TestServer {
+            base,
+            state,
+            shutdown: Some(tx),
+            handle,
+        },
+        ops_base,
+    )
+}
