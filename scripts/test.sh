@@ -7,7 +7,7 @@ passed=0
 failed=0
 # The benchmark smoke run (tiny counts, never judged on a number) reuses the debug build of test-rust.sh
 # and keeps the benchmark commands working.
-for suite in scripts/test-python.sh scripts/test-rust.sh "scripts/bench.sh --smoke" scripts/test-deploy.sh; do
+for suite in scripts/test-python.sh scripts/test-rust.sh scripts/test-schema.sh "scripts/bench.sh --smoke" scripts/test-deploy.sh; do
   echo "=== $suite"
   if $suite; then passed=$((passed + 1)); else echo "FAILED: $suite"; failed=$((failed + 1)); fi
 done

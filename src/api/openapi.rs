@@ -154,7 +154,7 @@ fn schemas() -> Value {
             "id": {"type": "string"},
             "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "object", "required": ["name", "shape", "datatype", "data"], "properties": {
                 "name": {"type": "string", "const": "input"}, "shape": {"type": "array", "items": {"type": "integer"}, "description": "[N, 3, H, W]"},
-                "datatype": {"type": "string", "const": "FP32"}, "data": {"type": "array", "description": "row-major values, flat or nested; preprocessed per FORMAT.md section 4"}}}},
+                "datatype": {"type": "string", "const": "FP32"}, "data": {"type": "array", "items": {"type": "number"}, "description": "N x 3 x H x W values, row-major (nested arrays are accepted too); preprocessed per FORMAT.md section 4"}}}},
             "outputs": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string", "const": "logits"}}}}}},
         "OipInferResponse": {"type": "object", "properties": {
             "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
