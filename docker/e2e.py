@@ -46,7 +46,11 @@ RUN_FLAGS = [
     "60s",
     "-p",
     "127.0.0.1::8080",
+    "-p",
+    "127.0.0.1::9090",
 ]
+# Sent with every request when the container runs with API keys (the Kubernetes settings do).
+AUTH: dict[str, str] = {}
 DRAIN_LOG = "shutdown requested"
 DRAIN_TIMEOUT_LOG = "drain timeout passed"
 
@@ -63,7 +67,7 @@ def docker(*args: str, check: bool = True) -> str:
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 30):
-    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    request = urllib.request.Request(url, data=body, method=method, headers={**AUTH, **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read()
@@ -79,6 +83,9 @@ class Container:
         self.id = docker("run", "-d", "--name", name, *RUN_FLAGS, *extra, image)
         port = docker("port", name, "8080/tcp").splitlines()[0].rsplit(":", 1)[1]
         self.base = f"http://127.0.0.1:{port}"
+        ops = docker("port", name, "9090/tcp").splitlines()[0].rsplit(":", 1)[1]
+        # The ops routes (/metrics, /v1/info) move to port 9090 when LORKD_OPS_PORT=9090, else stay on 8080.
+        self.ops_base = f"http://127.0.0.1:{ops}" if "LORKD_OPS_PORT=9090" in " ".join(extra) else self.base
 
     def state(self) -> dict[str, Any]:
         return json.loads(docker("inspect", "-f", "{{json .State}}", self.name))
@@ -250,7 +257,18 @@ def main() -> int:
     package = args.package.resolve()
     containers: list[Container] = []
     try:
-        c = Container(args.image, args.name, ["--env-file", args.env_file] if args.env_file else [])
+        keys_dir = Path(tempfile.mkdtemp(prefix="lorkd-e2e-keys-"))
+        key = f"e2e-{os.urandom(12).hex()}"
+        (keys_dir / "api-keys").write_text(f"# e2e\n{key}\n")
+        os.chmod(keys_dir, 0o755)
+        os.chmod(keys_dir / "api-keys", 0o444)
+        extra = []
+        if args.env_file:
+            env_text = Path(args.env_file).read_text()
+            extra = ["--env-file", args.env_file, "-v", f"{keys_dir}:/etc/lorkd/keys:ro"]
+            if "LORKD_OPS_PORT=9090" in env_text:
+                extra += ["-e", "LORKD_OPS_PORT=9090"]
+        c = Container(args.image, args.name, extra)
         containers.append(c)
         ready_s = c.wait_ready()
         print(f"e2e: cold start to ready: {ready_s:.2f}s (docker run -> first 200 on /v2/health/ready)")
@@ -259,14 +277,22 @@ def main() -> int:
             print(f"e2e: of which lorkd itself, container start -> 'ready' log line: {inside:.2f}s")
         c.wait_healthy()
         print("e2e: docker HEALTHCHECK reports healthy")
-        status, body = http("GET", f"{c.base}/v1/info")
+        if args.env_file:
+            # The Kubernetes settings turn API keys on: without the key the API answers 401, probes stay open.
+            status, _ = http("GET", f"{c.base}/v1/experts")
+            ready, _ = http("GET", f"{c.base}/v2/health/ready")
+            if status != 401 or ready != 200:
+                raise E2EError(f"without a key: /v1/experts {status} (want 401), ready {ready} (want 200)")
+            AUTH["Authorization"] = f"Bearer {key}"
+            print("e2e: API keys from the mounted key file: 401 without, 200 with; probes open")
+        status, body = http("GET", f"{c.ops_base}/v1/info")
         info = json.loads(body)
-        if status != 200 or info["runtime"]["provider"] != "cpu" or info["package"]["path"] != "/opt/lorkd/package":
+        if status != 200 or info["runtime"]["provider"] != "cpu" or "/opt/lorkd" in body.decode():
             raise E2EError(f"/v1/info: {status} {body[:500]!r}")
-        print(f"e2e: /v1/info: package {info['package']['name']}, provider {info['runtime']['provider']}")
+        print(f"e2e: /v1/info (ops port): package {info['package']['name']}, provider {info['runtime']['provider']}")
         cases, worst = check_golden(c.base, package)
         print(f"e2e: {cases} golden images predicted, top-1 all equal, max |logit - golden| = {worst:.2e}")
-        status, body = http("GET", f"{c.base}/metrics")
+        status, body = http("GET", f"{c.ops_base}/metrics")
         if status != 200 or b"# TYPE" not in body:
             raise E2EError(f"/metrics: {status} {body[:200]!r}")
         print(f"e2e: /metrics answers ({len(body.splitlines())} lines)")
@@ -278,6 +304,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="lorkd-e2e-") as tmp:
             other, tasks = subset_package(package, Path(tmp))
             mount = ["-v", f"{other}:/packages/custom:ro", "-e", "LORKD_PACKAGE=/packages/custom"]
+            AUTH.clear()  # this container runs with the image's defaults: no keys
             c2 = Container(args.image, f"{args.name}-mounted", mount)
             containers.append(c2)
             c2.wait_ready()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import re
 import shutil
@@ -51,6 +52,8 @@ BASE_OVERRIDES = {
     "LORKD_INTRA_OP_THREADS": "match the container's CPU limit (2) instead of the node's core count",
     "LORKD_PRELOAD": "warm every expert before the pod turns ready",
     "LORKD_LOG_FORMAT": "JSON logs for log collectors",
+    "LORKD_API_KEYS_FILE": "API keys from the Secret lorkd-api-keys (authentication on in the cluster)",
+    "LORKD_OPS_PORT": "metrics and info off the public Service, on the ops port",
 }
 OIP_LIVE, OIP_READY = "/v2/health/live", "/v2/health/ready"
 CRD_GROUPS = ("serving.kserve.io/",)  # no schema in kubernetes-validate: checked structurally below
@@ -135,6 +138,31 @@ def check_configmap_values(where: str, data: dict[str, str], binary: str | None)
     out = subprocess.run([binary, "--print-env-vars"], check=False, capture_output=True, text=True, env=env, timeout=30)
     if out.returncode != 0:
         fail(where, f"the service rejects the ConfigMap's values: {out.stderr.strip()[:400]}")
+
+
+def quantity_bytes(value: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    for unit, factor in units.items():
+        if value.endswith(unit):
+            return int(float(value[: -len(unit)]) * factor)
+    return int(float(value))
+
+
+def check_memory_plan(where: str, data: dict[str, str], limit: str | None, binary: str | None) -> None:
+    """The memory limit must hold the service's plan for these settings (lorkd --print-memory-plan)."""
+    if not binary or limit is None or not QUANTITY.match(str(limit)):
+        return
+    env = {"PATH": os.environ.get("PATH", ""), **{k: str(v) for k, v in data.items()}}
+    env["LORKD_PACKAGE"] = str(ROOT / "models/medmnist-lorkd")  # the package the image bakes in
+    out = subprocess.run([binary, "--print-memory-plan"], check=False, capture_output=True, text=True, env=env,
+                         timeout=60)
+    if out.returncode != 0:
+        fail(where, f"lorkd --print-memory-plan failed: {out.stderr.strip()[:300]}")
+        return
+    plan = json.loads(out.stdout)
+    if plan["total"] > quantity_bytes(str(limit)):
+        fail(where, f"memory limit {limit} is below the service's memory plan of {plan['total'] / 2**20:.0f} MiB "
+                    f"({plan}): lower LORKD_CACHE_BYTES / LORKD_REQUEST_MEMORY_BYTES or raise the limit")
 
 
 def check_workload(target: str, docs: list[dict[str, Any]], variables: dict[str, str], binary: str | None) -> None:
@@ -241,6 +269,7 @@ def check_workload(target: str, docs: list[dict[str, Any]], variables: dict[str,
             f"k8s/base/lorkd.env, or list them in NOT_IN_CONFIGMAP with a reason): {missing}",
         )
     check_configmap_values(f"{target}: ConfigMap", data, binary)
+    check_memory_plan(f"{target}: memory", data, resources.get("limits", {}).get("memory"), binary)
     if target == "base" and binary:  # defaults are known only from the binary's listing
         for key, value in sorted(data.items()):
             if key in variables and key not in BASE_OVERRIDES and str(value) != variables[key]:
@@ -263,6 +292,22 @@ def check_workload(target: str, docs: list[dict[str, Any]], variables: dict[str,
         package == m or package.startswith(m.rstrip("/") + "/") for m in mounts
     ):
         fail(target, f"LORKD_PACKAGE={package} is neither the image's package nor under a mounted volume")
+
+    # Authentication on: API keys from a mounted Secret (never a literal key in a ConfigMap).
+    key_file = data.get("LORKD_API_KEYS_FILE", "")
+    if data.get("LORKD_API_KEYS"):
+        fail(target, "LORKD_API_KEYS holds literal keys in the ConfigMap; mount a Secret and use LORKD_API_KEYS_FILE")
+    if not key_file:
+        fail(target, "authentication is off: LORKD_API_KEYS_FILE is empty")
+    else:
+        secret_mounts = {
+            m["mountPath"]
+            for m in container.get("volumeMounts", [])
+            for v in spec.get("volumes", [])
+            if v["name"] == m["name"] and "secret" in v
+        }
+        if not any(key_file.startswith(m.rstrip("/") + "/") for m in secret_mounts):
+            fail(target, f"LORKD_API_KEYS_FILE={key_file} is not inside a mounted Secret volume")
 
     # Overlay-specific promises.
     provider = data.get("LORKD_PROVIDER")
@@ -329,7 +374,7 @@ def check_dockerfiles(variables: dict[str, str]) -> None:
         check_env_names(f"docker/{dockerfile.name}", [n for n in names if n not in build_args], variables)
 
 
-def self_test(variables: dict[str, str]) -> None:
+def self_test(variables: dict[str, str], binary: str | None) -> None:
     """The checks must catch known-bad manifests: mutate the rendered cpu overlay and expect failures."""
     docs = render("overlays/cpu")
 
@@ -351,22 +396,29 @@ def self_test(variables: dict[str, str]) -> None:
         "schema: wrong type": lambda d: container(d)["ports"][0].update(containerPort="eighty"),
         "service links on": lambda d: find("Deployment", d)["spec"]["template"]["spec"].pop("enableServiceLinks"),
         "bad quantity": lambda d: container(d)["resources"]["limits"].update(memory="lots"),
+        "authentication off": lambda d: find("ConfigMap", d)["data"].update(LORKD_API_KEYS_FILE=""),
+        "key file outside the Secret": lambda d: find("ConfigMap", d)["data"].update(LORKD_API_KEYS_FILE="/tmp/keys"),
+        "memory limit below the plan": lambda d: container(d)["resources"]["limits"].update(memory="300Mi"),
         "service selector mismatch": lambda d: find("Service", d)["spec"]["selector"].update(
             {"app.kubernetes.io/component": "other"}
         ),
     }
+    if not binary:
+        mutations.pop("memory limit below the plan")
     for name, mutate in mutations.items():
         broken = copy.deepcopy(docs)
         mutate(broken)
         before = len(failures)
         for doc in broken:
             schema_validate("self-test", doc, [NEWEST])
-        check_workload("self-test", broken, variables, None)
+        check_workload("self-test", broken, variables, binary)
         caught = len(failures) > before
         del failures[before:]
         if not caught:
             fail("self-test", f"a manifest with '{name}' passed the checks")
     print(f"validate: self-test: all {len(mutations)} known-bad variants of overlays/cpu are caught")
+    if not binary:
+        print("validate: self-test: skipped the memory-plan variant (needs a lorkd binary)")
 
 
 def main() -> int:
@@ -382,7 +434,7 @@ def main() -> int:
         binary = str(ROOT / source.strip("`").split()[0])
     print(f"validate: {len(variables)} service variables from {source}")
     print(f"validate: kubernetes-validate {kubernetes_validate.__version__}, schemas up to Kubernetes {NEWEST}")
-    self_test(variables)
+    self_test(variables, binary)
     check_dockerfiles(variables)
     check_loose_manifests()
     for target, oldest in TARGETS.items():

@@ -169,6 +169,12 @@ pub struct Config {
     #[arg(long, default_value_t = false)]
     #[serde(skip)]
     pub print_env_vars: bool,
+
+    /// Load the package, print the memory plan of this configuration (JSON, bytes) and exit; the container's
+    /// memory limit must be above its `total` (docs/deploy.md, "Memory").
+    #[arg(long, default_value_t = false)]
+    #[serde(skip)]
+    pub print_memory_plan: bool,
 }
 
 impl Config {

@@ -10,6 +10,19 @@ async fn main() -> std::process::ExitCode {
         print!("{}", config::env_vars_listing());
         return std::process::ExitCode::SUCCESS;
     }
+    if config.print_memory_plan {
+        return match lorkd::package::Package::load(&config.package) {
+            Ok(package) => {
+                let plan = server::MemoryPlan::new(&config, &package);
+                println!("{}", serde_json::to_string(&plan).expect("plan serialises"));
+                std::process::ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("lorkd: {error}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     server::init_tracing(config.log_format, &config.log);
     match server::run(config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
