@@ -54,7 +54,7 @@ async def request(host: str, port: int, method: str, path: str, headers: dict[st
         data = await asyncio.wait_for(reader.read(), timeout=60)
         status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
         return status, time.perf_counter() - started
-    except (ConnectionError, asyncio.TimeoutError):
+    except (TimeoutError, ConnectionError):
         return 0, time.perf_counter() - started
     finally:
         writer.close()
