@@ -82,6 +82,13 @@ impl Shared {
         ApiError::MemoryBusy { retry_after_s: 1 }
     }
 
+    /// Reserves `bytes` of request memory now, or 503 `memory_busy`.
+    pub fn reserve(&self, bytes: usize) -> Result<Reservation, ApiError> {
+        self.memory
+            .try_reserve(bytes as u64)
+            .map_err(|_| self.memory_busy())
+    }
+
     /// 413 when a request carries more images than `LORKD_MAX_CLIENT_BATCH_SIZE`.
     pub fn check_image_count(&self, images: usize) -> Result<(), ApiError> {
         let limit = self.config.max_client_batch_size;

@@ -298,6 +298,8 @@ pub async fn predict(
             })
             .await??;
         let decode_ms = decode_started.elapsed().as_secs_f64() * 1e3;
+        // The task input waits for its batch: still request memory until the answer is out.
+        let _input_memory = state.reserve(input.len() * 4)?;
         let prediction = state
             .predict(
                 &task,

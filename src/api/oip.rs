@@ -344,6 +344,8 @@ pub async fn infer(
             width,
             state.config.max_client_batch_size,
         )?;
+        // The tensor waits for its batch: still request memory until the answer is out.
+        let _tensor_memory = state.reserve(data.len() * 4)?;
         let prediction = state.predict(&task, data, images, height, width).await?;
         Ok::<_, ApiError>((parsed.id, images, prediction))
     };
