@@ -29,6 +29,8 @@ pub struct Metrics {
     pub info: IntGaugeVec,
     pub experts: IntGaugeVec,
     pub connections: IntGauge,
+    pub inference_failures: prometheus::IntCounter,
+    pub backend_up: IntGauge,
     pub request_memory_bytes: IntGauge,
     pub request_memory_budget_bytes: IntGauge,
 }
@@ -181,6 +183,16 @@ impl Metrics {
             "The request-memory budget (LORKD_REQUEST_MEMORY_BYTES)",
         )
         .unwrap();
+        let inference_failures = prometheus::IntCounter::new(
+            "inference_failures_total",
+            "ONNX Runtime runs that failed (every job of the batch got an internal error)",
+        )
+        .unwrap();
+        let backend_up = IntGauge::new(
+            "backend_up",
+            "1 while the inference backend thread runs, 0 once it has ended",
+        )
+        .unwrap();
         let metrics = Metrics {
             registry,
             http_requests,
@@ -204,6 +216,8 @@ impl Metrics {
             info,
             experts,
             connections,
+            inference_failures,
+            backend_up,
             request_memory_bytes,
             request_memory_budget_bytes,
         };
@@ -238,6 +252,9 @@ impl Metrics {
         r.register(Box::new(metrics.info.clone())).unwrap();
         r.register(Box::new(metrics.experts.clone())).unwrap();
         r.register(Box::new(metrics.connections.clone())).unwrap();
+        r.register(Box::new(metrics.inference_failures.clone()))
+            .unwrap();
+        r.register(Box::new(metrics.backend_up.clone())).unwrap();
         r.register(Box::new(metrics.request_memory_bytes.clone()))
             .unwrap();
         r.register(Box::new(metrics.request_memory_budget_bytes.clone()))

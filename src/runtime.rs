@@ -190,10 +190,55 @@ enum Message {
     },
 }
 
+/// Consecutive failed ONNX Runtime runs after which the backend reports itself unhealthy (readiness 503) until
+/// a run succeeds again.
+pub const UNHEALTHY_AFTER_FAILURES: u32 = 3;
+
+/// What the backend thread tells the HTTP side about itself (readiness and liveness read it).
+#[derive(Debug, Default)]
+pub struct BackendHealth {
+    running: std::sync::atomic::AtomicBool,
+    consecutive_failures: std::sync::atomic::AtomicU32,
+}
+
+impl BackendHealth {
+    /// The backend thread is running (false once it has ended, normally or by a panic).
+    pub fn running(&self) -> bool {
+        self.running.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Running, and its last [`UNHEALTHY_AFTER_FAILURES`] runs did not all fail.
+    pub fn healthy(&self) -> bool {
+        self.running() && self.consecutive_failures() < UNHEALTHY_AFTER_FAILURES
+    }
+}
+
+/// Marks the backend as ended when the thread's function returns or unwinds.
+struct RunningGuard {
+    health: Arc<BackendHealth>,
+    metrics: Metrics,
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.health
+            .running
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.metrics.backend_up.set(0);
+        tracing::error!("the inference backend thread has ended");
+    }
+}
+
 /// Handle to the backend thread. Cloning is cheap; the thread ends when the last handle is dropped.
 #[derive(Clone)]
 pub struct Backend {
     jobs: mpsc::Sender<Message>,
+    pub health: Arc<BackendHealth>,
     /// `cpu` or `cuda`: what the sessions actually run on.
     pub provider: &'static str,
 }
@@ -297,10 +342,23 @@ impl Backend {
             head_bias: spec.head_bias_input.clone(),
         };
         let (jobs, rx) = mpsc::channel();
-        let installer = jobs.clone();
+        // Promotion threads answer on their own channel: if the worker held a sender of its job channel, that
+        // channel would never close and the thread would outlive every handle.
+        let (installer, installed) = mpsc::channel();
+        let health = Arc::new(BackendHealth::default());
+        health
+            .running
+            .store(true, std::sync::atomic::Ordering::Release);
+        metrics.backend_up.set(1);
+        let health_for_worker = health.clone();
+        let guard = RunningGuard {
+            health: health.clone(),
+            metrics: metrics.clone(),
+        };
         thread::Builder::new()
             .name("lorkd-backend".into())
             .spawn(move || {
+                let _guard = guard;
                 Worker {
                     shared: session,
                     dedicated: HashMap::new(),
@@ -310,11 +368,17 @@ impl Backend {
                     names,
                     metrics,
                     installer,
+                    installed,
+                    health: health_for_worker,
                 }
                 .run(rx, admitted)
             })
             .map_err(|e| format!("cannot start the backend thread: {e}"))?;
-        Ok(Backend { jobs, provider })
+        Ok(Backend {
+            jobs,
+            health,
+            provider,
+        })
     }
 
     /// Runs `images` images (`input` = images x 3 x height x width floats) through `expert`.
@@ -384,7 +448,10 @@ struct Worker {
     factory: Arc<SessionFactory>,
     names: Names,
     metrics: Metrics,
+    /// Given to promotion threads; they answer on `installed`, which the loop drains between batches.
     installer: mpsc::Sender<Message>,
+    installed: mpsc::Receiver<Message>,
+    health: Arc<BackendHealth>,
 }
 
 impl Worker {
@@ -393,6 +460,9 @@ impl Worker {
         let max_wait = self.factory.config.max_batch_wait;
         let mut pending: VecDeque<Job> = VecDeque::new();
         loop {
+            while let Ok(message) = self.installed.try_recv() {
+                self.handle(message);
+            }
             let first = match pending.pop_front() {
                 Some(job) => job,
                 None => match rx.recv() {
@@ -508,6 +578,17 @@ impl Worker {
         let total: usize = batch.iter().map(|j| j.images).sum();
         let (height, width) = (batch[0].height, batch[0].width);
         let jobs = batch.len() as u64;
+        let failures = &self.health.consecutive_failures;
+        match &result {
+            Ok(_) => failures.store(0, std::sync::atomic::Ordering::Release),
+            Err(error) => {
+                let now = failures.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+                self.metrics.inference_failures.inc();
+                if now == UNHEALTHY_AFTER_FAILURES {
+                    tracing::error!(%error, failures = now, "ONNX Runtime runs keep failing: reporting not ready");
+                }
+            }
+        }
         match result {
             Ok((logits, run_seconds)) => {
                 self.metrics.batch_size.observe(total as f64);

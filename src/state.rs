@@ -72,8 +72,14 @@ pub struct Prediction {
 }
 
 impl Shared {
+    /// Warmed up, and the inference backend runs and its recent runs have not all failed.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && self.backend.health.healthy()
+    }
+
+    /// The process can still serve: its inference backend thread has not ended.
+    pub fn is_live(&self) -> bool {
+        self.backend.health.running()
     }
 
     /// 503 + Retry-After for a spent request-memory budget (counted once here).

@@ -20,8 +20,15 @@ pub async fn server_metadata() -> Json<Value> {
     Json(json!({"name": "lorkd", "version": env!("CARGO_PKG_VERSION"), "extensions": []}))
 }
 
-pub async fn live() -> Json<Value> {
-    Json(json!({"live": true}))
+pub async fn live(State(state): State<AppState>) -> Response {
+    // A process whose inference thread has ended cannot recover by itself: let the orchestrator restart it.
+    let live = state.is_live();
+    let status = if live {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({"live": live}))).into_response()
 }
 
 pub async fn ready(State(state): State<AppState>) -> Response {
