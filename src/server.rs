@@ -342,21 +342,23 @@ async fn accept_loop(
     listener: TcpListener,
     limits: ConnectionLimits,
     metrics: Metrics,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
-    let stopped = |stop: &tokio::sync::watch::Receiver<bool>| *stop.borrow();
+    // Resolves once shutdown is asked for (or its sender is gone, which only happens when the runtime stops).
+    let mut stop = stop;
+    let shutdown = async move {
+        let _ = stop.wait_for(|stopping| *stopping).await;
+    };
+    tokio::pin!(shutdown);
     loop {
-        if stopped(&stop) {
-            break;
-        }
         let permit = tokio::select! {
             permit = limits.connections.clone().acquire_owned() => permit.expect("never closed"),
-            _ = stop.changed() => continue,
+            _ = &mut shutdown => break,
         };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -368,7 +370,7 @@ async fn accept_loop(
                     continue;
                 }
             },
-            _ = stop.changed() => continue,
+            _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
