@@ -443,10 +443,12 @@ pub async fn read_body(body: Body, state: &Shared) -> Result<(Bytes, Reservation
             }
             Ok(None) => break,
             Ok(Some(Err(e))) => {
+                // The transport's error text (OS errors included) stays in the log.
+                tracing::info!(error = %e, "request body broke off");
                 return Err(ApiError::bad_request(
                     "bad_body",
-                    format!("cannot read request body: {e}"),
-                ))
+                    "cannot read the request body: the connection failed while sending it",
+                ));
             }
             Ok(Some(Ok(frame))) => frame,
         };
