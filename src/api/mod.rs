@@ -443,8 +443,8 @@ pub async fn read_body(body: Body, state: &Shared) -> Result<(Bytes, Reservation
             }
             Ok(None) => break,
             Ok(Some(Err(e))) => {
-                // The transport's error text (OS errors included) stays in the log.
-                tracing::info!(error = %e, "request body broke off");
+                // The transport's error text (OS errors included) stays in the (debug) log.
+                tracing::debug!(error = %e, "request body broke off");
                 return Err(ApiError::bad_request(
                     "bad_body",
                     "cannot read the request body: the connection failed while sending it",
