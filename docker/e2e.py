@@ -173,7 +173,9 @@ def raw_request_head(base: str, task: str, length: int) -> tuple[socket.socket, 
     sock = socket.create_connection((host, int(port)), timeout=30)
     head = (
         f"POST /v1/experts/{task}/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
-        f"Content-Length: {length}\r\nConnection: close\r\n\r\n"
+        f"Content-Length: {length}\r\nConnection: close\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in AUTH.items())
+        + "\r\n"
     ).encode()
     return sock, head
 
