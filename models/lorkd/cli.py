@@ -110,6 +110,18 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_bench_train(args) -> int:
+    from .bench import bench
+
+    res = bench(args.variants, rounds=args.rounds, steps=args.steps, batch=args.batch_size,
+                image_size=args.image_size, threads=args.threads)
+    for k, v in res.items():
+        print(f"{k:12s} {v['median_img_s']:7.1f} img/s (median of {len(v['all'])})  {v['name']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lorkd-train", description=__doc__)
     p.add_argument("--data-dir", default=None, help="MedMNIST npz folder (default ../shared/data/medmnist)")
@@ -169,6 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--only", nargs="*", help="run only these stages")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_pipeline)
+
+    s = sub.add_parser("bench-train", help="training throughput, variants interleaved, medians (README figures)")
+    s.add_argument("--variants", nargs="+", default=["plain", "lorkd-mask", "lorkd"])
+    s.add_argument("--rounds", type=int, default=7)
+    s.add_argument("--steps", type=int, default=5)
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--image-size", type=int, default=28)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--out", help="write the JSON result here")
+    s.set_defaults(func=cmd_bench_train)
 
     args = p.parse_args(argv)
     if args.data_dir:
