@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DEFAULT_TASKS, load_tasks
+from .data import DEFAULT_TASKS, load_config_tasks
 
 
 def _load_cfg(args):
@@ -31,7 +31,7 @@ def cmd_train(args) -> int:
     from .train import train_run
 
     cfg = _load_cfg(args)
-    tasks = load_tasks(cfg.tasks, args.data_dir)
+    tasks = load_config_tasks(cfg, args.data_dir)
     out = Path(args.out)
     if cfg.mode == "stl":
         for td in tasks:
@@ -45,10 +45,20 @@ def cmd_teacher_features(args) -> int:
     from .train import load_trained, teacher_features
 
     torch.set_num_threads(args.threads)
-    cfg = json.loads((Path(args.teacher_run) / "config.json").read_text())
-    tasks = load_tasks(cfg["tasks"], args.data_dir)
-    teacher = load_trained(Path(args.teacher_run), tasks)
-    teacher_features(teacher, tasks, Path(args.out))
+    if args.teacher_run:  # the multi-task teacher trained by this toolkit (the default)
+        cfg = json.loads((Path(args.teacher_run) / "config.json").read_text())
+        tasks = load_config_tasks(cfg, args.data_dir)
+        teacher = load_trained(Path(args.teacher_run), tasks)
+        teacher_features(teacher, tasks, Path(args.out))
+    else:  # your own foundation model: torchvision/timm by name, weights from a local file
+        from .teacher import IMAGENET_MEAN, IMAGENET_STD, external_teacher_features, load_teacher
+
+        if not (args.arch and args.checkpoint and args.config):
+            raise SystemExit("teacher-features: give --teacher-run, or --arch, --checkpoint and --config")
+        tasks = load_config_tasks(_load_cfg(args), args.data_dir)
+        teacher = load_teacher(args.arch, args.checkpoint)
+        external_teacher_features(teacher, tasks, Path(args.out), args.image_size,
+                                  tuple(args.mean or IMAGENET_MEAN), tuple(args.std or IMAGENET_STD))
     print(f"wrote {args.out}")
     return 0
 
@@ -56,8 +66,10 @@ def cmd_teacher_features(args) -> int:
 def cmd_export(args) -> int:
     from .pipeline import export_from_run
 
+    extra = {"description": args.description} if args.description else {}
     manifest = export_from_run(Path(args.run), Path(args.out), args.data_dir, metrics_file=args.metrics,
-                               checkpoint_out=Path(args.checkpoint_out) if args.checkpoint_out else None)
+                               checkpoint_out=Path(args.checkpoint_out) if args.checkpoint_out else None,
+                               name=args.name or Path(args.out).name, **extra)
     print(f"wrote {args.out}: {len(manifest['tasks'])} experts, {len(manifest['layers'])} decomposed layers")
     return 0
 
@@ -67,8 +79,8 @@ def cmd_parity(args) -> int:
     from .train import load_trained
 
     torch.set_num_threads(args.threads)
-    manifest = json.loads((Path(args.package) / "manifest.json").read_text())
-    tasks = load_tasks([t["id"] for t in manifest["tasks"]], args.data_dir)
+    cfg = json.loads((Path(args.run) / "config.json").read_text())
+    tasks = load_config_tasks(cfg, args.data_dir)
     student = load_trained(Path(args.run), tasks, args.checkpoint)
     res = package_parity(Path(args.package), student, tasks, args.split)
     print(json.dumps(res, indent=1))
@@ -136,7 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("teacher-features", help="precompute pooled teacher features (image and its flip)")
-    s.add_argument("--teacher-run", required=True)
+    s.add_argument("--teacher-run", help="a teacher trained by `train --mode teacher`")
+    s.add_argument("--arch", help="or your own teacher: torchvision:<name> | timm:<name> (e.g. torchvision:resnet50)")
+    s.add_argument("--checkpoint", help="its local weights file (state dict; nothing is downloaded)")
+    s.add_argument("--config", help="the student's config (tasks, data sources, image size)")
+    s.add_argument("--set", nargs="*", help="override config keys: key=value")
+    s.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    s.add_argument("--image-size", type=int, default=224, help="the teacher's input size")
+    s.add_argument("--mean", type=float, nargs=3, help="the teacher's normalisation (default ImageNet)")
+    s.add_argument("--std", type=float, nargs=3)
     s.add_argument("--out", required=True)
     s.add_argument("--threads", type=int, default=2)
     s.set_defaults(func=cmd_teacher_features)
@@ -146,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True)
     s.add_argument("--metrics", help="evaluation JSON to copy test metrics and provenance from")
     s.add_argument("--checkpoint-out", help="also copy the PyTorch checkpoint here (for parity tests in CI)")
+    s.add_argument("--name", help="package name (default: the --out folder name)")
+    s.add_argument("--description", help="package description")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("parity", help="ORT package vs PyTorch EKS on a full split, and the switch rule")

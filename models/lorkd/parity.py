@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from .data import TaskData, to_tensor
+from .data import TaskData, task_tensor
 from .models import Student
 from .package import base_weights, delta, expert_feeds, load_package, read_expert, switch
 
@@ -40,7 +40,7 @@ def package_parity(pkg: Path, student: Student, tasks: list[TaskData], split: st
             raise ValueError(f"task order differs: package {ids} vs data {tid}")
         feeds = expert_feeds(pkg, manifest, tid, w0)
         head = {k: feeds[k] for k in ("head_weight", "head_bias")}
-        x_all = to_tensor(td.images[split])
+        x_all = task_tensor(td, split)
         max_err = base_err = 0.0
         agree = 0
         for s in range(0, len(x_all), batch_size):

@@ -47,6 +47,14 @@ class TrainConfig:
     beta: float = 5.0  # weight of the task knowledge transfer loss (0 = ablation)
     temperature: float = 4.0
     width: str = "x1.0"  # x1.0 | tiny (tests)
+    # student architecture: "" = the built-in 28-px ShuffleNetV2 (`width`); else any torchvision CNN name,
+    # decomposed by lorkd.decompose (tested: shufflenet_v2_x0_5..x2_0, mobilenet_v3_small/large, resnet18)
+    arch: str = ""
+    student_checkpoint: str = ""  # local weights to start the generic student from (never downloaded)
+    image_size: int = 28  # model input size; every task is resized to it at load
+    # per-task data sources: {"task": {"type": "npz"|"folder"|"csv", "path": ..., "labels": [...],
+    # "channels": 1|3, "mean": [3], "std": [3]}}; a MedMNIST id without an entry is its npz in --data-dir
+    task_sources: dict = field(default_factory=dict)
     teacher_arch: str = "resnet18"
     teacher_stem_stride: int = 2
     teacher_features: str = ""  # path to precomputed teacher features (teacher-features command)
@@ -123,9 +131,18 @@ def seed_everything(seed: int) -> None:
 
 def build_model(cfg: TrainConfig, tasks: list[TaskData]) -> nn.Module:
     ncls = tuple(td.spec.num_classes for td in tasks)
+    decomposed = cfg.mode in ("lorkd", "lorkd_nokd")
     if cfg.mode == "teacher":
         return Teacher(ncls, cfg.teacher_arch, cfg.teacher_stem_stride)
-    return Student(student_config(cfg, ncls, decomposed=cfg.mode in ("lorkd", "lorkd_nokd")))
+    if cfg.arch:
+        from .decompose import build_student
+
+        return build_student(cfg.arch, ncls, cfg.image_size, len(ncls) if decomposed else 0, cfg.rank, cfg.alpha,
+                             cfg.student_checkpoint or None)
+    if cfg.image_size != 28:
+        raise ValueError("the built-in ShuffleNetV2 is the 28-px one: set arch (e.g. shufflenet_v2_x1_0) "
+                         "for other input sizes")
+    return Student(student_config(cfg, ncls, decomposed=decomposed))
 
 
 class KDProjection(nn.Module):
