@@ -28,9 +28,12 @@ def _load_cfg(args):
 
 
 def cmd_train(args) -> int:
+    from .dist import device_for_rank, init_from_env
     from .train import train_run
 
     cfg = _load_cfg(args)
+    if init_from_env():  # under torchrun: DDP, NCCL on GPUs, gloo on CPUs
+        cfg = cfg.with_overrides([f"device={device_for_rank(cfg.device)}"])
     tasks = load_config_tasks(cfg, args.data_dir)
     out = Path(args.out)
     if cfg.mode == "stl":
