@@ -125,6 +125,13 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_synthetic_data(args) -> int:
+    from .synthetic import write_synthetic
+
+    print(f"wrote {write_synthetic(Path(args.out), args.size, args.arch)}")
+    return 0
+
+
 def cmd_bench_train(args) -> int:
     from .bench import bench
 
@@ -206,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--only", nargs="*", help="run only these stages")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_pipeline)
+
+    s = sub.add_parser("synthetic-data", help="tiny synthetic folder-of-images dataset + its training config")
+    s.add_argument("--out", required=True)
+    s.add_argument("--size", type=int, default=64)
+    s.add_argument("--arch", default="shufflenet_v2_x0_5")
+    s.set_defaults(func=cmd_synthetic_data)
 
     s = sub.add_parser("bench-train", help="training throughput, variants interleaved, medians (README figures)")
     s.add_argument("--variants", nargs="+", default=["plain", "lorkd-mask", "lorkd"])
