@@ -112,3 +112,81 @@ def bench(names: list[str], rounds: int = 5, steps: int = 5, batch: int = 128, i
             rates[n].append(steps * batch / (time.perf_counter() - t0))
         log(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {rates[n][-1]:.0f}" for n in names))
     return {n: {"name": VARIANTS[n].name, "median_img_s": statistics.median(v), "all": v} for n, v in rates.items()}
+
+
+LOOP_VARIANTS = {
+    "plain": {"mode": "mtl"},
+    "lorkd-mask": {"mode": "lorkd", "routing": "mask"},
+    "lorkd": {"mode": "lorkd", "routing": "segments"},
+    "mbv3s": {"mode": "lorkd", "arch": "mobilenet_v3_small"},
+}
+
+
+def bench_loop(names: list[str], rounds: int = 3, batches: int = 15, data_dir=None, workdir=None,
+               log: Callable[[str], None] = print) -> dict[str, dict]:
+    """The real training loop (train_run: real MedMNIST data, sampling, flips, transfer loss with stand-in teacher
+    features, the per-epoch val evaluation), one short epoch per variant per round, interleaved. Reports the
+    training images/s and the epoch's images/s including evaluation."""
+    import tempfile
+    from pathlib import Path
+
+    from .data import DEFAULT_TASKS, MultiTaskDataset, load_tasks
+    from .train import TrainConfig, train_run
+
+    tasks = load_tasks(DEFAULT_TASKS, data_dir)
+    work = Path(workdir or tempfile.mkdtemp(prefix="lorkd-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    n = len(MultiTaskDataset(tasks, "train"))
+    tf = work / "teacher_features.pt"
+    torch.save({"tasks": list(DEFAULT_TASKS), "features": torch.randn(n, 2, 512).half()}, tf)
+    train: dict[str, list[float]] = {k: [] for k in names}
+    epoch: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        for k in names:
+            out = work / f"{k}-{r}"
+            cfg = TrainConfig(**LOOP_VARIANTS[k], epochs=1, max_batches_per_epoch=batches,
+                              teacher_features=str(tf), num_threads=1)
+            train_run(cfg, tasks, out, progress=False)
+            import json
+
+            h = json.loads((out / "history.json").read_text())[0]
+            train[k].append(h["images_per_second"])
+            epoch[k].append(batches * cfg.batch_size / h["epoch_seconds"])
+        log(f"loop round {r + 1}/{rounds}: " + ", ".join(f"{k} {train[k][-1]:.0f}" for k in names))
+    return {k: {"train_img_s": statistics.median(train[k]), "with_eval_img_s": statistics.median(epoch[k]),
+                "all": train[k]} for k in names}
+
+
+def bench_infer(packages: list[str], rounds: int = 7, iters: int = 50, batches: tuple[int, ...] = (1, 32),
+                threads: int = 1, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """onnxruntime CPU latency of each package's first expert (merged weights fed as in the service's shared
+    session), packages interleaved per round; medians in milliseconds per call."""
+    from pathlib import Path
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from .package import expert_feeds, load_package
+
+    sessions = {}
+    for p in packages:
+        manifest = load_package(Path(p))
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(Path(p) / manifest["model"]["file"]), so, providers=["CPUExecutionProvider"])
+        feeds = expert_feeds(Path(p), manifest, manifest["tasks"][0]["id"])
+        h, w = manifest["input"]["height"], manifest["input"]["width"]
+        sessions[p] = (sess, feeds, h, w)
+    res: dict[str, dict[int, list[float]]] = {p: {b: [] for b in batches} for p in packages}
+    for r in range(rounds):
+        for p, (sess, feeds, h, w) in sessions.items():
+            for b in batches:
+                x = np.random.default_rng(r).standard_normal((b, 3, h, w)).astype(np.float32)
+                sess.run(["logits"], {"input": x, **feeds})
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    sess.run(["logits"], {"input": x, **feeds})
+                res[p][b].append((time.perf_counter() - t0) / iters * 1000)
+        log(f"infer round {r + 1}/{rounds}")
+    return {p: {f"batch{b}_ms": statistics.median(v) for b, v in d.items()} for p, d in res.items()}

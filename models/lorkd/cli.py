@@ -125,6 +125,26 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .report import run_curves_png
+
+    out = Path(args.out or Path(args.run[0]) / "curves.png")
+    run_curves_png([Path(r) for r in args.run], out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_bench_infer(args) -> int:
+    from .bench import bench_infer
+
+    res = bench_infer(args.package, rounds=args.rounds, threads=args.threads)
+    for p, v in res.items():
+        print(f"{p}: " + ", ".join(f"{k} {ms:.2f} ms" for k, ms in v.items()))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
 def cmd_synthetic_data(args) -> int:
     from .synthetic import write_synthetic
 
@@ -133,7 +153,16 @@ def cmd_synthetic_data(args) -> int:
 
 
 def cmd_bench_train(args) -> int:
-    from .bench import bench
+    from .bench import bench, bench_loop
+
+    if args.loop:
+        res = bench_loop(args.variants, rounds=args.rounds, batches=args.steps, data_dir=args.data_dir)
+        for k, v in res.items():
+            print(f"{k:12s} train {v['train_img_s']:7.1f} img/s, with val evaluation {v['with_eval_img_s']:7.1f} "
+                  f"(medians of {len(v['all'])})")
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=1))
+        return 0
 
     res = bench(args.variants, rounds=args.rounds, steps=args.steps, batch=args.batch_size,
                 image_size=args.image_size, threads=args.threads)
@@ -214,6 +243,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_pipeline)
 
+    s = sub.add_parser("plot", help="training curves of runs (loss, val, img/s) from their history.json")
+    s.add_argument("--run", nargs="+", required=True)
+    s.add_argument("--out", help="PNG path (default <first run>/curves.png)")
+    s.set_defaults(func=cmd_plot)
+
+    s = sub.add_parser("bench-infer", help="onnxruntime CPU latency of packages side by side (batch 1 and 32)")
+    s.add_argument("--package", nargs="+", required=True)
+    s.add_argument("--rounds", type=int, default=7)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--out")
+    s.set_defaults(func=cmd_bench_infer)
+
     s = sub.add_parser("synthetic-data", help="tiny synthetic folder-of-images dataset + its training config")
     s.add_argument("--out", required=True)
     s.add_argument("--size", type=int, default=64)
@@ -227,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--image-size", type=int, default=28)
     s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--loop", action="store_true",
+                   help="time the real training loop (real data, val evaluation) instead of bare steps; "
+                        "--steps = batches per epoch")
     s.add_argument("--out", help="write the JSON result here")
     s.set_defaults(func=cmd_bench_train)
 

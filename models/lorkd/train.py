@@ -73,6 +73,7 @@ class TrainConfig:
     # DDP the chunks are dealt to the ranks, so a single process with micro_batches = world size reproduces a
     # DDP run step for step (tests/test_distributed.py). 0 = the world size (1 without DDP).
     micro_batches: int = 0
+    routing: str = "segments"  # EKS routing of the built-in student: segments (fast) | mask (reference)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -156,7 +157,7 @@ def build_model(cfg: TrainConfig, tasks: list[TaskData]) -> nn.Module:
     if cfg.image_size != 28:
         raise ValueError("the built-in ShuffleNetV2 is the 28-px one: set arch (e.g. shufflenet_v2_x1_0) "
                          "for other input sizes")
-    return Student(student_config(cfg, ncls, decomposed=decomposed))
+    return Student(student_config(cfg, ncls, decomposed=decomposed), routing=cfg.routing)
 
 
 class KDProjection(nn.Module):

@@ -19,6 +19,10 @@ def test_synthetic_64px_folders_train_export_serve(tmp_path):
     assert main(["synthetic-data", "--out", str(tmp_path / "data"), "--size", "64"]) == 0
     cfg = str(tmp_path / "data" / "config.json")
     assert main(["train", "--config", cfg, "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    csv_rows = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    assert len(csv_rows) == 2 and "val_scans_acc" in csv_rows[0] and "images_per_second" in csv_rows[0]
+    assert main(["plot", "--run", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
     pkg = tmp_path / "pkg"
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(pkg)]) == 0
     assert main(["parity", "--run", str(tmp_path / "run"), "--package", str(pkg), "--threads", "1"]) == 0
