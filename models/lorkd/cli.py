@@ -85,7 +85,7 @@ def cmd_parity(args) -> int:
     cfg = json.loads((Path(args.run) / "config.json").read_text())
     tasks = load_config_tasks(cfg, args.data_dir)
     student = load_trained(Path(args.run), tasks, args.checkpoint)
-    res = package_parity(Path(args.package), student, tasks, args.split)
+    res = package_parity(Path(args.package), student, tasks, args.split, progress=True)
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))

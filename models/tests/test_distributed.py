@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from lorkd.dist import spawn_gloo
@@ -16,9 +17,10 @@ def _params(path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if "running_" not in k and "num_batches" not in k}
 
 
-def test_two_gloo_processes_match_a_single_process(tmp_path, tasks):
+@pytest.mark.parametrize("micro", [2, 4])  # 4: two chunks per rank, the first under no_sync (accumulation)
+def test_two_gloo_processes_match_a_single_process(tmp_path, tasks, micro):
     cfg = TrainConfig(mode="lorkd_nokd", width="tiny", epochs=2, batch_size=8, max_batches_per_epoch=3, lr=0.05,
-                      num_threads=1, micro_batches=2)
+                      num_threads=1, micro_batches=micro)
     seed_everything(cfg.seed)
     init = build_model(cfg, tasks).state_dict()
     train_run(cfg, tasks, tmp_path / "single", progress=False)
