@@ -201,7 +201,8 @@ async fn second_package_golden_logits() {
 }
 
 /// End to end at 64 px: a synthetic folder-of-images dataset -> `lorkd-train train` -> `export` -> this server,
-/// every golden case within tolerance. Needs the toolkit in `.venv` (scripts/setup.sh, run by `make test`).
+/// every golden case within tolerance. The student is a MobileNetV3-small with its 576 -> 1024 Linear decomposed
+/// too (served as a 1x1 conv layer). Needs the toolkit in `.venv` (scripts/setup.sh, run by `make test`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn synthetic_64px_folder_dataset_trains_exports_and_serves() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -215,7 +216,15 @@ async fn synthetic_64px_folder_dataset_trains_exports_and_serves() {
     let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
     let cfg_path = d("data/config.json");
     for args in [
-        vec!["synthetic-data", "--out", &d("data"), "--size", "64"],
+        vec![
+            "synthetic-data",
+            "--out",
+            &d("data"),
+            "--size",
+            "64",
+            "--arch",
+            "mobilenet_v3_small",
+        ],
         vec![
             "train",
             "--config",
@@ -237,7 +246,13 @@ async fn synthetic_64px_folder_dataset_trains_exports_and_serves() {
         );
     }
     let package = dir.path().join("pkg");
-    assert_eq!(manifest(&package)["input"]["height"], 64);
+    let m = manifest(&package);
+    assert_eq!(m["input"]["height"], 64);
+    assert!(m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["name"] == "classifier.0.weight"));
     let server = start_with(config(&package, &[])).await;
     let report = check_golden(&server, &package, None).await;
     assert_eq!(report.len(), 2);

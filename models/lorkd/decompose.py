@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from .eks import EKSConv2d, sort_by_task
+from .eks import EKSConv2d, EKSLinear, LinearAsConv, sort_by_task
 
 # Architectures tested end to end (decompose, train step, export, ORT parity); others may work.
 SUPPORTED = (
@@ -78,10 +78,11 @@ def decomposable(m: nn.Module) -> bool:
 
 def decompose(model: nn.Module, tasks: int | list[str] | tuple[str, ...], rank: int = 4, alpha: float = 16.0,
               num_classes: tuple[int, ...] | None = None, arch: str = "custom",
-              image_size: int = 224) -> LoRKDStudent:
+              image_size: int = 224, linear: bool = False) -> LoRKDStudent:
     """Turn `model` (modified in place) into a LoRKD student with one expert per task.
 
-    tasks: number of tasks or their ids; num_classes: classes per task (default 2 each).
+    tasks: number of tasks or their ids; num_classes: classes per task (default 2 each); linear: also decompose
+    every Linear except the classifier (e.g. MobileNetV3's 576 -> 1024 layer), served as 1x1 convs.
     """
     n_tasks = tasks if isinstance(tasks, int) else len(tasks)
     num_classes = tuple(num_classes or (2,) * n_tasks)
@@ -92,6 +93,8 @@ def decompose(model: nn.Module, tasks: int | list[str] | tuple[str, ...], rank: 
     for name, m in list(model.named_modules()):
         if decomposable(m):
             model.set_submodule(name, EKSConv2d.from_conv(m, n_tasks, rank, alpha))
+        elif linear and isinstance(m, nn.Linear):
+            model.set_submodule(name, EKSLinear.from_linear(m, n_tasks, rank, alpha))
     cfg = GenericConfig(arch, num_classes, n_tasks, rank, alpha, head.in_features, image_size)
     return LoRKDStudent(model, cfg)
 
@@ -127,7 +130,8 @@ def load_state(net: nn.Module, checkpoint: str) -> None:
 
 
 def build_student(arch: str, num_classes: tuple[int, ...], image_size: int = 28, num_tasks: int | None = None,
-                  rank: int = 4, alpha: float = 16.0, checkpoint: str | None = None) -> LoRKDStudent:
+                  rank: int = 4, alpha: float = 16.0, checkpoint: str | None = None,
+                  linear: bool = False) -> LoRKDStudent:
     """torchvision `arch` (optionally initialised from a local checkpoint), stem adapted to the input size,
     decomposed (num_tasks = 0: plain multi-head network)."""
     net = torchvision_model(arch, checkpoint)
@@ -135,7 +139,7 @@ def build_student(arch: str, num_classes: tuple[int, ...], image_size: int = 28,
     n = len(num_classes) if num_tasks is None else num_tasks
     if n == 0:
         return plain(net, num_classes, arch, image_size)
-    return decompose(net, n, rank, alpha, num_classes, arch, image_size)
+    return decompose(net, n, rank, alpha, num_classes, arch, image_size, linear)
 
 
 class LoRKDStudent(nn.Module):
@@ -265,7 +269,8 @@ def fold_generic(student: LoRKDStudent) -> tuple[DeployNet, dict[str, dict[str, 
         else:
             s = torch.ones(m.out_channels)
             bias = m.bias if m.bias is not None else torch.zeros(m.out_channels)
-        conv = nn.Conv2d(m.in_channels, m.out_channels, m.k, m.stride, m.padding, m.dilation, bias=True)
+        kind = LinearAsConv if isinstance(m, EKSLinear) else nn.Conv2d
+        conv = kind(m.in_channels, m.out_channels, m.k, m.stride, m.padding, m.dilation, bias=True)
         conv.weight.copy_(m.weight * s.view(-1, 1, 1, 1))
         conv.bias.copy_(bias)
         net.set_submodule(name, conv)

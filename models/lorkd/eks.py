@@ -153,3 +153,29 @@ class EKSConv2d(nn.Module):
             f"{self.in_channels}, {self.out_channels}, k={self.k}, stride={self.stride}, bias={self.bias is not None}, "
             f"tasks={self.num_tasks}, rank={self.rank}, scale={self.scale}"
         )
+
+
+class EKSLinear(EKSConv2d):
+    """Decomposed Linear, stored and served as a 1x1 conv ([Cout, Cin, 1, 1] weight, k = 1 factors), so the package
+    format and the service need nothing new: (N, Cin) -> (N, Cin, 1, 1) -> EKS 1x1 conv -> (N, Cout)."""
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, num_tasks: int, rank: int, alpha: float) -> EKSLinear:
+        eks = cls(lin.in_features, lin.out_features, 1, 1, 0, num_tasks, rank, alpha, bias=lin.bias is not None)
+        with torch.no_grad():
+            eks.weight.copy_(lin.weight.view(lin.out_features, lin.in_features, 1, 1))
+            if lin.bias is not None:
+                eks.bias.copy_(lin.bias)
+        return eks
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | Segments | None = None) -> torch.Tensor:
+        if x.dim() != 2:
+            raise ValueError(f"EKSLinear takes (N, features), got {tuple(x.shape)}")
+        return super().forward(x[:, :, None, None], mask).flatten(1)
+
+
+class LinearAsConv(nn.Conv2d):
+    """Deploy twin of EKSLinear: a 1x1 conv on (N, Cin, 1, 1); its weight is the overridable [Cout, Cin, 1, 1]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x[:, :, None, None]).flatten(1)

@@ -234,15 +234,21 @@ class Teacher(nn.Module):
 
 @torch.no_grad()
 def count_params_macs(model: nn.Module, input_shape=(1, 3, 28, 28), extra_args=()) -> tuple[int, int]:
-    """(parameters, multiply-accumulates per image) of a plain network (convs and linears)."""
+    """(parameters, multiply-accumulates per image) of a plain network (convs and Linears)."""
     macs = 0
 
     def conv_hook(m: nn.Conv2d, _inp, out):
         nonlocal macs
         k = m.kernel_size[0] * m.kernel_size[1]
-        macs += out.shape[1] * out.shape[2] * out.shape[3] * (m.in_channels // m.groups) * k
+        hw = out.shape[2] * out.shape[3] if out.dim() == 4 else 1  # a Linear served as a 1x1 conv: (N, Cout)
+        macs += out.shape[1] * hw * (m.in_channels // m.groups) * k
+
+    def linear_hook(m: nn.Linear, _inp, out):
+        nonlocal macs
+        macs += m.in_features * m.out_features
 
     hooks = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
     try:
         model(torch.zeros(input_shape), *extra_args)
     finally:

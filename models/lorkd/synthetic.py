@@ -33,6 +33,7 @@ def write_synthetic(out: Path, size: int = 64, arch: str = "shufflenet_v2_x0_5")
     write_folder_task(out / "photos", ("low", "mid", "high"), size, grey=False, seed=2)
     cfg = {
         "mode": "lorkd_nokd", "tasks": ["scans", "photos"], "arch": arch, "image_size": size,
+        "decompose_linear": True,
         "epochs": 1, "batch_size": 8, "max_batches_per_epoch": 2, "lr": 0.01, "num_threads": 1,
         "task_sources": {
             "scans": {"type": "folder", "path": str((out / "scans").resolve()), "channels": 1,

@@ -56,6 +56,7 @@ class TrainConfig:
     # BatchNorm momentum of generic students (torchvision's MobileNetV3 uses 0.01: over a few hundred steps its
     # running statistics stay near their init and eval predicts one class); 0 keeps the architecture's own
     bn_momentum: float = 0.1
+    decompose_linear: bool = False  # generic students: also decompose every Linear but the classifier
     image_size: int = 28  # model input size; every task is resized to it at load
     # per-task data sources: {"task": {"type": "npz"|"folder"|"csv", "path": ..., "labels": [...],
     # "channels": 1|3, "mean": [3], "std": [3]}}; a MedMNIST id without an entry is its npz in --data-dir
@@ -148,7 +149,7 @@ def build_model(cfg: TrainConfig, tasks: list[TaskData]) -> nn.Module:
         from .decompose import build_student
 
         student = build_student(cfg.arch, ncls, cfg.image_size, len(ncls) if decomposed else 0, cfg.rank,
-                                cfg.alpha, cfg.student_checkpoint or None)
+                                cfg.alpha, cfg.student_checkpoint or None, cfg.decompose_linear)
         if cfg.bn_momentum:
             for m in student.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):

@@ -91,3 +91,21 @@ def test_generic_export_serves_with_parity(arch, tmp_path, tasks16):
     res = package_parity(out, s, tasks16, "test", base_images=2)
     assert res["max_abs_err"] <= 1e-4 and res["argmax_agreement"] == 1.0, res
     assert max(r["base_max_abs_err"] for r in res["tasks"].values()) <= 1e-4
+
+
+def test_linear_layers_decompose_as_1x1_convs_and_export(tmp_path, tasks16):
+    torch.manual_seed(2)
+    s = randomise(build_student("mobilenet_v3_small", (2, 3), image_size=16, linear=True))
+    names = [n for n, _, _ in s.eks_layers()]
+    assert names[-1] == "classifier.0.weight"  # the 576 -> 1024 Linear; the classifier became the task heads
+    assert len(names) == groups1_convs(torchvision_model("mobilenet_v3_small")) + 1
+    x = torch.randn(3, 3, 16, 16)
+    task = torch.tensor([1, 0, 1])
+    mixed = s(x, task)
+    torch.testing.assert_close(mixed[task == 0], s(x[task == 0], torch.zeros(1, dtype=torch.long)),
+                               rtol=1e-4, atol=1e-5)
+    manifest = export_package(s, tasks16, tmp_path / "pkg", golden_per_task=1)
+    layer = next(L for L in manifest["layers"] if L["name"] == "classifier.0.weight")
+    assert layer["shape"] == [1024, 576, 1, 1] and layer["a_shape"] == [4, 576] and layer["b_shape"] == [1024, 4]
+    res = package_parity(tmp_path / "pkg", s, tasks16, "test", base_images=2)
+    assert res["max_abs_err"] <= 1e-4 and res["argmax_agreement"] == 1.0, res

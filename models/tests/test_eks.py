@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorkd.eks import EKSConv2d, Segments, sort_by_task
+from lorkd.eks import EKSConv2d, EKSLinear, Segments, sort_by_task
 
 
 def make(k: int, stride: int = 1, tasks: int = 3) -> EKSConv2d:
@@ -105,3 +105,20 @@ def test_student_routings_agree(tiny_student):
     seg = tiny_student(x, task)
     tiny_student.routing = "mask"
     torch.testing.assert_close(seg, tiny_student(x, task), rtol=1e-5, atol=1e-5)
+
+
+def test_eks_linear_equals_linear_with_merged_weight_per_sample():
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(6, 5).double()
+    eks = EKSLinear.from_linear(lin, 3, 2, 4.0).double()
+    with torch.no_grad():
+        eks.lora_B.normal_(0, 0.1)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    task = torch.tensor([0, 2, 1, 1, 0, 2, 2])
+    order, inverse, seg = sort_by_task(task, 3)
+    y = eks(x[order], seg)[inverse]
+    torch.testing.assert_close(eks(x, F.one_hot(task, 3).double()), y, rtol=1e-10, atol=1e-10)
+    for b in range(len(x)):
+        w = lin.weight + eks.delta(int(task[b])).view(5, 6)
+        torch.testing.assert_close(y[b], F.linear(x[b], w, lin.bias), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(eks(x), lin(x))  # no task: the given Linear
