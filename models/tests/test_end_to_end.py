@@ -1,5 +1,6 @@
-"""Synthetic 64-px folder-of-images dataset through the documented commands: train -> export -> parity -> the
-package answers its golden cases at 64 px (the Rust service side is tests/synthetic.rs)."""
+"""A new user's path on a synthetic 64-px folder-of-images dataset, through the documented commands: own
+torchvision teacher from a local checkpoint -> teacher features -> LoRKD training -> plot -> export -> parity ->
+the package answers its golden cases at 64 px (the Rust service side is in tests/parity.rs)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 
 import numpy as np
 import onnx
+import torch
+import torchvision
 from PIL import Image
 
 from lorkd.cli import main
@@ -18,7 +21,15 @@ from lorkd.parity import session
 def test_synthetic_64px_folders_train_export_serve(tmp_path):
     assert main(["synthetic-data", "--out", str(tmp_path / "data"), "--size", "64"]) == 0
     cfg = str(tmp_path / "data" / "config.json")
-    assert main(["train", "--config", cfg, "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    # a user's own foundation model: a torchvision network saved as a local state dict, used at its own size
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "foundation.pth")
+    tf = str(tmp_path / "tf.pt")
+    assert main(["teacher-features", "--arch", "torchvision:resnet18", "--checkpoint", str(tmp_path / "foundation.pth"),
+                 "--image-size", "96", "--config", cfg, "--out", tf, "--threads", "1"]) == 0
+    assert torch.load(tf)["features"].shape == (2 * 12 + 3 * 12, 2, 512)
+    assert main(["train", "--mode", "lorkd", "--config", cfg, "--set", f"teacher_features={tf}", "beta=1",
+                 "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "run" / "history.json").read_text())[0]["train_kd"] > 0
     csv_rows = (tmp_path / "run" / "history.csv").read_text().splitlines()
     assert len(csv_rows) == 2 and "val_scans_acc" in csv_rows[0] and "images_per_second" in csv_rows[0]
     assert main(["plot", "--run", str(tmp_path / "run")]) == 0
