@@ -69,10 +69,9 @@ def cmd_teacher_features(args) -> int:
 def cmd_export(args) -> int:
     from .pipeline import export_from_run
 
-    extra = {"description": args.description} if args.description else {}
     manifest = export_from_run(Path(args.run), Path(args.out), args.data_dir, metrics_file=args.metrics,
                                checkpoint_out=Path(args.checkpoint_out) if args.checkpoint_out else None,
-                               name=args.name or Path(args.out).name, **extra)
+                               name=args.name or Path(args.out).name, description=args.description)
     print(f"wrote {args.out}: {len(manifest['tasks'])} experts, {len(manifest['layers'])} decomposed layers")
     return 0
 
@@ -206,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--metrics", help="evaluation JSON to copy test metrics and provenance from")
     s.add_argument("--checkpoint-out", help="also copy the PyTorch checkpoint here (for parity tests in CI)")
     s.add_argument("--name", help="package name (default: the --out folder name)")
-    s.add_argument("--description", help="package description")
+    s.add_argument("--description", help="package description (default: from the run's config)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("parity", help="ORT package vs PyTorch EKS on a full split, and the switch rule")

@@ -36,7 +36,7 @@ DEFAULT_DESCRIPTION = (
 
 def export_from_run(run: Path, out: Path, data_dir: Path | None = None, metrics_file: Path | None = None,
                     extra_provenance: dict | None = None, checkpoint_out: Path | None = None,
-                    name: str = "medmnist-lorkd", description: str = DEFAULT_DESCRIPTION) -> dict:
+                    name: str = "medmnist-lorkd", description: str | None = None) -> dict:
     """Export the best checkpoint of a LoRKD run; test metrics are measured here (or read from metrics_file).
 
     With `checkpoint_out`, the PyTorch checkpoint is copied there and its sha256 recorded in the provenance.
@@ -44,6 +44,8 @@ def export_from_run(run: Path, out: Path, data_dir: Path | None = None, metrics_
     cfg = json.loads((Path(run) / "config.json").read_text())
     tasks = load_config_tasks(cfg, data_dir)
     student = load_trained(Path(run), tasks)
+    if description is None:
+        description = describe(cfg, tasks)
     if metrics_file:
         metrics = json.loads(Path(metrics_file).read_text())
     else:
@@ -64,6 +66,15 @@ def export_from_run(run: Path, out: Path, data_dir: Path | None = None, metrics_
         if p.is_file():
             p.chmod(0o644)
     return manifest
+
+
+def describe(cfg: dict, tasks) -> str:
+    """Package description from the run's config (the shipped run's wording for the default configuration)."""
+    if not cfg.get("arch") and list(cfg["tasks"]) == ["breast", "pneumonia", "retina"] and not cfg.get("task_sources"):
+        return DEFAULT_DESCRIPTION
+    arch = cfg.get("arch") or "shufflenet_v2_x1_0"
+    names = ", ".join(td.spec.name for td in tasks)
+    return (f"LoRKD experts ({arch} at {cfg.get('image_size', 28)} px, rank-{cfg['rank']} EKS layers) for: {names}.")
 
 
 def _package_readme(cfg: dict, metrics: dict, epoch, name: str = "medmnist-lorkd") -> str:

@@ -40,6 +40,8 @@ def test_synthetic_64px_folders_train_export_serve(tmp_path):
     manifest = load_package(pkg)
     assert manifest["name"] == "pkg" and manifest["model"]["arch"] == "shufflenet_v2_x0_5_64px"
     assert manifest["input"]["height"] == 64
+    assert manifest["description"] == ("LoRKD experts (shufflenet_v2_x0_5 at 64 px, rank-4 EKS layers) for: "
+                                       "Synthetic grey scans, Synthetic RGB photos.")
     scans = next(t for t in manifest["tasks"] if t["id"] == "scans")
     assert scans["input"] == {"channels": 1, "height": 64, "width": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
     assert scans["labels"] == ["negative", "positive"]
