@@ -229,7 +229,10 @@ def load_task(task_id: str, source: dict | None = None, data_dir: Path | None = 
     kind = source.pop("type", "npz")
     spec = task_spec(task_id, source)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
-    where = Path(spec.file) if Path(spec.file).is_absolute() else data_dir / spec.file
+    # a path is absolute, relative to the working directory, or else relative to data_dir (MedMNIST file names)
+    where = Path(spec.file)
+    if not where.is_absolute() and not where.exists():
+        where = data_dir / spec.file
     if kind == "npz":
         if not spec.labels:  # unknown id without labels: class indices
             with np.load(where) as z:
