@@ -24,6 +24,91 @@ pub struct GraphProto {
 pub struct ValueInfoProto {
     #[prost(string, tag = "1")]
     pub name: String,
+    #[prost(message, optional, tag = "2")]
+    pub r#type: Option<TypeProto>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TypeProto {
+    /// `TypeProto.tensor_type` (a oneof member on the wire, a plain optional field here).
+    #[prost(message, optional, tag = "1")]
+    pub tensor_type: Option<TensorTypeProto>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TensorTypeProto {
+    #[prost(int32, tag = "1")]
+    pub elem_type: i32,
+    #[prost(message, optional, tag = "2")]
+    pub shape: Option<TensorShapeProto>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TensorShapeProto {
+    #[prost(message, repeated, tag = "1")]
+    pub dim: Vec<DimensionProto>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DimensionProto {
+    /// `dim_value` / `dim_param` form a oneof in ONNX; at most one is set.
+    #[prost(int64, optional, tag = "1")]
+    pub dim_value: Option<i64>,
+    #[prost(string, optional, tag = "2")]
+    pub dim_param: Option<String>,
+}
+
+/// One dimension of a graph input: a fixed size, or free (named like `batch`, or unnamed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dim {
+    Fixed(i64),
+    Free,
+}
+
+impl std::fmt::Display for Dim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Free => write!(f, "?"),
+        }
+    }
+}
+
+/// Whether a graph input of `dims` (NCHW) takes a `[batch, 3, height, width]` image tensor. `None` dims (the graph
+/// declares no shape) cannot be checked and are accepted. The error names sizes only.
+pub fn check_image_input(dims: Option<&[Dim]>, height: usize, width: usize) -> Result<(), String> {
+    let Some(dims) = dims else { return Ok(()) };
+    let shown = || {
+        dims.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if dims.len() != 4 {
+        return Err(format!(
+            "the model's image input has shape [{}], not [batch, 3, height, width]",
+            shown()
+        ));
+    }
+    let fits = |d: &Dim, want: usize| match d {
+        Dim::Fixed(n) => *n == want as i64,
+        Dim::Free => true,
+    };
+    if !fits(&dims[1], 3) {
+        return Err(format!(
+            "the model's image input has shape [{}]: it does not take 3 channels",
+            shown()
+        ));
+    }
+    if !fits(&dims[2], height) || !fits(&dims[3], width) {
+        return Err(format!(
+            "task input size {height}x{width} (height x width) does not fit the model's image input [{}], which takes {}x{}",
+            shown(),
+            dims[2],
+            dims[3]
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -53,10 +138,13 @@ pub struct FloatTensor {
     pub data: Vec<f32>,
 }
 
-/// The parts of a model lorkd checks: graph input names and the requested float initializers.
+/// The parts of a model lorkd checks: graph input names (and dims, when declared) and the requested float
+/// initializers.
 #[derive(Debug)]
 pub struct ModelInfo {
     pub input_names: Vec<String>,
+    /// Declared dims of each graph input that has a tensor shape.
+    pub input_dims: HashMap<String, Vec<Dim>>,
     pub initializers: HashMap<String, FloatTensor>,
 }
 
@@ -75,8 +163,25 @@ pub fn read_model(model_bytes: &[u8], wanted: &[&str]) -> Result<ModelInfo, Stri
             float_tensor(tensor).map_err(|e| format!("initializer `{name}`: {e}"))?,
         );
     }
+    let input_dims = graph
+        .input
+        .iter()
+        .filter_map(|i| {
+            let shape = i.r#type.as_ref()?.tensor_type.as_ref()?.shape.as_ref()?;
+            let dims = shape
+                .dim
+                .iter()
+                .map(|d| match d.dim_value {
+                    Some(n) if n > 0 => Dim::Fixed(n),
+                    _ => Dim::Free,
+                })
+                .collect();
+            Some((i.name.clone(), dims))
+        })
+        .collect();
     Ok(ModelInfo {
         input_names: graph.input.into_iter().map(|i| i.name).collect(),
+        input_dims,
         initializers,
     })
 }
@@ -243,6 +348,70 @@ pub fn bake_initializers(model_bytes: &[u8], bake: &[Bake<'_>]) -> Result<Vec<u8
 mod tests {
     use super::*;
 
+    fn image_input(dims: Vec<DimensionProto>) -> Vec<u8> {
+        ModelProto {
+            graph: Some(GraphProto {
+                initializer: vec![],
+                input: vec![ValueInfoProto {
+                    name: "input".into(),
+                    r#type: Some(TypeProto {
+                        tensor_type: Some(TensorTypeProto {
+                            elem_type: 1,
+                            shape: Some(TensorShapeProto { dim: dims }),
+                        }),
+                    }),
+                }],
+            }),
+        }
+        .encode_to_vec()
+    }
+
+    fn fixed(n: i64) -> DimensionProto {
+        DimensionProto {
+            dim_value: Some(n),
+            dim_param: None,
+        }
+    }
+
+    fn named(p: &str) -> DimensionProto {
+        DimensionProto {
+            dim_value: None,
+            dim_param: Some(p.into()),
+        }
+    }
+
+    #[test]
+    fn reads_graph_input_dims_fixed_and_free() {
+        let bytes = image_input(vec![named("batch"), fixed(3), fixed(28), fixed(28)]);
+        let info = read_model(&bytes, &[]).unwrap();
+        let dims = &info.input_dims["input"];
+        assert_eq!(
+            dims,
+            &vec![Dim::Free, Dim::Fixed(3), Dim::Fixed(28), Dim::Fixed(28)]
+        );
+        assert!(check_image_input(Some(dims), 28, 28).is_ok());
+        let err = check_image_input(Some(dims), 64, 64).unwrap_err();
+        assert!(err.contains("64x64") && err.contains("28x28"), "{err}");
+        assert!(err.contains("[?, 3, 28, 28]"), "{err}");
+    }
+
+    #[test]
+    fn free_spatial_dims_take_any_size_and_other_shapes_are_refused() {
+        let free = [Dim::Free, Dim::Fixed(3), Dim::Free, Dim::Free];
+        assert!(check_image_input(Some(&free), 224, 160).is_ok());
+        assert!(check_image_input(None, 5, 5).is_ok());
+        let grey = [Dim::Free, Dim::Fixed(1), Dim::Fixed(28), Dim::Fixed(28)];
+        assert!(check_image_input(Some(&grey), 28, 28)
+            .unwrap_err()
+            .contains("3 channels"));
+        let flat = [Dim::Free, Dim::Fixed(784)];
+        assert!(check_image_input(Some(&flat), 28, 28)
+            .unwrap_err()
+            .contains("not [batch, 3, height, width]"));
+        let wide = [Dim::Free, Dim::Fixed(3), Dim::Fixed(28), Dim::Fixed(32)];
+        assert!(check_image_input(Some(&wide), 28, 28).is_err());
+    }
+
     fn model_with(tensors: Vec<TensorProto>) -> Vec<u8> {
         ModelProto {
             graph: Some(GraphProto {
@@ -250,8 +419,12 @@ mod tests {
                 input: vec![
                     ValueInfoProto {
                         name: "input".into(),
+                        r#type: None,
                     },
-                    ValueInfoProto { name: "w".into() },
+                    ValueInfoProto {
+                        name: "w".into(),
+                        r#type: None,
+                    },
                 ],
             }),
         }

@@ -320,7 +320,15 @@ impl Package {
                 ));
                 continue;
             }
-            let entry = load_expert(&root, &manifest, &layer_shapes, &model_sha256, spec);
+            let graph_input = info.input_dims.get(&manifest.model.input_name);
+            let entry = load_expert(
+                &root,
+                &manifest,
+                &layer_shapes,
+                &model_sha256,
+                graph_input.map(Vec::as_slice),
+                spec,
+            );
             experts.insert(spec.id.clone(), entry);
         }
         Ok(Package {
@@ -376,11 +384,14 @@ fn load_expert(
     manifest: &Manifest,
     shapes: &[LayerShape],
     model_sha256: &str,
+    graph_input: Option<&[onnx::Dim]>,
     spec: &TaskSpec,
 ) -> ExpertEntry {
     let mut version = None;
     let result = (|| -> Result<ExpertDeltas, String> {
         check_task_spec(spec)?;
+        // A task whose images the graph cannot take would load and then fail every request: disable it here.
+        onnx::check_image_input(graph_input, spec.input.height, spec.input.width)?;
         let expected = manifest.files.get(&spec.file).ok_or_else(|| {
             format!(
                 "expert file `{}` is not listed in manifest files",

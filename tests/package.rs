@@ -154,6 +154,52 @@ async fn bad_expert_file_disables_only_that_expert() {
     server.stop().await.unwrap();
 }
 
+/// A task whose manifest input size the graph cannot take is disabled at load, with a reason that names the sizes
+/// (and no filesystem path); the other tasks are unaffected.
+#[test]
+fn task_input_size_the_graph_cannot_take_disables_that_task() {
+    let source = package_dir();
+    let tasks = task_ids(&source);
+    let dir = tempfile::tempdir().unwrap();
+    copy_package(&source, dir.path());
+    let mut manifest = manifest(dir.path());
+    let graph = (
+        manifest["input"]["height"].as_u64().unwrap(),
+        manifest["input"]["width"].as_u64().unwrap(),
+    );
+    let wrong = (graph.0 * 2 + 8, graph.1 * 2 + 8);
+    manifest["tasks"][0]["input"]["height"] = wrong.0.into();
+    manifest["tasks"][0]["input"]["width"] = wrong.1.into();
+    std::fs::write(
+        dir.path().join("manifest.json"),
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+
+    let package = lorkd::package::Package::load(dir.path()).expect("package still loads");
+    let bad = package.expert(&tasks[0]).unwrap();
+    let lorkd::package::ExpertStatus::Disabled { reason } = &bad.status else {
+        panic!("task {} should be disabled: {:?}", tasks[0], bad.status);
+    };
+    assert!(
+        reason.contains(&format!("{}x{}", wrong.0, wrong.1))
+            && reason.contains(&format!("{}x{}", graph.0, graph.1)),
+        "{reason}"
+    );
+    let path = dir.path().to_string_lossy();
+    assert!(
+        !reason.contains(path.as_ref()) && !reason.contains('/'),
+        "{reason}"
+    );
+    for task in &tasks[1..] {
+        assert_eq!(
+            package.expert(task).unwrap().status,
+            lorkd::package::ExpertStatus::Available,
+            "{task}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn tampered_shared_model_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();

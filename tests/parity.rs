@@ -8,12 +8,12 @@ use serde_json::{json, Value};
 /// Every golden case through both APIs (and all of a task's cases in one OIP batch); returns the max errors.
 async fn check_golden(
     server: &TestServer,
+    package: &std::path::Path,
     expect_session: Option<&str>,
 ) -> Vec<(String, f32, f32)> {
-    let package = package_dir();
-    let golden = golden(&package);
-    let manifest = manifest(&package);
-    let tasks = task_ids(&package);
+    let golden = golden(package);
+    let manifest = manifest(package);
+    let tasks = task_ids(package);
     assert!(!golden.cases.is_empty());
     let client = reqwest::Client::new();
     let mut report: Vec<(String, f32, f32)> = Vec::new();
@@ -139,7 +139,7 @@ async fn check_golden(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn golden_logits_through_native_and_oip_apis() {
     let server = start(&["--dedicated-sessions", "0"]).await;
-    let report = check_golden(&server, Some("shared")).await;
+    let report = check_golden(&server, &package_dir(), Some("shared")).await;
     println!(
         "parity on the shared session (max |logit - golden|, tolerance {}):",
         golden(&package_dir()).tolerance
@@ -174,7 +174,7 @@ async fn golden_logits_on_dedicated_sessions() {
         metric(m, "lorkd_dedicated_sessions") == tasks.len() as f64
     })
     .await;
-    let report = check_golden(&server, Some("dedicated")).await;
+    let report = check_golden(&server, &package, Some("dedicated")).await;
     println!(
         "parity on dedicated sessions (max |logit - golden|, tolerance {}):",
         golden.tolerance
@@ -182,6 +182,80 @@ async fn golden_logits_on_dedicated_sessions() {
     for (task, native, oip) in &report {
         println!("  {task:<12} native {native:.3e}  oip {oip:.3e}");
     }
+    server.stop().await.unwrap();
+}
+
+/// The second shipped package (MobileNetV3-small students made by the toolkit's generic decomposition) is served
+/// by the same code with golden parity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_package_golden_logits() {
+    let package =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/medmnist-mbv3s-lorkd");
+    let server = start_with(config(&package, &["--dedicated-sessions", "0"])).await;
+    let report = check_golden(&server, &package, Some("shared")).await;
+    assert_eq!(report.len(), 3);
+    for (task, native, oip) in &report {
+        println!("  mbv3s {task:<12} native {native:.3e}  oip {oip:.3e}");
+    }
+    server.stop().await.unwrap();
+}
+
+/// End to end at 64 px: a synthetic folder-of-images dataset -> `lorkd-train train` -> `export` -> this server,
+/// every golden case within tolerance. The student is a MobileNetV3-small with its 576 -> 1024 Linear decomposed
+/// too (served as a 1x1 conv layer). Needs the toolkit in `.venv` (scripts/setup.sh, run by `make test`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synthetic_64px_folder_dataset_trains_exports_and_serves() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cli = root.join(".venv/bin/lorkd-train");
+    assert!(
+        cli.exists(),
+        "{} missing: run scripts/setup.sh",
+        cli.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+    let cfg_path = d("data/config.json");
+    for args in [
+        vec![
+            "synthetic-data",
+            "--out",
+            &d("data"),
+            "--size",
+            "64",
+            "--arch",
+            "mobilenet_v3_small",
+        ],
+        vec![
+            "train",
+            "--config",
+            &cfg_path,
+            "--out",
+            &d("run"),
+            "--no-progress",
+        ],
+        vec!["export", "--run", &d("run"), "--out", &d("pkg")],
+    ] {
+        let out = std::process::Command::new(&cli)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lorkd-train {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let package = dir.path().join("pkg");
+    let m = manifest(&package);
+    assert_eq!(m["input"]["height"], 64);
+    assert!(m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["name"] == "classifier.0.weight"));
+    let server = start_with(config(&package, &[])).await;
+    let report = check_golden(&server, &package, None).await;
+    assert_eq!(report.len(), 2);
     server.stop().await.unwrap();
 }
 

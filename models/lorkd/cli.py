@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DEFAULT_TASKS, load_tasks
+from .data import DEFAULT_TASKS, load_config_tasks
 
 
 def _load_cfg(args):
@@ -28,10 +28,13 @@ def _load_cfg(args):
 
 
 def cmd_train(args) -> int:
+    from .dist import device_for_rank, init_from_env
     from .train import train_run
 
     cfg = _load_cfg(args)
-    tasks = load_tasks(cfg.tasks, args.data_dir)
+    if init_from_env():  # under torchrun: DDP, NCCL on GPUs, gloo on CPUs
+        cfg = cfg.with_overrides([f"device={device_for_rank(cfg.device)}"])
+    tasks = load_config_tasks(cfg, args.data_dir)
     out = Path(args.out)
     if cfg.mode == "stl":
         for td in tasks:
@@ -45,10 +48,20 @@ def cmd_teacher_features(args) -> int:
     from .train import load_trained, teacher_features
 
     torch.set_num_threads(args.threads)
-    cfg = json.loads((Path(args.teacher_run) / "config.json").read_text())
-    tasks = load_tasks(cfg["tasks"], args.data_dir)
-    teacher = load_trained(Path(args.teacher_run), tasks)
-    teacher_features(teacher, tasks, Path(args.out))
+    if args.teacher_run:  # the multi-task teacher trained by this toolkit (the default)
+        cfg = json.loads((Path(args.teacher_run) / "config.json").read_text())
+        tasks = load_config_tasks(cfg, args.data_dir)
+        teacher = load_trained(Path(args.teacher_run), tasks)
+        teacher_features(teacher, tasks, Path(args.out))
+    else:  # your own foundation model: torchvision/timm by name, weights from a local file
+        from .teacher import IMAGENET_MEAN, IMAGENET_STD, external_teacher_features, load_teacher
+
+        if not (args.arch and args.checkpoint and args.config):
+            raise SystemExit("teacher-features: give --teacher-run, or --arch, --checkpoint and --config")
+        tasks = load_config_tasks(_load_cfg(args), args.data_dir)
+        teacher = load_teacher(args.arch, args.checkpoint)
+        external_teacher_features(teacher, tasks, Path(args.out), args.image_size,
+                                  tuple(args.mean or IMAGENET_MEAN), tuple(args.std or IMAGENET_STD))
     print(f"wrote {args.out}")
     return 0
 
@@ -57,7 +70,8 @@ def cmd_export(args) -> int:
     from .pipeline import export_from_run
 
     manifest = export_from_run(Path(args.run), Path(args.out), args.data_dir, metrics_file=args.metrics,
-                               checkpoint_out=Path(args.checkpoint_out) if args.checkpoint_out else None)
+                               checkpoint_out=Path(args.checkpoint_out) if args.checkpoint_out else None,
+                               name=args.name or Path(args.out).name, description=args.description)
     print(f"wrote {args.out}: {len(manifest['tasks'])} experts, {len(manifest['layers'])} decomposed layers")
     return 0
 
@@ -67,10 +81,10 @@ def cmd_parity(args) -> int:
     from .train import load_trained
 
     torch.set_num_threads(args.threads)
-    manifest = json.loads((Path(args.package) / "manifest.json").read_text())
-    tasks = load_tasks([t["id"] for t in manifest["tasks"]], args.data_dir)
+    cfg = json.loads((Path(args.run) / "config.json").read_text())
+    tasks = load_config_tasks(cfg, args.data_dir)
     student = load_trained(Path(args.run), tasks, args.checkpoint)
-    res = package_parity(Path(args.package), student, tasks, args.split)
+    res = package_parity(Path(args.package), student, tasks, args.split, progress=True)
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
@@ -110,6 +124,54 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .report import run_curves_png
+
+    out = Path(args.out or Path(args.run[0]) / "curves.png")
+    run_curves_png([Path(r) for r in args.run], out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_bench_infer(args) -> int:
+    from .bench import bench_infer
+
+    res = bench_infer(args.package, rounds=args.rounds, threads=args.threads)
+    for p, v in res.items():
+        print(f"{p}: " + ", ".join(f"{k} {ms:.2f} ms" for k, ms in v.items()))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+def cmd_synthetic_data(args) -> int:
+    from .synthetic import write_synthetic
+
+    print(f"wrote {write_synthetic(Path(args.out), args.size, args.arch)}")
+    return 0
+
+
+def cmd_bench_train(args) -> int:
+    from .bench import bench, bench_loop
+
+    if args.loop:
+        res = bench_loop(args.variants, rounds=args.rounds, batches=args.steps, data_dir=args.data_dir)
+        for k, v in res.items():
+            print(f"{k:12s} train {v['train_img_s']:7.1f} img/s, with val evaluation {v['with_eval_img_s']:7.1f} "
+                  f"(medians of {len(v['all'])})")
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=1))
+        return 0
+
+    res = bench(args.variants, rounds=args.rounds, steps=args.steps, batch=args.batch_size,
+                image_size=args.image_size, threads=args.threads)
+    for k, v in res.items():
+        print(f"{k:12s} {v['median_img_s']:7.1f} img/s (median of {len(v['all'])})  {v['name']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lorkd-train", description=__doc__)
     p.add_argument("--data-dir", default=None, help="MedMNIST npz folder (default ../shared/data/medmnist)")
@@ -124,7 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("teacher-features", help="precompute pooled teacher features (image and its flip)")
-    s.add_argument("--teacher-run", required=True)
+    s.add_argument("--teacher-run", help="a teacher trained by `train --mode teacher`")
+    s.add_argument("--arch", help="or your own teacher: torchvision:<name> | timm:<name> (e.g. torchvision:resnet50)")
+    s.add_argument("--checkpoint", help="its local weights file (state dict; nothing is downloaded)")
+    s.add_argument("--config", help="the student's config (tasks, data sources, image size)")
+    s.add_argument("--set", nargs="*", help="override config keys: key=value")
+    s.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    s.add_argument("--image-size", type=int, default=224, help="the teacher's input size")
+    s.add_argument("--mean", type=float, nargs=3, help="the teacher's normalisation (default ImageNet)")
+    s.add_argument("--std", type=float, nargs=3)
     s.add_argument("--out", required=True)
     s.add_argument("--threads", type=int, default=2)
     s.set_defaults(func=cmd_teacher_features)
@@ -134,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True)
     s.add_argument("--metrics", help="evaluation JSON to copy test metrics and provenance from")
     s.add_argument("--checkpoint-out", help="also copy the PyTorch checkpoint here (for parity tests in CI)")
+    s.add_argument("--name", help="package name (default: the --out folder name)")
+    s.add_argument("--description", help="package description (default: from the run's config)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("parity", help="ORT package vs PyTorch EKS on a full split, and the switch rule")
@@ -169,6 +241,37 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--only", nargs="*", help="run only these stages")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_pipeline)
+
+    s = sub.add_parser("plot", help="training curves of runs (loss, val, img/s) from their history.json")
+    s.add_argument("--run", nargs="+", required=True)
+    s.add_argument("--out", help="PNG path (default <first run>/curves.png)")
+    s.set_defaults(func=cmd_plot)
+
+    s = sub.add_parser("bench-infer", help="onnxruntime CPU latency of packages side by side (batch 1 and 32)")
+    s.add_argument("--package", nargs="+", required=True)
+    s.add_argument("--rounds", type=int, default=7)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--out")
+    s.set_defaults(func=cmd_bench_infer)
+
+    s = sub.add_parser("synthetic-data", help="tiny synthetic folder-of-images dataset + its training config")
+    s.add_argument("--out", required=True)
+    s.add_argument("--size", type=int, default=64)
+    s.add_argument("--arch", default="shufflenet_v2_x0_5")
+    s.set_defaults(func=cmd_synthetic_data)
+
+    s = sub.add_parser("bench-train", help="training throughput, variants interleaved, medians (README figures)")
+    s.add_argument("--variants", nargs="+", default=["plain", "lorkd-mask", "lorkd"])
+    s.add_argument("--rounds", type=int, default=7)
+    s.add_argument("--steps", type=int, default=5)
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--image-size", type=int, default=28)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--loop", action="store_true",
+                   help="time the real training loop (real data, val evaluation) instead of bare steps; "
+                        "--steps = batches per epoch")
+    s.add_argument("--out", help="write the JSON result here")
+    s.set_defaults(func=cmd_bench_train)
 
     args = p.parse_args(argv)
     if args.data_dir:

@@ -1,7 +1,10 @@
-"""MedMNIST data: task registry, official npz loader, preprocessing and task-balanced sampling."""
+"""Data: task registry, loaders (MedMNIST npz at any size, image folders, CSV manifests), preprocessing and
+task-balanced sampling. Every task is loaded as uint8 HWC arrays at the model's input size."""
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -9,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 # Grey images are replicated into 3 identical channels; every task is normalised with mean = std = 0.5
@@ -30,6 +34,8 @@ class TaskSpec:
     channels: int
     official_md5: str | None = None
     reference_acc: float | None = None  # MedMNIST v2 ResNet-18 (28) test ACC
+    mean: tuple[float, float, float] = MEAN
+    std: tuple[float, float, float] = STD
 
     @property
     def num_classes(self) -> int:
@@ -100,19 +106,178 @@ def load_npz(path: Path, spec: TaskSpec) -> TaskData:
     return td
 
 
-def load_tasks(task_ids: list[str] | tuple[str, ...] = DEFAULT_TASKS, data_dir: Path | None = None) -> list[TaskData]:
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def task_spec(task_id: str, source: dict | None = None) -> TaskSpec:
+    """The registry entry for a MedMNIST id, with any field overridden by the config's task source;
+    an unknown id needs at least `labels` (and `channels`, default 3) unless the loader finds the labels."""
+    source = source or {}
+    fields = {k: source[k] for k in ("name", "modality", "labels", "channels", "mean", "std") if k in source}
+    for k in ("labels", "mean", "std"):
+        if k in fields:
+            fields[k] = tuple(str(v) for v in fields[k]) if k == "labels" else tuple(float(v) for v in fields[k])
+    if "file" in source or "path" in source:
+        fields["file"] = str(source.get("path") or source.get("file"))
+    base = TASKS.get(task_id)
+    if base is not None:
+        if "file" in fields:  # another file (e.g. MedMNIST+ 64/128/224 px): the official md5 no longer applies
+            fields["official_md5"] = None
+        return dataclasses.replace(base, **fields)
+    return TaskSpec(id=task_id, file=fields.pop("file", ""), name=fields.pop("name", task_id),
+                    modality=fields.pop("modality", "unknown"), labels=fields.pop("labels", ()),
+                    channels=int(fields.pop("channels", 3)), **fields)
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, H, W, C) -> (N, size, size, C), bilinear (PIL); unchanged when already that size."""
+    if images.shape[1:3] == (size, size):
+        return images
+    out = np.empty((len(images), size, size, images.shape[3]), dtype=np.uint8)
+    for i, img in enumerate(images):
+        pil = Image.fromarray(img[..., 0] if img.shape[2] == 1 else img)
+        out[i] = np.asarray(pil.resize((size, size), Image.BILINEAR)).reshape(size, size, -1)
+    return out
+
+
+def read_image(path: Path, channels: int) -> np.ndarray:
+    """One image file as uint8 (H, W, channels): grey for 1 (BT.601 luminance, as the service), RGB for 3."""
+    with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit -> 8-bit by v >> 8 (FORMAT.md section 4)
+            arr = np.asarray(im, dtype=np.uint32) >> 8
+            im = Image.fromarray(arr.astype(np.uint8))
+        im = im.convert("L" if channels == 1 else "RGB")
+        return np.asarray(im).reshape(im.size[1], im.size[0], channels)
+
+
+def _stack(paths: list[Path], channels: int, size: int | None, where: str) -> np.ndarray:
+    imgs = [read_image(p, channels) for p in paths]
+    if size is None:
+        shapes = {i.shape for i in imgs}
+        if len(shapes) > 1:
+            raise ValueError(f"{where}: images of different sizes {sorted(shapes)[:3]}: set image_size")
+        return np.stack(imgs) if imgs else np.zeros((0, 1, 1, channels), np.uint8)
+    return np.stack([resize_images(i[None], size)[0] for i in imgs]) if imgs else np.zeros(
+        (0, size, size, channels), np.uint8)
+
+
+def load_folder(root: Path, spec: TaskSpec, size: int | None = None) -> TaskData:
+    """Folder of images: `root/<split>/<class>/<image>` for split in train, val, test. Classes are the
+    spec's labels in order, or the sorted class folder names of train/ when the spec has none."""
+    root = Path(root)
+    labels = spec.labels or tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
+    if not labels:
+        raise ValueError(f"{root}/train has no class folders")
+    spec = dataclasses.replace(spec, labels=labels)
+    td = TaskData(spec=spec, md5="folder")
+    for split in SPLITS:
+        paths, ys = [], []
+        for c, name in enumerate(labels):
+            d = root / split / name
+            files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS) if d.is_dir() else []
+            paths += files
+            ys += [c] * len(files)
+        found = {p.name for p in (root / split).iterdir() if p.is_dir()} if (root / split).is_dir() else set()
+        extra = found - set(labels)
+        if extra:
+            raise ValueError(f"{root}/{split}: class folders {sorted(extra)} are not among the labels {labels}")
+        td.images[split] = _stack(paths, spec.channels, size, f"{root}/{split}")
+        td.labels[split] = np.asarray(ys, dtype=np.int64)
+    return td
+
+
+def load_csv(path: Path, spec: TaskSpec, size: int | None = None) -> TaskData:
+    """CSV manifest with columns `path,label,split` (header row); paths relative to the CSV's folder;
+    label = class name (from the spec's labels, or sorted names found) or class index."""
+    path = Path(path)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"path", "label", "split"} <= set(rows[0]):
+        raise ValueError(f"{path}: needs a header with columns path,label,split")
+    bad = {r["split"] for r in rows} - set(SPLITS)
+    if bad:
+        raise ValueError(f"{path}: unknown splits {sorted(bad)} (use train, val, test)")
+    labels = spec.labels
+    if not labels:
+        raw = sorted({r["label"] for r in rows})
+        labels = tuple(str(i) for i in range(int(max(raw, key=int)) + 1)) if all(v.isdigit() for v in raw) \
+            else tuple(raw)
+    spec = dataclasses.replace(spec, labels=labels)
+    index = {name: i for i, name in enumerate(labels)}
+
+    def label_of(v: str) -> int:
+        if v in index:
+            return index[v]
+        if v.isdigit() and int(v) < len(labels):
+            return int(v)
+        raise ValueError(f"{path}: label {v!r} is not one of {labels}")
+
+    td = TaskData(spec=spec, md5=md5sum(path))
+    for split in SPLITS:
+        sel = [r for r in rows if r["split"] == split]
+        td.images[split] = _stack([path.parent / r["path"] for r in sel], spec.channels, size, f"{path} {split}")
+        td.labels[split] = np.asarray([label_of(r["label"]) for r in sel], dtype=np.int64)
+    return td
+
+
+def load_task(task_id: str, source: dict | None = None, data_dir: Path | None = None,
+              image_size: int | None = None) -> TaskData:
+    """One task from its config source: {"type": "npz" | "folder" | "csv", "path": ...} plus optional spec
+    fields (labels, channels, mean, std, name, modality). No source = the MedMNIST npz of that id in data_dir.
+    Images are resized to image_size (None = keep; npz files of any resolution are accepted)."""
+    source = dict(source or {})
+    kind = source.pop("type", "npz")
+    spec = task_spec(task_id, source)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
-    return [load_npz(data_dir / TASKS[t].file, TASKS[t]) for t in task_ids]
+    # a path is absolute, relative to the working directory, or else relative to data_dir (MedMNIST file names)
+    where = Path(spec.file)
+    if not where.is_absolute() and not where.exists():
+        where = data_dir / spec.file
+    if kind == "npz":
+        if not spec.labels:  # unknown id without labels: class indices
+            with np.load(where) as z:
+                n = int(np.asarray(z["train_labels"]).max()) + 1
+            spec = dataclasses.replace(spec, labels=tuple(str(i) for i in range(n)))
+        td = load_npz(where, spec)
+    elif kind == "folder":
+        td = load_folder(where, spec, image_size)
+    elif kind == "csv":
+        td = load_csv(where, spec, image_size)
+    else:
+        raise ValueError(f"task {task_id}: unknown source type {kind!r} (npz, folder, csv)")
+    if not td.spec.labels:
+        raise ValueError(f"task {task_id}: no labels")
+    if image_size:
+        for split in SPLITS:
+            td.images[split] = resize_images(td.images[split], image_size)
+    return td
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
+def load_tasks(task_ids: list[str] | tuple[str, ...] = DEFAULT_TASKS, data_dir: Path | None = None,
+               sources: dict | None = None, image_size: int | None = None) -> list[TaskData]:
+    sources = sources or {}
+    return [load_task(t, sources.get(t), data_dir, image_size) for t in task_ids]
+
+
+def load_config_tasks(cfg, data_dir: Path | None = None) -> list[TaskData]:
+    """The tasks of a TrainConfig (or its dict form): ids, sources and the model's input size."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    return load_tasks(list(get("tasks")), data_dir, get("task_sources") or {}, get("image_size") or None)
+
+
+def to_tensor(images: np.ndarray, mean=MEAN, std=STD) -> torch.Tensor:
     """uint8 (N, H, W, C in {1, 3}) -> float32 normalised (N, 3, H, W); grey is repeated to 3 channels."""
     x = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous()
+
+
+def task_tensor(td: TaskData, split: str) -> torch.Tensor:
+    """A task's split, preprocessed with the task's own normalisation (FORMAT.md section 4)."""
+    return to_tensor(td.images[split], td.spec.mean, td.spec.std)
 
 
 class MultiTaskDataset(Dataset):
@@ -120,7 +285,10 @@ class MultiTaskDataset(Dataset):
 
     def __init__(self, tasks: list[TaskData], split: str, task_index: dict[str, int] | None = None):
         task_index = task_index or {td.spec.id: i for i, td in enumerate(tasks)}
-        self.x = torch.cat([to_tensor(td.images[split]) for td in tasks])
+        sizes = {td.images[split].shape[1:3] for td in tasks}
+        if len(sizes) > 1:
+            raise ValueError(f"tasks have different image sizes {sorted(sizes)}: load them with one image_size")
+        self.x = torch.cat([task_tensor(td, split) for td in tasks])
         self.y = torch.cat([torch.from_numpy(td.labels[split]) for td in tasks])
         self.t = torch.cat(
             [torch.full((len(td.labels[split]),), task_index[td.spec.id], dtype=torch.long) for td in tasks]

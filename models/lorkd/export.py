@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from . import __version__
-from .data import MEAN, STD, TaskData, to_tensor
+from .data import TaskData, to_tensor
 from .models import DeployStudent, Student, count_params_macs, fold_student
 from .package import FORMAT, FORMAT_VERSION, sha256_file
 
@@ -38,7 +38,10 @@ def git_revision() -> str:
         return "unknown"
 
 
-def build_deploy(student: Student) -> tuple[DeployStudent, dict]:
+def build_deploy(student: Student) -> tuple[torch.nn.Module, dict]:
+    """BN-folded deploy network (forward(x, head_weight, head_bias), parameters under `net.`) and factors."""
+    if hasattr(student, "deploy"):  # lorkd.decompose.LoRKDStudent: architecture-agnostic folding
+        return student.deploy()
     state, factors = fold_student(student.eval())
     deploy = DeployStudent(student.cfg).eval()
     deploy.load_state_dict(state)
@@ -57,11 +60,26 @@ def _onnx_export(module: torch.nn.Module, args: tuple, input_names, dynamic_axes
     return onnx.load_from_string(buf.getvalue())
 
 
-def export_student_onnx(deploy: DeployStudent, layer_names: list[str], path: Path) -> None:
-    """Write student.onnx: folded W0 as overridable initializers named as the layers, dynamic batch/classes."""
-    cfg = deploy.net.cfg
-    f = cfg.feature_dim
-    args = (torch.zeros(2, 3, 28, 28), torch.zeros(3, f), torch.zeros(3))
+def image_size(student: torch.nn.Module) -> int:
+    """The student's square input size (the built-in ShuffleNetV2 is the 28-px one)."""
+    return int(getattr(student.cfg, "image_size", 28))
+
+
+def arch_name(student: torch.nn.Module) -> str:
+    cfg = student.cfg
+    if hasattr(cfg, "arch"):
+        return f"{cfg.arch}_{cfg.image_size}px"
+    return "shufflenet_v2_x1_0_28px" if cfg.stages_out_channels[-1] == 1024 else "shufflenet_v2_custom_28px"
+
+
+def export_student_onnx(deploy: torch.nn.Module, layer_names: list[str], path: Path, feature_dim: int,
+                        size: int = 28) -> None:
+    """Write student.onnx: folded W0 as overridable initializers named as the layers, dynamic batch/classes.
+
+    Height and width are fixed at `size` (the manifest's input size; the service checks each task against the
+    graph's input dims at load)."""
+    f = feature_dim
+    args = (torch.zeros(2, 3, size, size), torch.zeros(3, f), torch.zeros(3))
     model = _onnx_export(
         deploy, args, ["input", "head_weight", "head_bias"],
         {"input": {0: "batch"}, "head_weight": {0: "classes"}, "head_bias": {0: "classes"},
@@ -134,7 +152,8 @@ def export_package(
     layers = student.eks_layers()
     layer_names = [n for n, _, _ in layers]
     deploy, factors = build_deploy(student)
-    export_student_onnx(deploy, layer_names, out_dir / "student.onnx")
+    size = image_size(student)
+    export_student_onnx(deploy, layer_names, out_dir / "student.onnx", cfg.feature_dim, size)
 
     scale = cfg.alpha / cfg.rank
     for t, td in enumerate(tasks):
@@ -158,7 +177,7 @@ def export_package(
     for t, td in enumerate(tasks):
         idx = choose_golden(td.labels["test"], golden_per_task)
         imgs = td.images["test"][idx]
-        x = to_tensor(imgs)
+        x = to_tensor(imgs, td.spec.mean, td.spec.std)
         with torch.no_grad():
             logits = student.logits(student(x, torch.full((len(idx),), t, dtype=torch.long)), t)
         probs = torch.softmax(logits, dim=1)
@@ -173,7 +192,7 @@ def export_package(
     with open(out_dir / "golden" / "golden.json", "w") as f:
         json.dump({"tolerance": 1e-4, "cases": cases}, f, indent=1)
 
-    params, macs = count_params_macs(deploy.net, extra_args=())
+    params, macs = count_params_macs(deploy.net, input_shape=(1, 3, size, size), extra_args=())
     if readme:
         (out_dir / "README.md").write_text(readme)
     files = {}
@@ -186,16 +205,16 @@ def export_package(
         "name": name,
         "description": description,
         "model": {
-            "file": "student.onnx", "arch": "shufflenet_v2_x1_0_28px" if cfg.stages_out_channels[-1] == 1024
-            else "shufflenet_v2_custom_28px", "opset": OPSET,
+            "file": "student.onnx", "arch": arch_name(student), "opset": OPSET,
             "input_name": "input", "output_name": "logits",
             "head_weight_input": "head_weight", "head_bias_input": "head_bias",
             "feature_dim": cfg.feature_dim,
             "parameters": params,
             "flops": macs,
-            "flops_note": "multiply-accumulates per 28x28 image, backbone only (a head adds classes*feature_dim)",
+            "flops_note": f"multiply-accumulates per {size}x{size} image, backbone only "
+                          "(a head adds classes*feature_dim)",
         },
-        "input": {"channels": 3, "height": 28, "width": 28, "layout": "NCHW", "dtype": "float32"},
+        "input": {"channels": 3, "height": size, "width": size, "layout": "NCHW", "dtype": "float32"},
         "lora": {"rank": cfg.rank, "alpha": float(cfg.alpha), "scale": float(scale)},
         "layers": [
             {"name": n, "shape": list(conv.weight.shape), "kernel": conv.k,
@@ -208,8 +227,8 @@ def export_package(
                 "id": td.spec.id, "name": td.spec.name, "modality": td.spec.modality,
                 "labels": list(td.spec.labels), "num_classes": td.spec.num_classes,
                 "file": f"experts/{td.spec.id}.safetensors",
-                "input": {"channels": td.spec.channels, "height": 28, "width": 28,
-                          "mean": list(MEAN), "std": list(STD)},
+                "input": {"channels": td.spec.channels, "height": size, "width": size,
+                          "mean": list(td.spec.mean), "std": list(td.spec.std)},
                 "metrics": (metrics or {}).get(td.spec.id, {}),
             }
             for td in tasks

@@ -6,14 +6,14 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
-from .data import TaskData, to_tensor
+from .data import TaskData, task_tensor
 
 
 @torch.no_grad()
 def predict(model, td: TaskData, t: int, split: str, device="cpu", batch_size: int = 512) -> np.ndarray:
     """Logits of task head t for every image of the split (the model runs with task index t)."""
     model.eval()
-    x_all = to_tensor(td.images[split])
+    x_all = task_tensor(td, split)
     outs = []
     for s in range(0, len(x_all), batch_size):
         x = x_all[s:s + batch_size].to(device)

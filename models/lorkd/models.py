@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from .eks import EKSConv2d
+from .eks import EKSConv2d, Segments, sort_by_task
 
 
 @dataclass
@@ -51,7 +51,7 @@ class ConvUnit(nn.Module):
             self.bn = nn.BatchNorm2d(cout)
         self.act = act
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | Segments | None) -> torch.Tensor:
         if isinstance(self.conv, EKSConv2d):
             x = self.conv(x, mask)
         else:
@@ -86,12 +86,12 @@ class InvertedResidual(nn.Module):
         )
 
     @staticmethod
-    def _run(units: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _run(units: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor | Segments | None) -> torch.Tensor:
         for u in units:
             x = u(x, mask)
         return x
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | Segments | None) -> torch.Tensor:
         if self.stride == 1:
             x1, x2 = x.chunk(2, dim=1)
             out = torch.cat((x1, self._run(self.branch2, x2, mask)), dim=1)
@@ -107,9 +107,12 @@ class Student(nn.Module):
     features (N, feature_dim); `logits(features, t)` applies head t. `task=None` runs the base network W0.
     """
 
-    def __init__(self, cfg: StudentConfig, deploy: bool = False):
+    def __init__(self, cfg: StudentConfig, deploy: bool = False, routing: str = "segments"):
         super().__init__()
         self.cfg = cfg
+        # "segments": sort the batch by task, one merged-weight conv per task (fast, the default);
+        # "mask": the one-pass masked low-rank branch (kept as the reference and for the speed A/B).
+        self.routing = routing
         ch = cfg.stages_out_channels
         self.stem = ConvUnit(3, ch[0], 3, 1, 1, True, cfg, deploy)
         stages = []
@@ -129,12 +132,20 @@ class Student(nn.Module):
         return F.one_hot(task, self.cfg.lora_tasks).float()
 
     def features(self, x: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
-        mask = self.task_mask(task)
-        x = self.stem(x, mask)
+        if task is None or self.cfg.lora_tasks == 0 or self.routing == "mask":
+            return self._features(x, self.task_mask(task))
+        order, inverse, seg = sort_by_task(task, self.cfg.lora_tasks)
+        # already sorted (e.g. one-task eval batches): skip the gathers
+        sorted_ = bool((order == torch.arange(len(order), device=order.device)).all())
+        f = self._features(x if sorted_ else x[order], seg)
+        return f if sorted_ else f[inverse]
+
+    def _features(self, x: torch.Tensor, route: torch.Tensor | Segments | None) -> torch.Tensor:
+        x = self.stem(x, route)
         for stage in (self.stage2, self.stage3, self.stage4):
             for block in stage:
-                x = block(x, mask)
-        x = self.conv5(x, mask)
+                x = block(x, route)
+        x = self.conv5(x, route)
         return x.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
@@ -223,15 +234,21 @@ class Teacher(nn.Module):
 
 @torch.no_grad()
 def count_params_macs(model: nn.Module, input_shape=(1, 3, 28, 28), extra_args=()) -> tuple[int, int]:
-    """(parameters, multiply-accumulates per image) of a plain network (convs and linears)."""
+    """(parameters, multiply-accumulates per image) of a plain network (convs and Linears)."""
     macs = 0
 
     def conv_hook(m: nn.Conv2d, _inp, out):
         nonlocal macs
         k = m.kernel_size[0] * m.kernel_size[1]
-        macs += out.shape[1] * out.shape[2] * out.shape[3] * (m.in_channels // m.groups) * k
+        hw = out.shape[2] * out.shape[3] if out.dim() == 4 else 1  # a Linear served as a 1x1 conv: (N, Cout)
+        macs += out.shape[1] * hw * (m.in_channels // m.groups) * k
+
+    def linear_hook(m: nn.Linear, _inp, out):
+        nonlocal macs
+        macs += m.in_features * m.out_features
 
     hooks = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
     try:
         model(torch.zeros(input_shape), *extra_args)
     finally:

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from tqdm import tqdm
 
-from .data import TaskData, to_tensor
+from .data import TaskData, task_tensor
 from .models import Student
 from .package import base_weights, delta, expert_feeds, load_package, read_expert, switch
 
@@ -21,7 +22,7 @@ def session(path: Path) -> ort.InferenceSession:
 
 @torch.no_grad()
 def package_parity(pkg: Path, student: Student, tasks: list[TaskData], split: str = "test",
-                   batch_size: int = 256, base_images: int | None = None) -> dict:
+                   batch_size: int = 256, base_images: int | None = None, progress: bool = False) -> dict:
     """Max |ORT(merged W_t, head_t) - PyTorch EKS| logits and argmax agreement per task on a whole split,
     plus the base network check (layer inputs not fed => W0; on the first `base_images` images of each task,
     all when None) and the switch error for every task pair."""
@@ -40,10 +41,10 @@ def package_parity(pkg: Path, student: Student, tasks: list[TaskData], split: st
             raise ValueError(f"task order differs: package {ids} vs data {tid}")
         feeds = expert_feeds(pkg, manifest, tid, w0)
         head = {k: feeds[k] for k in ("head_weight", "head_bias")}
-        x_all = to_tensor(td.images[split])
+        x_all = task_tensor(td, split)
         max_err = base_err = 0.0
         agree = 0
-        for s in range(0, len(x_all), batch_size):
+        for s in tqdm(range(0, len(x_all), batch_size), desc=f"parity {tid}", disable=not progress, leave=False):
             x = x_all[s:s + batch_size]
             ref = student.logits(student(x, torch.full((len(x),), t, dtype=torch.long)), t).numpy()
             got = sess.run(["logits"], {"input": x.numpy(), **feeds})[0]

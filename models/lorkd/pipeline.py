@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .data import load_tasks
+from .data import load_config_tasks
 from .export import export_package
 from .metrics import evaluate
 from .package import sha256_file
@@ -28,15 +28,24 @@ def save_checkpoint_copy(run: Path, dest: Path) -> dict:
     return {"path": dest.as_posix(), "sha256": sha256_file(dest / "best.pt")}
 
 
+DEFAULT_DESCRIPTION = (
+    "LoRKD experts (ShuffleNetV2 x1.0 at 28 px, rank-4 EKS convs) for BreastMNIST, PneumoniaMNIST and "
+    "RetinaMNIST, decomposed from a ResNet-18 teacher trained on the three tasks."
+)
+
+
 def export_from_run(run: Path, out: Path, data_dir: Path | None = None, metrics_file: Path | None = None,
-                    extra_provenance: dict | None = None, checkpoint_out: Path | None = None) -> dict:
+                    extra_provenance: dict | None = None, checkpoint_out: Path | None = None,
+                    name: str = "medmnist-lorkd", description: str | None = None) -> dict:
     """Export the best checkpoint of a LoRKD run; test metrics are measured here (or read from metrics_file).
 
     With `checkpoint_out`, the PyTorch checkpoint is copied there and its sha256 recorded in the provenance.
     """
     cfg = json.loads((Path(run) / "config.json").read_text())
-    tasks = load_tasks(cfg["tasks"], data_dir)
+    tasks = load_config_tasks(cfg, data_dir)
     student = load_trained(Path(run), tasks)
+    if description is None:
+        description = describe(cfg, tasks)
     if metrics_file:
         metrics = json.loads(Path(metrics_file).read_text())
     else:
@@ -49,13 +58,9 @@ def export_from_run(run: Path, out: Path, data_dir: Path | None = None, metrics_
     if checkpoint_out:
         prov["pytorch_checkpoint"] = save_checkpoint_copy(Path(run), Path(checkpoint_out))
     manifest = export_package(
-        student, tasks, Path(out), name="medmnist-lorkd",
-        description=(
-            "LoRKD experts (ShuffleNetV2 x1.0 at 28 px, rank-4 EKS convs) for BreastMNIST, PneumoniaMNIST and "
-            "RetinaMNIST, decomposed from a ResNet-18 teacher trained on the three tasks."
-        ),
+        student, tasks, Path(out), name=name, description=description,
         metrics=metrics, provenance=prov,
-        readme=_package_readme(cfg, metrics, best.get("epoch")),
+        readme=_package_readme(cfg, metrics, best.get("epoch"), name),
     )
     for p in Path(out).rglob("*"):
         if p.is_file():
@@ -63,12 +68,22 @@ def export_from_run(run: Path, out: Path, data_dir: Path | None = None, metrics_
     return manifest
 
 
-def _package_readme(cfg: dict, metrics: dict, epoch) -> str:
+def describe(cfg: dict, tasks) -> str:
+    """Package description from the run's config (the shipped run's wording for the default configuration)."""
+    if not cfg.get("arch") and list(cfg["tasks"]) == ["breast", "pneumonia", "retina"] and not cfg.get("task_sources"):
+        return DEFAULT_DESCRIPTION
+    arch = cfg.get("arch") or "shufflenet_v2_x1_0"
+    names = ", ".join(td.spec.name for td in tasks)
+    return (f"LoRKD experts ({arch} at {cfg.get('image_size', 28)} px, rank-{cfg['rank']} EKS layers) for: {names}.")
+
+
+def _package_readme(cfg: dict, metrics: dict, epoch, name: str = "medmnist-lorkd") -> str:
     lines = [
-        "# medmnist-lorkd",
+        f"# {name}",
         "",
         "Servable lorkd package (format: `models/FORMAT.md`, version 1), written by `lorkd-train export`.",
-        f"Student mode `{cfg['mode']}`, {cfg['epochs']} epochs, best val checkpoint: epoch {epoch}.",
+        f"Student `{cfg.get('arch') or 'shufflenet_v2_x1_0 (28 px)'}`, mode `{cfg['mode']}`, {cfg['epochs']} epochs, "
+        f"best val checkpoint: epoch {epoch}.",
         "",
         "| task | test ACC | test AUC |",
         "| --- | --- | --- |",
@@ -139,7 +154,7 @@ def run_pipeline(config: Path, runs: Path, package: Path, data_dir: Path | None 
 
     def train(name: str, mode: str, **extra):
         cfg = cfg_for(name, mode=mode, **extra)
-        tasks = load_tasks(cfg.tasks, data_dir)
+        tasks = load_config_tasks(cfg, data_dir)
         if mode == "stl":
             # same budget per task as the multi-task runs: member t draws its task's share of an epoch
             sizes = torch.tensor([float(len(td.labels["train"])) for td in tasks])
@@ -161,7 +176,7 @@ def run_pipeline(config: Path, runs: Path, package: Path, data_dir: Path | None 
             return
         cfg = cfg_for("teacher", mode="teacher")
         torch.set_num_threads(cfg.num_threads)
-        tasks = load_tasks(cfg.tasks, data_dir)
+        tasks = load_config_tasks(cfg, data_dir)
         teacher_features(load_trained(runs / "teacher", tasks), tasks, feats, progress=progress)
 
     def report():

@@ -106,6 +106,32 @@ def curves_png(runs: Path, path: Path) -> None:
     plt.close(fig)
 
 
+def run_curves_png(runs: list[Path], path: Path) -> None:
+    """Curves of one or more runs from their history.json: train loss (CE and transfer), val score, val ACC per
+    task and training throughput per epoch."""
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4), dpi=80)
+    for run in runs:
+        h = json.loads((Path(run) / "history.json").read_text())
+        ep = [r["epoch"] for r in h]
+        name = Path(run).name
+        axes[0].plot(ep, [r["train_ce"] for r in h], label=f"{name} CE")
+        if any(r["train_kd"] for r in h):
+            axes[0].plot(ep, [r["train_kd"] for r in h], "--", label=f"{name} transfer")
+        axes[1].plot(ep, [r["val_score"] for r in h], label=name)
+        for t in h[0]["val"]:
+            axes[2].plot(ep, [r["val"][t]["acc"] for r in h], label=f"{name} {t}")
+        axes[3].plot(ep, [r.get("images_per_second", float("nan")) for r in h], label=name)
+    titles = ("train loss", "val score: mean (ACC+AUC)/2", "val ACC per task", "training images/s")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def confusion_png(test: dict, title: str, path: Path) -> None:
     fig, axes = plt.subplots(1, len(test), figsize=(3.2 * len(test), 3.2), dpi=80)
     for ax, (tid, m) in zip(np.atleast_1d(axes), test.items(), strict=True):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import dataclasses
 import json
 import math
@@ -47,6 +49,18 @@ class TrainConfig:
     beta: float = 5.0  # weight of the task knowledge transfer loss (0 = ablation)
     temperature: float = 4.0
     width: str = "x1.0"  # x1.0 | tiny (tests)
+    # student architecture: "" = the built-in 28-px ShuffleNetV2 (`width`); else any torchvision CNN name,
+    # decomposed by lorkd.decompose (tested: shufflenet_v2_x0_5..x2_0, mobilenet_v3_small/large, resnet18)
+    arch: str = ""
+    student_checkpoint: str = ""  # local weights to start the generic student from (never downloaded)
+    # BatchNorm momentum of generic students (torchvision's MobileNetV3 uses 0.01: over a few hundred steps its
+    # running statistics stay near their init and eval predicts one class); 0 keeps the architecture's own
+    bn_momentum: float = 0.1
+    decompose_linear: bool = False  # generic students: also decompose every Linear but the classifier
+    image_size: int = 28  # model input size; every task is resized to it at load
+    # per-task data sources: {"task": {"type": "npz"|"folder"|"csv", "path": ..., "labels": [...],
+    # "channels": 1|3, "mean": [3], "std": [3]}}; a MedMNIST id without an entry is its npz in --data-dir
+    task_sources: dict = field(default_factory=dict)
     teacher_arch: str = "resnet18"
     teacher_stem_stride: int = 2
     teacher_features: str = ""  # path to precomputed teacher features (teacher-features command)
@@ -56,6 +70,11 @@ class TrainConfig:
     eval_batch_size: int = 512
     max_batches_per_epoch: int = 0  # 0 = full epoch (tests use small numbers)
     epoch_draws: int = 0  # samples drawn per epoch; 0 = the training set size (STL members get their task share)
+    # split each batch into this many chunks (gradient accumulation; BatchNorm sees one chunk at a time). Under
+    # DDP the chunks are dealt to the ranks, so a single process with micro_batches = world size reproduces a
+    # DDP run step for step (tests/test_distributed.py). 0 = the world size (1 without DDP).
+    micro_batches: int = 0
+    routing: str = "segments"  # EKS routing of the built-in student: segments (fast) | mask (reference)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -123,9 +142,23 @@ def seed_everything(seed: int) -> None:
 
 def build_model(cfg: TrainConfig, tasks: list[TaskData]) -> nn.Module:
     ncls = tuple(td.spec.num_classes for td in tasks)
+    decomposed = cfg.mode in ("lorkd", "lorkd_nokd")
     if cfg.mode == "teacher":
         return Teacher(ncls, cfg.teacher_arch, cfg.teacher_stem_stride)
-    return Student(student_config(cfg, ncls, decomposed=cfg.mode in ("lorkd", "lorkd_nokd")))
+    if cfg.arch:
+        from .decompose import build_student
+
+        student = build_student(cfg.arch, ncls, cfg.image_size, len(ncls) if decomposed else 0, cfg.rank,
+                                cfg.alpha, cfg.student_checkpoint or None, cfg.decompose_linear)
+        if cfg.bn_momentum:
+            for m in student.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.momentum = cfg.bn_momentum
+        return student
+    if cfg.image_size != 28:
+        raise ValueError("the built-in ShuffleNetV2 is the 28-px one: set arch (e.g. shufflenet_v2_x1_0) "
+                         "for other input sizes")
+    return Student(student_config(cfg, ncls, decomposed=decomposed), routing=cfg.routing)
 
 
 class KDProjection(nn.Module):
@@ -145,6 +178,42 @@ def transfer_loss(student_feat: torch.Tensor, teacher_proj: torch.Tensor, temper
     log_t = F.log_softmax(teacher_proj / temperature, dim=1)
     kl = (log_t.exp() * (log_t - log_s)).sum(dim=1)
     return temperature**2 * kl.sum()
+
+
+class StepLoss(nn.Module):
+    """The whole training objective as one module, so that DDP sees every trained parameter in its forward
+    (heads and the KD projection run outside the student's forward otherwise)."""
+
+    def __init__(self, model: nn.Module, kd_proj: KDProjection | None, class_weights: list[torch.Tensor],
+                 beta: float, temperature: float):
+        super().__init__()
+        self.model, self.kd_proj = model, kd_proj
+        self.cw = class_weights
+        self.beta, self.temperature = beta, temperature
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, tf: torch.Tensor | None,
+                denom: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, ce, kd): per-sample sums divided by `denom` (the global batch size)."""
+        feats = self.model(x, t)
+        ce = feats.new_zeros(())
+        for k in range(len(self.cw)):
+            sel = t == k
+            if sel.any():
+                ce = ce + F.cross_entropy(self.model.logits(feats[sel], k), y[sel], weight=self.cw[k], reduction="sum")
+        ce = ce / denom
+        kd = feats.new_zeros(())
+        if self.kd_proj is not None and tf is not None:
+            kd = self.beta * transfer_loss(feats, self.kd_proj(tf), self.temperature) / denom
+        return ce + kd, ce, kd
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> float:
@@ -173,7 +242,6 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
     seed_everything(cfg.seed)
     model = build_model(cfg, tasks).to(device)
     train = MultiTaskDataset(tasks, "train")
-    n_tasks = len(tasks)
     cw = [class_weights(td.labels["train"], td.spec.num_classes, cfg.class_weight_power).to(device) for td in tasks]
 
     use_kd = cfg.mode == "lorkd" and cfg.beta > 0
@@ -198,6 +266,19 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer}")
 
+    rank, world = dist_info()
+    chunks = cfg.micro_batches or world
+    if chunks % world:
+        raise ValueError(f"micro_batches={chunks} must be a multiple of the world size {world}")
+    step_loss = StepLoss(model, kd_proj, cw, cfg.beta, cfg.temperature)
+    runner: nn.Module = step_loss
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # find_unused_parameters: a task absent from a rank's chunk leaves its factors and head without gradient
+        runner = DDP(step_loss, device_ids=[device.index] if device.type == "cuda" else None,
+                     find_unused_parameters=True)
+
     weights = task_balanced_weights(train.t, cfg.task_power)
     steps_per_epoch = math.ceil((cfg.epoch_draws or len(train)) / cfg.batch_size)
     if cfg.max_batches_per_epoch:
@@ -215,79 +296,107 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
             kd_proj.load_state_dict(ck["kd_proj"])
         start_epoch, history, best, elapsed = ck["epoch"] + 1, ck["history"], ck["best"], ck["elapsed"]
         torch.set_rng_state(ck["rng"])
-        print(f"[{out.name}] resumed after epoch {ck['epoch']}")
-    with open(out / "config.json", "w") as f:
-        json.dump(cfg.to_dict(), f, indent=1)
+        if rank == 0:
+            print(f"[{out.name}] resumed after epoch {ck['epoch']}")
+    if rank == 0:
+        with open(out / "config.json", "w") as f:
+            json.dump(cfg.to_dict(), f, indent=1)
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         model.train()
         if kd_proj:
             kd_proj.train()
+        # every rank draws the same global order and takes its chunks of each batch
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         order = torch.multinomial(weights, steps_per_epoch * cfg.batch_size, replacement=True, generator=g)
         flips = torch.rand(len(order), generator=g) < 0.5 if cfg.hflip else torch.zeros(len(order), dtype=torch.bool)
-        sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "n": 0}
-        bar = tqdm(range(steps_per_epoch), desc=f"{out.name} ep{epoch + 1}/{cfg.epochs}", disable=not progress,
-                   leave=False, mininterval=5)
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, kd (times samples), samples
+        bar = tqdm(range(steps_per_epoch), desc=f"{out.name} ep{epoch + 1}/{cfg.epochs}",
+                   disable=not progress or rank != 0, leave=False, mininterval=5)
         for s in bar:
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             fl = flips[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            x = train.x[idx]
-            x = torch.where(fl[:, None, None, None], x.flip(3), x).to(device)
-            y, t = train.y[idx].to(device), train.t[idx].to(device)
             for pg in opt.param_groups:
                 pg["lr"] = lr_at(cfg, epoch * steps_per_epoch + s, total_steps, steps_per_epoch)
-            feats = model(x, t)
-            ce = feats.new_zeros(())
-            for k in range(n_tasks):
-                sel = t == k
-                if sel.any():
-                    ce = ce + F.cross_entropy(model.logits(feats[sel], k), y[sel], weight=cw[k], reduction="sum")
-            ce = ce / len(idx)
-            loss = ce
-            kd = feats.new_zeros(())
-            if use_kd:
-                tf = tfeat[idx, fl.long()].to(device)
-                kd = cfg.beta * transfer_loss(feats, kd_proj(tf), cfg.temperature) / len(idx)
-                loss = loss + kd
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            mine = list(range(rank, chunks, world))
+            for j, c in enumerate(mine):
+                part = idx.tensor_split(chunks)[c]
+                pfl = fl.tensor_split(chunks)[c]
+                x = train.x[part]
+                x = torch.where(pfl[:, None, None, None], x.flip(3), x).to(device)
+                y, t = train.y[part].to(device), train.t[part].to(device)
+                tf = tfeat[part, pfl.long()].to(device) if use_kd else None
+                sync = contextlib.nullcontext() if world == 1 or j == len(mine) - 1 else runner.no_sync()
+                with sync:
+                    loss, ce, kd = runner(x, y, t, tf, len(idx))
+                    # DDP averages gradients over ranks; the losses are already global-batch means
+                    (loss * world).backward()
+                sums += torch.tensor([loss.item(), ce.item(), kd.item(), 0.0], dtype=torch.float64) * len(idx)
+            sums[3] += len(idx)
             opt.step()
-            sums["loss"] += loss.item() * len(idx)
-            sums["ce"] += ce.item() * len(idx)
-            sums["kd"] += kd.item() * len(idx)
-            sums["n"] += len(idx)
             if s % 10 == 0:
-                bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}")
+                bar.set_postfix(loss=f"{sums[0] / sums[3]:.3f}")
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+            sums[3] /= world
         train_time = time.time() - t0
-        val = evaluate(model, tasks, "val", device, cfg.eval_batch_size)
-        score = selection_score(val)
-        elapsed += time.time() - t0
-        rec = {
-            "epoch": epoch + 1, "train_loss": sums["loss"] / sums["n"], "train_ce": sums["ce"] / sums["n"],
-            "train_kd": sums["kd"] / sums["n"], "val": {k: {"acc": v["acc"], "auc": v["auc"]} for k, v in val.items()},
-            "val_score": score, "epoch_seconds": time.time() - t0, "train_seconds": train_time,
-        }
-        history.append(rec)
-        vs = " ".join(f"{k}:{v['acc']:.3f}/{v['auc']:.3f}" for k, v in val.items())
-        print(f"[{out.name}] epoch {epoch + 1}/{cfg.epochs} loss {rec['train_loss']:.4f} (ce {rec['train_ce']:.4f} "
-              f"kd {rec['train_kd']:.4f}) val acc/auc {vs} score {score:.4f} ({rec['epoch_seconds']:.0f}s)", flush=True)
-        if score > best["score"]:
-            best = {"score": score, "epoch": epoch + 1}
-            _save({"model": model.state_dict(), "epoch": epoch + 1, "config": cfg.to_dict(),
-                   "tasks": [td.spec.id for td in tasks]}, out / "best.pt")
-        _save({"model": model.state_dict(), "opt": opt.state_dict(),
-               "kd_proj": kd_proj.state_dict() if kd_proj else None, "epoch": epoch, "history": history,
-               "best": best, "elapsed": elapsed, "rng": torch.get_rng_state()}, last)
-        with open(out / "history.json", "w") as f:
-            json.dump(history, f, indent=1)
+        rec = None
+        if rank == 0:
+            val = evaluate(model, tasks, "val", device, cfg.eval_batch_size)
+            score = selection_score(val)
+            elapsed += time.time() - t0
+            rec = {
+                "epoch": epoch + 1, "train_loss": float(sums[0] / sums[3]), "train_ce": float(sums[1] / sums[3]),
+                "train_kd": float(sums[2] / sums[3]),
+                "val": {k: {"acc": v["acc"], "auc": v["auc"]} for k, v in val.items()},
+                "val_score": score, "epoch_seconds": time.time() - t0, "train_seconds": train_time,
+                "images_per_second": float(sums[3]) / train_time, "world_size": world,
+            }
+            history.append(rec)
+            vs = " ".join(f"{k}:{v['acc']:.3f}/{v['auc']:.3f}" for k, v in val.items())
+            print(f"[{out.name}] epoch {epoch + 1}/{cfg.epochs} loss {rec['train_loss']:.4f} "
+                  f"(ce {rec['train_ce']:.4f} kd {rec['train_kd']:.4f}) val acc/auc {vs} score {score:.4f} "
+                  f"({rec['epoch_seconds']:.0f}s, {rec['images_per_second']:.0f} img/s)", flush=True)
+            if score > best["score"]:
+                best = {"score": score, "epoch": epoch + 1}
+                _save({"model": model.state_dict(), "epoch": epoch + 1, "config": cfg.to_dict(),
+                       "tasks": [td.spec.id for td in tasks]}, out / "best.pt")
+            _save({"model": model.state_dict(), "opt": opt.state_dict(),
+                   "kd_proj": kd_proj.state_dict() if kd_proj else None, "epoch": epoch, "history": history,
+                   "best": best, "elapsed": elapsed, "rng": torch.get_rng_state()}, last)
+            with open(out / "history.json", "w") as f:
+                json.dump(history, f, indent=1)
+            write_history_csv(history, out / "history.csv")
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     summary = {"mode": cfg.mode, "tasks": [td.spec.id for td in tasks], "best_epoch": best["epoch"],
                "best_val_score": best["score"], "wall_seconds": elapsed, "epochs": cfg.epochs}
-    with open(out / "summary.json", "w") as f:
-        json.dump(summary, f, indent=1)
+    if rank == 0:
+        with open(out / "summary.json", "w") as f:
+            json.dump(summary, f, indent=1)
     return summary
+
+
+def write_history_csv(history: list[dict], path: Path) -> None:
+    """One row per epoch: losses, throughput, val ACC/AUC per task and the selection score."""
+    if not history:
+        return
+    tasks = list(history[0]["val"])
+    cols = ["epoch", "train_loss", "train_ce", "train_kd", "val_score", "epoch_seconds", "train_seconds",
+            "images_per_second"] + [f"val_{t}_{m}" for t in tasks for m in ("acc", "auc")]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for h in history:
+            row = [h.get(c, "") for c in cols[:8]] + [h["val"][t][m] for t in tasks for m in ("acc", "auc")]
+            w.writerow(row)
 
 
 def load_trained(run: Path, tasks: list[TaskData], which: str = "best.pt", device: str = "cpu") -> nn.Module:

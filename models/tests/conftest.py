@@ -17,11 +17,11 @@ GREY = TaskSpec("alpha", "alpha.npz", "Alpha (grey)", "synthetic", ("no", "yes")
 RGB = TaskSpec("beta", "beta.npz", "Beta (RGB)", "synthetic", ("a", "b", "c"), 3)
 
 
-def write_npz(path: Path, channels: int, classes: int, n=(24, 8, 10), seed: int = 0) -> None:
+def write_npz(path: Path, channels: int, classes: int, n=(24, 8, 10), seed: int = 0, size: int = 28) -> None:
     rng = np.random.default_rng(seed)
     arrays = {}
     for split, count in zip(("train", "val", "test"), n, strict=True):
-        shape = (count, 28, 28) if channels == 1 else (count, 28, 28, 3)
+        shape = (count, size, size) if channels == 1 else (count, size, size, 3)
         labels = np.arange(count) % classes
         imgs = rng.integers(0, 256, size=shape, dtype=np.uint8)
         # make the label learnable: brighten by class

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorkd.eks import EKSConv2d
+from lorkd.eks import EKSConv2d, EKSLinear, Segments, sort_by_task
 
 
 def make(k: int, stride: int = 1, tasks: int = 3) -> EKSConv2d:
@@ -74,3 +74,51 @@ def test_student_gradient_separation_through_the_whole_network(tiny_student):
         assert torch.count_nonzero(conv.lora_A.grad[1]) == 0, name
         assert torch.count_nonzero(conv.lora_B.grad[1]) == 0, name
     assert any(torch.count_nonzero(conv.lora_B.grad[0]) > 0 for _, conv, _ in s.eks_layers())
+
+
+@pytest.mark.parametrize("k,stride", [(1, 1), (3, 2)])
+def test_segments_routing_equals_mask_routing_and_separates_gradients(k, stride):
+    conv = make(k, stride)
+    x = torch.randn(7, 6, 9, 9, dtype=torch.float64)
+    task = torch.tensor([0, 2, 1, 1, 0, 2, 2])
+    order, inverse, seg = sort_by_task(task, 3)
+    assert seg.counts == (2, 2, 3) and torch.equal(task[order], torch.tensor([0, 0, 1, 1, 2, 2, 2]))
+    y_seg = conv(x[order], seg)[inverse]
+    y_mask = conv(x, F.one_hot(task, 3).double())
+    torch.testing.assert_close(y_seg, y_mask, rtol=1e-10, atol=1e-10)
+    y_seg[task == 1].pow(2).sum().backward()
+    for other in (0, 2):
+        assert conv.lora_A.grad is None or torch.count_nonzero(conv.lora_A.grad[other]) == 0
+        assert torch.count_nonzero(conv.lora_B.grad[other]) == 0
+    assert torch.count_nonzero(conv.lora_B.grad[1]) > 0
+
+
+def test_segments_must_cover_the_batch():
+    conv = make(1)
+    with pytest.raises(ValueError, match="segments cover"):
+        conv(torch.randn(3, 6, 4, 4, dtype=torch.float64), Segments((1, 1, 0)))
+
+
+def test_student_routings_agree(tiny_student):
+    x = torch.randn(6, 3, 28, 28)
+    task = torch.tensor([1, 0, 1, 0, 0, 1])
+    seg = tiny_student(x, task)
+    tiny_student.routing = "mask"
+    torch.testing.assert_close(seg, tiny_student(x, task), rtol=1e-5, atol=1e-5)
+
+
+def test_eks_linear_equals_linear_with_merged_weight_per_sample():
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(6, 5).double()
+    eks = EKSLinear.from_linear(lin, 3, 2, 4.0).double()
+    with torch.no_grad():
+        eks.lora_B.normal_(0, 0.1)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    task = torch.tensor([0, 2, 1, 1, 0, 2, 2])
+    order, inverse, seg = sort_by_task(task, 3)
+    y = eks(x[order], seg)[inverse]
+    torch.testing.assert_close(eks(x, F.one_hot(task, 3).double()), y, rtol=1e-10, atol=1e-10)
+    for b in range(len(x)):
+        w = lin.weight + eks.delta(int(task[b])).view(5, 6)
+        torch.testing.assert_close(y[b], F.linear(x[b], w, lin.bias), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(eks(x), lin(x))  # no task: the given Linear

@@ -1,4 +1,5 @@
-"""The shipped package `models/medmnist-lorkd`: checksums, golden cases, real-data parity on the full test split."""
+"""The shipped packages: `models/medmnist-lorkd` (built-in ShuffleNetV2) and `models/medmnist-mbv3s-lorkd`
+(MobileNetV3-small via lorkd.decompose): checksums, golden cases, real-data parity on the full test split."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from lorkd.parity import package_parity, session
 MODELS = Path(__file__).resolve().parents[1]
 PKG = MODELS / "medmnist-lorkd"
 CKPT = MODELS / "checkpoints" / "medmnist-lorkd"
+PACKAGES = pytest.mark.parametrize("name", ["medmnist-lorkd", "medmnist-mbv3s-lorkd"])
 HAVE_DATA = (default_data_dir() / "breastmnist.npz").exists()
 
 
@@ -25,7 +27,9 @@ def _read_png(path: Path) -> np.ndarray:
     return img[..., None] if img.ndim == 2 else img
 
 
-def test_shipped_package_verifies_and_reproduces_golden():
+@PACKAGES
+def test_shipped_package_verifies_and_reproduces_golden(name):
+    PKG = MODELS / name
     manifest = load_package(PKG)
     assert [t["id"] for t in manifest["tasks"]] == ["breast", "pneumonia", "retina"]
     golden = json.loads((PKG / "golden/golden.json").read_text())
@@ -39,8 +43,10 @@ def test_shipped_package_verifies_and_reproduces_golden():
         assert int(got.argmax()) == case["top1"]
 
 
+@PACKAGES
 @pytest.mark.skipif(not HAVE_DATA, reason="../shared/data/medmnist not present")
-def test_golden_images_are_the_real_test_images():
+def test_golden_images_are_the_real_test_images(name):
+    PKG = MODELS / name
     golden = json.loads((PKG / "golden/golden.json").read_text())
     tasks = {td.spec.id: td for td in load_tasks()}
     for case in golden["cases"]:
@@ -49,12 +55,14 @@ def test_golden_images_are_the_real_test_images():
         assert case["label"] == int(td.labels["test"][case["test_index"]])
 
 
+@PACKAGES
 @pytest.mark.skipif(not HAVE_DATA, reason="../shared/data/medmnist not present")
-def test_full_test_split_parity_with_the_shipped_checkpoint():
+def test_full_test_split_parity_with_the_shipped_checkpoint(name):
     """ORT (merged W_t + head t) vs the trained PyTorch EKS student on every test image of every task."""
     from lorkd.package import sha256_file
     from lorkd.train import load_trained
 
+    PKG, CKPT = MODELS / name, MODELS / "checkpoints" / name
     manifest = load_package(PKG)
     assert manifest["provenance"]["pytorch_checkpoint"]["sha256"] == sha256_file(CKPT / "best.pt")
     torch.set_num_threads(2)

@@ -67,3 +67,21 @@ def test_cli_reads_the_pipeline_config(tmp_path):
     assert teacher.mode == "teacher" and teacher.epochs == 8
     nokd = _load_cfg(SimpleNamespace(config=str(cfg_file), mode="lorkd_nokd", set=["epochs=2"]))
     assert nokd.beta == 0.0 and nokd.epochs == 2
+
+
+def test_bench_variants_run_side_by_side():
+    """Functional check of the benchmark (no timing asserted): every variant trains and reports a rate."""
+    from lorkd.bench import bench
+
+    res = bench(["plain", "lorkd-mask", "lorkd"], rounds=2, steps=1, batch=6, width="tiny", log=lambda _: None)
+    assert set(res) == {"plain", "lorkd-mask", "lorkd"}
+    assert all(len(v["all"]) == 2 and v["median_img_s"] > 0 for v in res.values())
+
+
+def test_segments_and_mask_routing_train_to_the_same_weights(tmp_path, tasks):
+    a = train_run(tiny_cfg(routing="segments", epochs=1), tasks, tmp_path / "seg", progress=False)
+    b = train_run(tiny_cfg(routing="mask", epochs=1), tasks, tmp_path / "mask", progress=False)
+    assert a["best_epoch"] == b["best_epoch"] == 1
+    sa = torch.load(tmp_path / "seg" / "last.pt", weights_only=False)["model"]
+    sb = torch.load(tmp_path / "mask" / "last.pt", weights_only=False)["model"]
+    assert max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa) < 1e-4
