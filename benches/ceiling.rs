@@ -183,7 +183,15 @@ fn main() {
     let shared_app = service(&["--dedicated-sessions", "0"]).or_else(|| service(&[]));
     let shared_app = shared_app.expect("service builds");
     let dedicated_app = service(&["--dedicated-sessions", "1", "--promote-after", "1"]);
-    let expert_of = |app: &App| rt.block_on(app.state.cache.get(&task)).expect("expert").0;
+    let expert_of = |app: &App| {
+        rt.block_on(
+            app.state
+                .cache
+                .get(&app.state.experts.get(&task).expect("task")),
+        )
+        .expect("expert")
+        .0
+    };
     let shared_expert = expert_of(&shared_app);
     if let Some(app) = &dedicated_app {
         // Serve until the expert runs on its own session (the gauge says so), at most ~20 s.

@@ -153,7 +153,13 @@ fn inference(c: &mut Criterion) {
     let app = rt.block_on(App::build(config)).expect("service builds");
     let package = app.state.package.clone();
     let task = package.manifest.tasks[0].id.clone();
-    let (expert, _) = rt.block_on(app.state.cache.get(&task)).expect("assembles");
+    let (expert, _) = rt
+        .block_on(
+            app.state
+                .cache
+                .get(&app.state.experts.get(&task).expect("task")),
+        )
+        .expect("assembles");
     let backend = app.state.backend.clone();
     let (h, w) = (package.manifest.input.height, package.manifest.input.width);
     let mut group = c.benchmark_group("inference");

@@ -15,7 +15,7 @@ use crate::{
     assembly::{merge_layer, merge_layer_into},
     budget::MemoryBudget,
     metrics::Metrics,
-    package::Package,
+    package::{ExpertEntry, Package},
     runtime::Expert,
 };
 
@@ -73,7 +73,8 @@ struct Resident {
 #[derive(Default)]
 struct Inner {
     resident: HashMap<String, Resident>,
-    loading: HashMap<String, Arc<OnceCell<Arc<Expert>>>>,
+    /// One assembly per (task, expert version) in flight, whoever asks.
+    loading: HashMap<(String, String), Arc<OnceCell<Arc<Expert>>>>,
     clock: u64,
     bytes: usize,
     /// Evicted experts kept for their layer buffers (at most [`POOL_EXPERTS`]), outside the budget. One may still
@@ -126,40 +127,53 @@ impl ExpertCache {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The assembled expert for `task`, assembling it (once, off the async runtime) when it is not resident.
+    /// The assembled expert for `entry` (a registry snapshot's entry), assembling it (once, off the async runtime)
+    /// when it is not resident in that version. A resident expert of another version (replaced through the admin
+    /// API) is dropped here; requests still holding it finish on it.
     pub async fn get(
         self: &Arc<Self>,
-        task: &str,
+        entry: &Arc<ExpertEntry>,
     ) -> Result<(Arc<Expert>, CacheOutcome), AssemblyError> {
+        let task = entry.spec.id.as_str();
+        let version = entry.version.clone().unwrap_or_default();
+        let key = (task.to_string(), version.clone());
         let cell = {
             let mut inner = self.lock();
             inner.clock += 1;
             let now = inner.clock;
-            if let Some(entry) = inner.resident.get_mut(task) {
-                entry.last_used = now;
-                entry.hits += 1;
-                self.metrics.cache_hits.with_label_values(&[task]).inc();
-                return Ok((
-                    entry.expert.clone(),
-                    CacheOutcome {
-                        hit: true,
-                        assembly_seconds: None,
-                    },
-                ));
+            match inner.resident.get_mut(task) {
+                Some(resident) if resident.expert.version == version => {
+                    resident.last_used = now;
+                    resident.hits += 1;
+                    self.metrics.cache_hits.with_label_values(&[task]).inc();
+                    return Ok((
+                        resident.expert.clone(),
+                        CacheOutcome {
+                            hit: true,
+                            assembly_seconds: None,
+                        },
+                    ));
+                }
+                Some(_) => {
+                    let stale = inner.resident.remove(task).expect("present");
+                    inner.bytes -= stale.expert.bytes;
+                    self.publish(&inner);
+                }
+                None => {}
             }
             self.metrics.cache_misses.with_label_values(&[task]).inc();
-            inner.loading.entry(task.to_string()).or_default().clone()
+            inner.loading.entry(key.clone()).or_default().clone()
         };
         let mut assembly_seconds = None;
         let result = cell
             .get_or_try_init(|| {
                 let cache = Arc::clone(self);
-                let task = task.to_string();
+                let entry = Arc::clone(entry);
                 let seconds = &mut assembly_seconds;
                 async move {
                     // Assemble and insert on a blocking thread, so a cancelled request cannot lose a finished assembly.
                     let (expert, took) =
-                        tokio::task::spawn_blocking(move || cache.assemble_and_insert(&task))
+                        tokio::task::spawn_blocking(move || cache.assemble_and_insert(&entry))
                             .await
                             .map_err(|e| {
                                 AssemblyError::Failed(format!("assembly task failed: {e}"))
@@ -174,10 +188,10 @@ impl ExpertCache {
             let mut inner = self.lock();
             if inner
                 .loading
-                .get(task)
+                .get(&key)
                 .is_some_and(|c| Arc::ptr_eq(c, &cell))
             {
-                inner.loading.remove(task);
+                inner.loading.remove(&key);
             }
         }
         result.map(|expert| {
@@ -191,9 +205,33 @@ impl ExpertCache {
         })
     }
 
-    fn assemble_and_insert(&self, task: &str) -> Result<(Arc<Expert>, f64), AssemblyError> {
-        if let Some(entry) = self.lock().resident.get(task) {
-            return Ok((entry.expert.clone(), 0.0));
+    /// Drops `task`'s assembled expert (removed or replaced through the admin API). Requests that hold it finish.
+    pub fn forget(&self, task: &str) {
+        let mut inner = self.lock();
+        if let Some(resident) = inner.resident.remove(task) {
+            inner.bytes -= resident.expert.bytes;
+        }
+        inner.loading.retain(|(t, _), _| t != task);
+        self.publish(&inner);
+    }
+
+    fn publish(&self, inner: &Inner) {
+        self.metrics.cache_resident_bytes.set(inner.bytes as i64);
+        self.metrics
+            .cache_resident_experts
+            .set(inner.resident.len() as i64);
+    }
+
+    fn assemble_and_insert(
+        &self,
+        entry: &ExpertEntry,
+    ) -> Result<(Arc<Expert>, f64), AssemblyError> {
+        let task = entry.spec.id.as_str();
+        let version = entry.version.as_deref().unwrap_or_default();
+        if let Some(resident) = self.lock().resident.get(task) {
+            if resident.expert.version == version {
+                return Ok((resident.expert.clone(), 0.0));
+            }
         }
         let recycled = self.take_pooled();
         // Fresh buffers are request memory until the cache owns them (its own budget); recycled ones are not new.
@@ -206,8 +244,9 @@ impl ExpertCache {
             ),
         };
         let started = Instant::now();
-        let expert =
-            Arc::new(assemble_with(&self.package, task, recycled).map_err(AssemblyError::Failed)?);
+        let expert = Arc::new(
+            assemble_entry(&self.package, entry, recycled).map_err(AssemblyError::Failed)?,
+        );
         let took = started.elapsed().as_secs_f64();
         self.metrics.assemblies.with_label_values(&[task]).inc();
         self.metrics.assembly_seconds.observe(took);
@@ -217,12 +256,12 @@ impl ExpertCache {
             bytes = expert.bytes,
             "expert assembled"
         );
-        self.insert(task, expert.clone());
+        self.insert(task, version, expert.clone());
         Ok((expert, took))
     }
 
-    fn insert(&self, task: &str, expert: Arc<Expert>) {
-        let evicted = self.insert_and_evict(task, expert);
+    fn insert(&self, task: &str, version: &str, expert: Arc<Expert>) {
+        let evicted = self.insert_and_evict(task, version, expert);
         let dropped = {
             let mut inner = self.lock();
             let mut dropped = Vec::new();
@@ -260,7 +299,7 @@ impl ExpertCache {
     }
 
     /// Inserts `expert` and evicts least recently used experts until the budget holds; returns the evicted ones.
-    fn insert_and_evict(&self, task: &str, expert: Arc<Expert>) -> Vec<Arc<Expert>> {
+    fn insert_and_evict(&self, task: &str, version: &str, expert: Arc<Expert>) -> Vec<Arc<Expert>> {
         let mut evicted_experts = Vec::new();
         let mut inner = self.lock();
         inner.clock += 1;
@@ -276,7 +315,9 @@ impl ExpertCache {
         ) {
             inner.bytes -= old.expert.bytes;
         }
-        inner.loading.remove(task);
+        inner
+            .loading
+            .remove(&(task.to_string(), version.to_string()));
         while inner.bytes > self.budget {
             let victim = inner
                 .resident
@@ -323,7 +364,7 @@ impl ExpertCache {
                 bytes: Some(r.expert.bytes),
                 hits: r.hits,
             },
-            None if inner.loading.contains_key(task) => CacheEntryState {
+            None if inner.loading.keys().any(|(t, _)| t == task) => CacheEntryState {
                 state: "assembling",
                 pinned,
                 bytes: None,
@@ -372,6 +413,16 @@ pub fn assemble_with(
     let entry = package
         .expert(task)
         .ok_or_else(|| format!("unknown task `{task}`"))?;
+    assemble_entry(package, entry, recycled)
+}
+
+/// [`assemble_with`] for an expert that need not be in the package's manifest (added through the admin API).
+pub fn assemble_entry(
+    package: &Package,
+    entry: &ExpertEntry,
+    recycled: Option<LayerBuffers>,
+) -> Result<Expert, String> {
+    let task = entry.spec.id.as_str();
     let deltas = entry
         .deltas
         .as_ref()

@@ -144,6 +144,29 @@ pub struct Config {
     #[serde(skip)]
     pub api_keys_file: String,
 
+    /// Admin API keys (comma separated): `PUT/DELETE /v1/experts/{task}` and `POST /v1/admin/reload` need one
+    /// of these as `Authorization: Bearer <key>`. None (and no admin key file): the admin API is off (403).
+    #[arg(
+        long,
+        env = "LORKD_ADMIN_KEYS",
+        value_delimiter = ',',
+        default_value = "",
+        hide_env_values = true
+    )]
+    #[serde(skip)]
+    pub admin_keys: Vec<String>,
+
+    /// File with one admin key per line (`#` comments), e.g. a mounted Kubernetes Secret.
+    #[arg(long, env = "LORKD_ADMIN_KEYS_FILE", default_value = "")]
+    #[serde(skip)]
+    pub admin_keys_file: String,
+
+    /// Writable folder where experts added, replaced or removed through the admin API are kept across restarts
+    /// (the package folder stays read-only). Empty: admin changes live in memory until the process ends.
+    #[arg(long, env = "LORKD_OVERLAY_DIR", default_value = "")]
+    #[serde(skip)]
+    pub overlay_dir: String,
+
     /// Separate port for operations (`/metrics`, `/v1/info`, health probes); 0 keeps them on the main port.
     /// When set, the main port no longer answers `/metrics` and `/v1/info`.
     #[arg(long, env = "LORKD_OPS_PORT", default_value_t = 0)]
@@ -247,35 +270,42 @@ impl Config {
 
     /// Every configured API key: `LORKD_API_KEYS` plus the lines of `LORKD_API_KEYS_FILE`. Empty: auth is off.
     pub fn load_api_keys(&self) -> Result<Vec<String>, String> {
-        let mut keys: Vec<String> = self
-            .api_keys
-            .iter()
-            .map(|k| k.trim().to_string())
-            .filter(|k| !k.is_empty())
-            .collect();
-        if !self.api_keys_file.is_empty() {
-            let text = std::fs::read_to_string(&self.api_keys_file).map_err(|e| {
-                format!(
-                    "cannot read LORKD_API_KEYS_FILE {}: {e}",
-                    self.api_keys_file
-                )
-            })?;
-            keys.extend(parse_key_file(&text));
-            if keys.is_empty() {
-                return Err(format!(
-                    "LORKD_API_KEYS_FILE {} holds no key: refusing to start with authentication off",
-                    self.api_keys_file
-                ));
-            }
-        }
-        if let Some(short) = keys.iter().find(|k| k.len() < MIN_KEY_LENGTH) {
+        load_keys(&self.api_keys, &self.api_keys_file, "LORKD_API_KEYS_FILE")
+    }
+
+    /// Every admin key: `LORKD_ADMIN_KEYS` plus the lines of `LORKD_ADMIN_KEYS_FILE`. Empty: the admin API is off.
+    pub fn load_admin_keys(&self) -> Result<Vec<String>, String> {
+        load_keys(
+            &self.admin_keys,
+            &self.admin_keys_file,
+            "LORKD_ADMIN_KEYS_FILE",
+        )
+    }
+}
+
+fn load_keys(listed: &[String], file: &str, file_variable: &str) -> Result<Vec<String>, String> {
+    let mut keys: Vec<String> = listed
+        .iter()
+        .map(|k| k.trim().to_string())
+        .filter(|k| !k.is_empty())
+        .collect();
+    if !file.is_empty() {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read {file_variable} {file}: {e}"))?;
+        keys.extend(parse_key_file(&text));
+        if keys.is_empty() {
             return Err(format!(
-                "an API key has {} characters; keys need at least {MIN_KEY_LENGTH}",
-                short.len()
+                "{file_variable} {file} holds no key: refusing to start with those keys off"
             ));
         }
-        Ok(keys)
     }
+    if let Some(short) = keys.iter().find(|k| k.len() < MIN_KEY_LENGTH) {
+        return Err(format!(
+            "a key has {} characters; keys need at least {MIN_KEY_LENGTH}",
+            short.len()
+        ));
+    }
+    Ok(keys)
 }
 
 /// Shortest API key accepted (guessing a 16-character random key is out of reach).

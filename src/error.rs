@@ -13,6 +13,10 @@
 //! - [`ApiError::TooManyImages`]: more images in one request than `LORKD_MAX_CLIENT_BATCH_SIZE`.
 //! - [`ApiError::BodyTimeout`]: the client did not send its body within `LORKD_BODY_TIMEOUT_MS` (408).
 //! - [`ApiError::Unauthorized`]: missing or unknown API key (401 with `WWW-Authenticate: Bearer`).
+//! - [`ApiError::Forbidden`]: a valid key without the scope the route needs (admin API), or the admin API is off.
+//! - [`ApiError::InvalidExpert`]: an uploaded expert that does not fit the package (422); nothing changed.
+//! - [`ApiError::Conflict`]: the change cannot be applied to the running server (409), e.g. a reload that
+//!   would swap the shared student model, which needs a restart.
 //! - [`ApiError::Timeout`]: the request ran past `LORKD_REQUEST_TIMEOUT_MS`.
 //! - [`ApiError::Internal`]: our fault. The detail is logged (once, here) and never sent to the client.
 
@@ -53,6 +57,12 @@ pub enum ApiError {
     BodyTimeout { timeout_ms: u64 },
     #[error("{0}")]
     Unauthorized(&'static str),
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("{0}")]
+    InvalidExpert(String),
+    #[error("{0}")]
+    Conflict(String),
     /// The string is logged, never returned.
     #[error("internal error")]
     Internal(String),
@@ -94,6 +104,9 @@ impl ApiError {
             Self::TooManyImages { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::InvalidExpert(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -114,6 +127,9 @@ impl ApiError {
             Self::TooManyImages { .. } => "too_many_images",
             Self::BodyTimeout { .. } => "body_timeout",
             Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
+            Self::InvalidExpert(_) => "invalid_expert",
+            Self::Conflict(_) => "conflict",
             Self::Internal(_) => "internal",
         }
     }

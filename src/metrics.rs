@@ -31,6 +31,7 @@ pub struct Metrics {
     pub connections: IntGauge,
     pub inference_failures: prometheus::IntCounter,
     pub backend_up: IntGauge,
+    pub expert_changes: IntCounterVec,
     pub request_memory_bytes: IntGauge,
     pub request_memory_budget_bytes: IntGauge,
 }
@@ -193,6 +194,14 @@ impl Metrics {
             "1 while the inference backend thread runs, 0 once it has ended",
         )
         .unwrap();
+        let expert_changes = IntCounterVec::new(
+            Opts::new(
+                "expert_changes_total",
+                "Experts changed through the admin API, by change (add, replace, remove, reload)",
+            ),
+            &["change"],
+        )
+        .unwrap();
         let metrics = Metrics {
             registry,
             http_requests,
@@ -218,6 +227,7 @@ impl Metrics {
             connections,
             inference_failures,
             backend_up,
+            expert_changes,
             request_memory_bytes,
             request_memory_budget_bytes,
         };
@@ -255,6 +265,8 @@ impl Metrics {
         r.register(Box::new(metrics.inference_failures.clone()))
             .unwrap();
         r.register(Box::new(metrics.backend_up.clone())).unwrap();
+        r.register(Box::new(metrics.expert_changes.clone()))
+            .unwrap();
         r.register(Box::new(metrics.request_memory_bytes.clone()))
             .unwrap();
         r.register(Box::new(metrics.request_memory_budget_bytes.clone()))

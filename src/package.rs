@@ -137,7 +137,7 @@ pub enum ExpertStatus {
     Disabled { reason: String },
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ExpertEntry {
     pub spec: TaskSpec,
     pub status: ExpertStatus,
@@ -154,6 +154,10 @@ pub struct Package {
     pub model_bytes: Vec<u8>,
     pub model_sha256: String,
     pub layers: Vec<BaseLayer>,
+    /// Declared dims of the graph's image input (what a task's input size must fit).
+    pub graph_input: Option<Vec<onnx::Dim>>,
+    /// The experts as loaded from the manifest. What is served is `state.experts` (the registry), which starts
+    /// from these and follows the admin API.
     pub experts: BTreeMap<String, ExpertEntry>,
     /// Problems that do not stop serving (e.g. a golden file with a wrong checksum).
     pub warnings: Vec<String>,
@@ -331,12 +335,14 @@ impl Package {
             );
             experts.insert(spec.id.clone(), entry);
         }
+        let graph_input = info.input_dims.get(&manifest.model.input_name).cloned();
         Ok(Package {
             root,
             manifest,
             model_bytes,
             model_sha256,
             layers,
+            graph_input,
             experts,
             warnings,
         })
@@ -344,6 +350,40 @@ impl Package {
 
     pub fn expert(&self, task: &str) -> Option<&ExpertEntry> {
         self.experts.get(task)
+    }
+
+    /// Verifies an expert file that is not (yet) part of the package against this package's shared model, with
+    /// the same rules as loading (task id, spec, input size, tensor names and shapes, scale, finite values).
+    /// Returns the servable entry and the file's sha256. The error is a client-facing message (no paths).
+    pub fn verify_expert(
+        &self,
+        spec: &TaskSpec,
+        bytes: &[u8],
+    ) -> Result<(ExpertEntry, String), String> {
+        if !valid_task_id(&spec.id) {
+            return Err(format!(
+                "task id `{}` is not valid (^[a-z0-9][a-z0-9_-]{{0,63}}$)",
+                spec.id
+            ));
+        }
+        check_task_spec(spec)?;
+        onnx::check_image_input(
+            self.graph_input.as_deref(),
+            spec.input.height,
+            spec.input.width,
+        )?;
+        let shapes: Vec<LayerShape> = self.layers.iter().map(|l| l.shape).collect();
+        let deltas = parse_expert(bytes, &self.manifest, &shapes, spec)?;
+        let sha = sha256_hex(bytes);
+        Ok((
+            ExpertEntry {
+                spec: spec.clone(),
+                status: ExpertStatus::Available,
+                version: Some(expert_version(&self.model_sha256, &sha)),
+                deltas: Some(Arc::new(deltas)),
+            },
+            sha,
+        ))
     }
 }
 

@@ -190,6 +190,9 @@ enum Message {
     },
 }
 
+/// How often an idle backend thread looks for finished promotions (they arrive on their own channel).
+const IDLE_POLL: Duration = Duration::from_millis(50);
+
 /// Consecutive failed ONNX Runtime runs after which the backend reports itself unhealthy (readiness 503) until
 /// a run succeeds again.
 pub const UNHEALTHY_AFTER_FAILURES: u32 = 3;
@@ -465,13 +468,16 @@ impl Worker {
             }
             let first = match pending.pop_front() {
                 Some(job) => job,
-                None => match rx.recv() {
+                // Idle: wake now and then to install sessions that promotion threads finished meanwhile.
+                None => match rx.recv_timeout(IDLE_POLL) {
                     Ok(Message::Job(job)) => job,
                     Ok(other) => {
                         self.handle(other);
                         continue;
                     }
-                    Err(_) => return, // every handle dropped: the server is gone
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    // Every handle dropped: the server is gone.
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 },
             };
             let mut batch = vec![first];

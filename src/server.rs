@@ -17,7 +17,9 @@ use crate::{
     cache::ExpertCache,
     config::{Config, LogFormat},
     metrics::Metrics,
+    overlay::Overlay,
     package::{ExpertStatus, Package},
+    registry::{Experts, Registry},
     runtime::{self, Backend, BackendConfig, Expert},
     state::{AppState, Shared},
 };
@@ -32,28 +34,22 @@ pub struct App {
     pub state: AppState,
 }
 
-fn task_list(names: &[String], package: &Package, what: &str) -> Result<Vec<String>, StartupError> {
+fn task_list(names: &[String], experts: &Experts, what: &str) -> Result<Vec<String>, StartupError> {
     let mut out = Vec::new();
     for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
         if name == "all" {
             out.extend(
-                package
-                    .experts
+                experts
                     .iter()
                     .filter(|(_, e)| e.status == ExpertStatus::Available)
                     .map(|(id, _)| id.clone()),
             );
-        } else if package.experts.contains_key(name) {
+        } else if experts.contains_key(name) {
             out.push(name.to_string());
         } else {
             return Err(StartupError(format!(
                 "{what} names task `{name}`, which the package does not have (tasks: {})",
-                package
-                    .experts
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                experts.keys().cloned().collect::<Vec<_>>().join(", ")
             )));
         }
     }
@@ -79,10 +75,27 @@ impl App {
             tracing::warn!(%warning, "package");
         }
         let package = Arc::new(package);
-        let pinned: HashSet<String> = task_list(&config.pin, &package, "LORKD_PIN")?
+        let overlay = if config.overlay_dir.is_empty() {
+            None
+        } else {
+            Some(
+                Overlay::open(std::path::Path::new(&config.overlay_dir), &package)
+                    .map_err(StartupError)?,
+            )
+        };
+        let loaded: Experts = package
+            .experts
+            .iter()
+            .map(|(id, e)| (id.clone(), Arc::new(e.clone())))
+            .collect();
+        let experts = Registry::new(match &overlay {
+            Some(overlay) => overlay.apply(&package, loaded),
+            None => loaded,
+        });
+        let pinned: HashSet<String> = task_list(&config.pin, &experts.snapshot(), "LORKD_PIN")?
             .into_iter()
             .collect();
-        task_list(&config.preload, &package, "LORKD_PRELOAD")?;
+        task_list(&config.preload, &experts.snapshot(), "LORKD_PRELOAD")?;
 
         let metrics = Metrics::new();
         let admission = Arc::new(tokio::sync::Semaphore::new(config.queue_capacity as usize));
@@ -115,14 +128,10 @@ impl App {
         .map_err(|e| StartupError(format!("runtime start-up panicked: {e}")))?
         .map_err(StartupError)?;
 
-        let available = package
-            .experts
-            .values()
-            .filter(|e| e.status == ExpertStatus::Available)
-            .count();
+        let (available, disabled) = experts.counts();
         tracing::info!(
             package = %package.manifest.name,
-            experts = package.experts.len(),
+            experts = available + disabled,
             available,
             provider = backend.provider,
             seconds = started.elapsed().as_secs_f64(),
@@ -143,8 +152,15 @@ impl App {
         metrics
             .experts
             .with_label_values(&["disabled"])
-            .set((package.experts.len() - available) as i64);
+            .set(disabled as i64);
         let api_keys = ApiKeys::new(&config.load_api_keys().map_err(StartupError)?);
+        let admin_keys = ApiKeys::new(&config.load_admin_keys().map_err(StartupError)?);
+        if admin_keys.enabled() {
+            tracing::info!(
+                keys = admin_keys.len(),
+                "admin API on (admin keys required)"
+            );
+        }
         if api_keys.enabled() {
             tracing::info!(keys = api_keys.len(), "API keys required on the API routes");
         } else {
@@ -185,6 +201,9 @@ impl App {
             admission,
             memory,
             api_keys,
+            admin_keys,
+            experts,
+            overlay,
             decode_slots: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
@@ -205,18 +224,15 @@ impl App {
     /// then marks the server ready.
     pub async fn warm_up(&self) -> Result<(), StartupError> {
         let state = &self.state;
-        let mut tasks = task_list(&state.config.pin, &state.package, "LORKD_PIN")?;
-        tasks.extend(task_list(
-            &state.config.preload,
-            &state.package,
-            "LORKD_PRELOAD",
-        )?);
+        let experts = state.experts.snapshot();
+        let mut tasks = task_list(&state.config.pin, &experts, "LORKD_PIN")?;
+        tasks.extend(task_list(&state.config.preload, &experts, "LORKD_PRELOAD")?);
         let mut seen = HashSet::new();
         tasks.retain(|t| seen.insert(t.clone()));
         let started = Instant::now();
         let mut warmed = 0;
         for task in &tasks {
-            let entry = &state.package.experts[task];
+            let entry = &experts[task];
             if entry.status != ExpertStatus::Available {
                 tracing::warn!(task = %task, "preload skipped: expert is disabled");
                 continue;
@@ -224,7 +240,7 @@ impl App {
             let (height, width) = (entry.spec.input.height, entry.spec.input.width);
             let (expert, _) = state
                 .cache
-                .get(task)
+                .get(entry)
                 .await
                 .map_err(|e| StartupError(format!("warm-up of `{task}`: {e}")))?;
             state

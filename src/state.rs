@@ -17,8 +17,10 @@ use crate::{
     config::Config,
     error::ApiError,
     metrics::Metrics,
+    overlay::Overlay,
     package::{ExpertEntry, ExpertStatus, Package},
     preprocess::ImageLimits,
+    registry::Registry,
     runtime::{Backend, InferOutput},
 };
 
@@ -35,6 +37,10 @@ impl std::ops::Deref for AppState {
 pub struct Shared {
     pub config: Config,
     pub package: Arc<Package>,
+    /// The experts being served (the package's, changed by the admin API); read through snapshots.
+    pub experts: Registry,
+    /// Where admin changes are persisted (`LORKD_OVERLAY_DIR`); None keeps them in memory only.
+    pub overlay: Option<Overlay>,
     pub cache: Arc<ExpertCache>,
     pub backend: Backend,
     pub metrics: Metrics,
@@ -42,6 +48,8 @@ pub struct Shared {
     /// Request memory in use at once (bodies, decoding, assembly): see `budget`.
     pub memory: MemoryBudget,
     pub api_keys: ApiKeys,
+    /// Keys of the admin scope (`LORKD_ADMIN_KEYS`); none: the admin API is off.
+    pub admin_keys: ApiKeys,
     /// Bounds CPU-heavy request work (image decoding, JSON tensor parsing) to about one job per core, so that a
     /// burst of large admitted requests cannot hold hundreds of decoded images in memory at once.
     pub decode_slots: Arc<Semaphore>,
@@ -115,11 +123,12 @@ impl Shared {
         }
     }
 
-    /// A known, enabled expert, or 404 (unknown) / 503 (disabled at load).
-    pub fn servable(&self, task: &str) -> Result<&ExpertEntry, ApiError> {
+    /// A known, enabled expert of the current registry, or 404 (unknown) / 503 (disabled). The caller keeps the
+    /// returned entry for the whole request: a replacement meanwhile does not change what it runs.
+    pub fn servable(&self, task: &str) -> Result<Arc<ExpertEntry>, ApiError> {
         let entry = self
-            .package
-            .expert(task)
+            .experts
+            .get(task)
             .ok_or_else(|| ApiError::NotFound(format!("no expert for task `{task}`")))?;
         match &entry.status {
             ExpertStatus::Available => Ok(entry),
@@ -180,14 +189,14 @@ impl Shared {
     /// Gets (or assembles) the expert and runs `images` preprocessed images through it.
     pub async fn predict(
         &self,
-        task: &str,
+        entry: &Arc<ExpertEntry>,
         input: Vec<f32>,
         images: usize,
         height: usize,
         width: usize,
     ) -> Result<Prediction, ApiError> {
         let started = Instant::now();
-        let (expert, cache) = self.cache.get(task).await.map_err(|e| match e {
+        let (expert, cache) = self.cache.get(entry).await.map_err(|e| match e {
             AssemblyError::MemoryBusy => self.memory_busy(),
             AssemblyError::Failed(detail) => ApiError::internal(detail),
         })?;

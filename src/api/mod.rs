@@ -1,5 +1,6 @@
 //! HTTP layer: the route list (one source for the router and the OpenAPI document), middleware, shared helpers.
 
+pub mod admin;
 pub mod native;
 pub mod oip;
 pub mod openapi;
@@ -13,7 +14,7 @@ use axum::{
     http::{header, HeaderName, Method},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{get, post, MethodRouter},
+    routing::{delete, get, post, put, MethodRouter},
     Router,
 };
 use http_body_util::BodyExt;
@@ -35,6 +36,8 @@ pub enum Api {
     Native,
     Oip,
     Ops,
+    /// Expert lifecycle: admin keys only.
+    Admin,
 }
 
 /// One query parameter, for the OpenAPI document.
@@ -102,6 +105,44 @@ pub const ROUTES: &[RouteDoc] = &[
             (503, "Expert disabled, or the request-memory budget is in use (memory_busy, see Retry-After)", "Error"),
             (504, "Request timed out", "Error"),
         ],
+    },
+    RouteDoc {
+        method: "PUT",
+        path: "/v1/experts/{task}",
+        operation_id: "putExpert",
+        summary: "Admin: add or replace an expert while serving (multipart: `spec` JSON task spec, `expert` safetensors); verified before it is visible, persisted in LORKD_OVERLAY_DIR",
+        api: Api::Admin,
+        query: &[],
+        request: &[("multipart/form-data", "ExpertUpload")],
+        responses: &[
+            (200, "Replaced (the version hash changed)", "Expert"),
+            (201, "Added", "Expert"),
+            (400, "Bad multipart body or task spec", "Error"),
+            (403, "Not an admin key, or the admin API is off", "Error"),
+            (413, "Body over the limit", "Error"),
+            (422, "The expert does not fit the package (task id, spec, input size, tensors, scale); nothing changed", "Error"),
+            (503, "The request-memory budget is in use (see Retry-After)", "Error"),
+        ],
+    },
+    RouteDoc {
+        method: "DELETE",
+        path: "/v1/experts/{task}",
+        operation_id: "deleteExpert",
+        summary: "Admin: stop serving an expert (requests already running finish); persisted in LORKD_OVERLAY_DIR",
+        api: Api::Admin,
+        query: &[],
+        request: &[],
+        responses: &[(200, "Removed", "ExpertRemoved"), (403, "Not an admin key, or the admin API is off", "Error"), (404, "Unknown task", "Error")],
+    },
+    RouteDoc {
+        method: "POST",
+        path: "/v1/admin/reload",
+        operation_id: "reload",
+        summary: "Admin: read the package folder and the overlay again and serve what changed (same shared student only)",
+        api: Api::Admin,
+        query: &[],
+        request: &[],
+        responses: &[(200, "Reloaded", "ReloadResult"), (403, "Not an admin key, or the admin API is off", "Error"), (409, "The shared student changed (restart) or the folder cannot be loaded; nothing changed", "Error")],
     },
     RouteDoc {
         method: "GET",
@@ -248,6 +289,9 @@ fn handler(operation_id: &str) -> MethodRouter<AppState> {
         "listExperts" => get(native::list_experts),
         "getExpert" => get(native::get_expert),
         "predict" => post(native::predict),
+        "putExpert" => put(admin::put_expert),
+        "deleteExpert" => delete(admin::delete_expert),
+        "reload" => post(admin::reload),
         "info" => get(native::info),
         "serverMetadata" => get(oip::server_metadata),
         "serverLive" => get(oip::live),
@@ -269,6 +313,40 @@ static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Routes that answer without an API key: health probes (kubelets carry no key) and the API description.
 pub(crate) fn is_open(operation_id: &str) -> bool {
     matches!(operation_id, "serverLive" | "serverReady" | "openapi")
+}
+
+/// 401 without a key, 403 with a key that is not an admin key (or when no admin key is configured: the admin
+/// API is off), before the handler runs.
+async fn require_admin_key(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let verdict = if !state.admin_keys.enabled() {
+        Err(ApiError::Forbidden(
+            "the admin API is off: set LORKD_ADMIN_KEYS or LORKD_ADMIN_KEYS_FILE",
+        ))
+    } else {
+        match state.admin_keys.check(request.headers()) {
+            Ok(()) => Ok(()),
+            // A valid API key without the admin scope is forbidden, not unauthenticated.
+            Err(_)
+                if state.api_keys.enabled() && state.api_keys.check(request.headers()).is_ok() =>
+            {
+                Err(ApiError::Forbidden("this key has no admin scope"))
+            }
+            Err(error) => Err(error),
+        }
+    };
+    if let Err(error) = verdict {
+        state
+            .metrics
+            .rejected
+            .with_label_values(&["unauthorized"])
+            .inc();
+        return error.into_response();
+    }
+    next.run(request).await
 }
 
 /// Routes that move to the ops port when `LORKD_OPS_PORT` is set (the public port then exposes only the API).
@@ -304,12 +382,18 @@ pub fn router_for(state: AppState, port: Port) -> Router {
             continue;
         }
         let mut method_router = handler(op);
-        if port == Port::Main && !is_open(op) {
+        if route.api == Api::Admin {
+            method_router = method_router.route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                require_admin_key,
+            ));
+        } else if port == Port::Main && !is_open(op) {
             method_router = method_router.route_layer(middleware::from_fn_with_state(
                 state.clone(),
                 require_api_key,
             ));
         }
+        // Several operations share a path (GET/PUT/DELETE /v1/experts/{task}): merge their method routers.
         router = router.route(route.path, method_router);
     }
     router

@@ -22,7 +22,7 @@ use crate::{
 /// Labels returned when `top_k` is not given.
 pub const DEFAULT_TOP_K: usize = 3;
 
-fn expert_view(state: &AppState, entry: &ExpertEntry) -> Value {
+pub(crate) fn expert_view(state: &AppState, entry: &ExpertEntry) -> Value {
     let manifest = &state.package.manifest;
     let spec = &entry.spec;
     let (status, reason) = match &entry.status {
@@ -61,8 +61,8 @@ fn expert_view(state: &AppState, entry: &ExpertEntry) -> Value {
 
 pub async fn list_experts(State(state): State<AppState>) -> Json<Value> {
     let experts: Vec<Value> = state
-        .package
         .experts
+        .snapshot()
         .values()
         .map(|e| expert_view(&state, e))
         .collect();
@@ -74,20 +74,16 @@ pub async fn get_expert(
     Path(task): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let entry = state
-        .package
-        .expert(&task)
+        .experts
+        .get(&task)
         .ok_or_else(|| ApiError::NotFound(format!("no expert for task `{task}`")))?;
-    Ok(Json(expert_view(&state, entry)))
+    Ok(Json(expert_view(&state, &entry)))
 }
 
 pub async fn info(State(state): State<AppState>) -> Json<Value> {
     let package = &state.package;
     let manifest = &package.manifest;
-    let available = package
-        .experts
-        .values()
-        .filter(|e| e.status == ExpertStatus::Available)
-        .count();
+    let (available, disabled) = state.experts.counts();
     Json(json!({
         "service": {"name": "lorkd", "version": env!("CARGO_PKG_VERSION"), "ready": state.is_ready(), "uptime_seconds": state.started.elapsed().as_secs_f64()},
         "package": {
@@ -100,7 +96,7 @@ pub async fn info(State(state): State<AppState>) -> Json<Value> {
             "flops": manifest.model.flops,
             "decomposed_layers": manifest.layers.len(),
             "lora": manifest.lora,
-            "experts": {"total": package.experts.len(), "available": available, "disabled": package.experts.len() - available},
+            "experts": {"total": available + disabled, "available": available, "disabled": disabled},
             "warnings": package.warnings,
         },
         "runtime": {
@@ -302,7 +298,7 @@ pub async fn predict(
         let _input_memory = state.reserve(input.len() * 4)?;
         let prediction = state
             .predict(
-                &task,
+                &entry,
                 input,
                 1,
                 entry.spec.input.height,

@@ -49,7 +49,7 @@ pub async fn model_metadata(
     State(state): State<AppState>,
     Path(task): Path<String>,
 ) -> Result<Json<Value>, OipError> {
-    let entry = state.package.expert(&task).ok_or_else(|| unknown(&task))?;
+    let entry = state.experts.get(&task).ok_or_else(|| unknown(&task))?;
     let input = &entry.spec.input;
     let model = &state.package.manifest.model;
     Ok(Json(json!({
@@ -65,7 +65,7 @@ pub async fn model_ready(
     State(state): State<AppState>,
     Path(task): Path<String>,
 ) -> Result<Response, OipError> {
-    let entry = state.package.expert(&task).ok_or_else(|| unknown(&task))?;
+    let entry = state.experts.get(&task).ok_or_else(|| unknown(&task))?;
     let ready = entry.status == ExpertStatus::Available && state.is_ready();
     let status = if ready {
         StatusCode::OK
@@ -353,7 +353,7 @@ pub async fn infer(
         )?;
         // The tensor waits for its batch: still request memory until the answer is out.
         let _tensor_memory = state.reserve(data.len() * 4)?;
-        let prediction = state.predict(&task, data, images, height, width).await?;
+        let prediction = state.predict(&entry, data, images, height, width).await?;
         Ok::<_, ApiError>((parsed.id, images, prediction))
     };
     let (id, images, prediction) = tokio::time::timeout(state.config.request_timeout(), work)
@@ -375,7 +375,7 @@ pub async fn infer(
 /// The versioned OIP paths (`/v2/models/{task}/versions/{version}/...`) answer only for the expert's current
 /// version hash; any other version is an unknown model.
 fn check_version(state: &AppState, task: &str, version: &str) -> Result<(), OipError> {
-    let entry = state.package.expert(task).ok_or_else(|| unknown(task))?;
+    let entry = state.experts.get(task).ok_or_else(|| unknown(task))?;
     if entry.version.as_deref() == Some(version) {
         Ok(())
     } else {

@@ -34,6 +34,7 @@ pub fn document() -> Value {
             Api::Native => "native",
             Api::Oip => "open-inference-protocol-v2",
             Api::Ops => "operations",
+            Api::Admin => "admin",
         };
         operation.insert("tags".into(), json!([tag]));
         let mut parameters = path_parameters(route.path);
@@ -101,7 +102,10 @@ pub fn document() -> Value {
         "paths": paths,
         "components": {
             "schemas": schemas(),
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "An API key from LORKD_API_KEYS / LORKD_API_KEYS_FILE. Health probes and this document need none."}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "An API key from LORKD_API_KEYS / LORKD_API_KEYS_FILE. Health probes and this document need none."},
+                "adminBearer": {"type": "http", "scheme": "bearer", "description": "An admin key from LORKD_ADMIN_KEYS / LORKD_ADMIN_KEYS_FILE (the admin API is off without one)."}
+            },
         },
     })
 }
@@ -115,6 +119,11 @@ fn schemas() -> Value {
                 "message": {"type": "string"}}}}
         },
         "OipError": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+        "ExpertUpload": {"type": "object", "required": ["spec", "expert"], "properties": {
+            "spec": {"type": "string", "contentMediaType": "application/json", "description": "JSON task spec as in manifest.json tasks[], without `id` (the path's) and `file`: name, modality, labels, num_classes, input {channels, height, width, mean, std}, metrics"},
+            "expert": {"type": "string", "format": "binary", "description": "the task's factors and head (safetensors, models/FORMAT.md)"}}},
+        "ExpertRemoved": {"type": "object", "properties": {"removed": {"type": "string"}, "version": {"type": ["string", "null"]}, "persisted": {"type": "boolean"}}},
+        "ReloadResult": {"type": "object", "properties": {"experts": {"type": "integer"}, "added": {"type": "array", "items": {"type": "string"}}, "changed": {"type": "array", "items": {"type": "string"}}, "removed": {"type": "array", "items": {"type": "string"}}}},
         "MultipartImage": {"type": "object", "required": ["image"], "properties": {"image": {"type": "string", "format": "binary"}}},
         "TaskInput": {"type": "object", "properties": {
             "channels": {"type": "integer", "enum": [1, 3], "description": "1: grey task (BT.601 luma replicated to 3 channels)"},
