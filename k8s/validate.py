@@ -295,8 +295,9 @@ def check_workload(target: str, docs: list[dict[str, Any]], variables: dict[str,
 
     # Authentication on: API keys from a mounted Secret (never a literal key in a ConfigMap).
     key_file = data.get("LORKD_API_KEYS_FILE", "")
-    if data.get("LORKD_API_KEYS"):
-        fail(target, "LORKD_API_KEYS holds literal keys in the ConfigMap; mount a Secret and use LORKD_API_KEYS_FILE")
+    for literal in ("LORKD_API_KEYS", "LORKD_ADMIN_KEYS"):
+        if data.get(literal):
+            fail(target, f"{literal} holds literal keys in the ConfigMap; mount a Secret and use {literal}_FILE")
     if not key_file:
         fail(target, "authentication is off: LORKD_API_KEYS_FILE is empty")
     else:
