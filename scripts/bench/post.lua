@@ -6,6 +6,7 @@
 --   TASK          the task (single-expert runs), or
 --   TASKS_FILE    a file with one task id per line: each request picks one uniformly at random
 --   WRK_RESULT    where done() writes the summary as JSON (latencies in microseconds)
+--   AUTHORIZATION optional Authorization header value (e.g. "Bearer <key>")
 
 local function read_all(path)
   local f = assert(io.open(path, "rb"))
@@ -17,6 +18,8 @@ end
 wrk.method = "POST"
 wrk.body = read_all(os.getenv("BODY_FILE"))
 wrk.headers["Content-Type"] = os.getenv("CONTENT_TYPE")
+local authorization = os.getenv("AUTHORIZATION")
+if authorization and authorization ~= "" then wrk.headers["Authorization"] = authorization end
 
 local path_fmt = os.getenv("PATH_FMT")
 local tasks = {}
