@@ -103,6 +103,10 @@ pub struct Config {
     #[arg(long, env = "LORKD_MAX_IMAGE_SIDE", default_value_t = 16_384)]
     pub max_image_side: u32,
 
+    /// Most images in one request (native multipart `image` parts, OIP batch N); more get 413 `too_many_images`.
+    #[arg(long, env = "LORKD_MAX_CLIENT_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_client_batch_size: u32,
+
     /// Time limit for one predict/infer request (decode, assembly, queue, inference) in milliseconds; over it gets 504.
     #[arg(long, env = "LORKD_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
     pub request_timeout_ms: u64,

@@ -5,7 +5,11 @@
 //! - [`ApiError::NotFound`]: an unknown task/model or route.
 //! - [`ApiError::Unavailable`]: a known expert that cannot serve (disabled at load) or a server not ready yet.
 //! - [`ApiError::PayloadTooLarge`], [`ApiError::UnsupportedMediaType`], [`ApiError::ImageTooLarge`]: limits and
-//!   content types, each with its own status so clients can react without parsing messages.
+//!   content types, each with its own status so clients can react without parsing messages. An image format or
+//!   DICOM transfer syntax / photometric interpretation we do not decode is `UnsupportedMediaType` (415, naming it).
+//! - [`ApiError::TooManyImages`]: more images in one request than `LORKD_MAX_CLIENT_BATCH_SIZE` (413).
+//! - [`ApiError::Unprocessable`]: well-formed input that is not something to classify (a DICOM RT dose grid,
+//!   segmentation, an object without pixel data): 422 with its own code.
 //! - [`ApiError::Overloaded`]: the admission queue is full; answered with `Retry-After` before any work.
 //! - [`ApiError::Timeout`]: the request ran past `LORKD_REQUEST_TIMEOUT_MS`.
 //! - [`ApiError::Internal`]: our fault. The detail is logged (once, here) and never sent to the client.
@@ -33,6 +37,10 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     ImageTooLarge(String),
+    #[error("request carries {images} images; at most {limit} are accepted per request")]
+    TooManyImages { images: usize, limit: u32 },
+    #[error("{message}")]
+    Unprocessable { code: &'static str, message: String },
     #[error(
         "server is at capacity ({capacity} requests in flight); retry after {retry_after_s} s"
     )]
@@ -74,6 +82,8 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::ImageTooLarge(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::TooManyImages { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -90,6 +100,8 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::ImageTooLarge(_) => "image_too_large",
+            Self::TooManyImages { .. } => "too_many_images",
+            Self::Unprocessable { code, .. } => code,
             Self::Overloaded { .. } => "overloaded",
             Self::Timeout { .. } => "timeout",
             Self::Internal(_) => "internal",

@@ -1,10 +1,11 @@
-//! lorkd: serves LoRKD task experts. Data flows one way: HTTP (`api`) -> decode/preprocess (`preprocess`) ->
+//! lorkd: serves LoRKD task experts. Data flows one way: HTTP (`api`) -> decode (`preprocess`, `dicom`)/preprocess ->
 //! expert cache and assembly (`cache`, `assembly`, from the `package`) -> runtime (`runtime`: ORT session, batching).
 
 pub mod api;
 pub mod assembly;
 pub mod cache;
 pub mod config;
+pub mod dicom;
 pub mod error;
 pub mod metrics;
 pub mod onnx;
