@@ -1,7 +1,7 @@
 //! DICOM Part 10 bodies -> one frame's samples (greyscale levels or 8-bit RGB) via dicom-rs; no patient tag leaves it.
 //!
-//! Parsing and pixel-data decoding are dicom-rs's (`dicom-object`, `dicom-pixeldata`: native, RLE, JPEG
-//! baseline/extended/lossless, deflate). What this module adds is what the crate leaves to the caller: which
+//! Parsing and pixel-data decoding are dicom-rs's (`dicom-object`, `dicom-pixeldata`: native, deflate, RLE, JPEG
+//! baseline/extended/lossless, JPEG 2000 through the pure-Rust `openjp2`). What this module adds is what the crate leaves to the caller: which
 //! objects are images to classify, limits before decoding, stored bits, Modality LUT (rescale), the file's
 //! first window, and colour conversion (PALETTE COLOR, YBR) into the [`Decoded`] form `preprocess` windows.
 //! Nothing read from the data set other than the imaging attributes below is kept or put in a message.
@@ -218,8 +218,8 @@ fn decode_inner(
     }
     if !ts.can_decode_all() {
         return Err(PreprocessError::UnsupportedFormat(format!(
-            "DICOM transfer syntax {ts_name} is not supported by this server; send uncompressed, RLE, \
-             JPEG baseline/extended/lossless or deflated DICOM"
+            "DICOM transfer syntax {ts_name} is not supported by this server; send uncompressed, deflated, RLE, \
+             JPEG baseline/extended/lossless or JPEG 2000 DICOM"
         )));
     }
     if !matches!(samples, 1 | 3) {

@@ -33,6 +33,9 @@ ANSWERED = [
     ("dicom/MR_small_RLE.dcm", None, None),
     ("dicom/MR_small_bigendian.dcm", None, None),
     ("dicom/MR_small_implicit.dcm", None, None),
+    ("dicom/MR_small_jp2klossless.dcm", None, None),
+    ("dicom/693_J2KI.dcm", None, None),
+    ("dicom/693_J2KI.dcm", None, (40, 400)),
     ("dicom/SC_rgb_jpeg_dcmtk.dcm", None, None),
     ("dicom/SC_rgb_rle_2frame.dcm", None, None),
     ("dicom/SC_rgb_rle_2frame.dcm", 1, None),
@@ -45,8 +48,6 @@ ANSWERED = [
 
 # file -> (status, code): refused as docs/api.md documents.
 REFUSED = {
-    "dicom/693_J2KI.dcm": (415, "unsupported_media_type"),
-    "dicom/MR_small_jp2klossless.dcm": (415, "unsupported_media_type"),
     "dicom/MR_small_jpeg_ls_lossless.dcm": (415, "unsupported_media_type"),
     "dicom/JPEG-lossy.dcm": (415, "unsupported_media_type"),
     "dicom/MR_truncated.dcm": (400, "bad_image"),
