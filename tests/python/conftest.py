@@ -26,22 +26,13 @@ class Server:
         self.process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.log: list[str] = []
         self.address = None
-        deadline = time.monotonic() + 60
-        for line in self.process.stdout:
-            self.log.append(line)
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            fields = {**record, **record.get("fields", {})}
-            if fields.get("message") == "listening":
-                self.address = fields["address"]
-                break
-            if time.monotonic() > deadline:
-                break
-        assert self.address, "lorkd did not start:\n" + "".join(self.log)
+        self.listening = threading.Event()
         self.reader = threading.Thread(target=self._drain, daemon=True)
         self.reader.start()
+        if not self.listening.wait(timeout=60):
+            self.process.kill()
+            raise AssertionError("lorkd did not start:\n" + "".join(self.log))
+        deadline = time.monotonic() + 60
         self.url = f"http://{self.address}"
         while time.monotonic() < deadline:
             try:
@@ -55,6 +46,15 @@ class Server:
     def _drain(self):
         for line in self.process.stdout:
             self.log.append(line)
+            if self.address is None:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                fields = {**record, **record.get("fields", {})}
+                if fields.get("message") == "listening":
+                    self.address = fields["address"]
+                    self.listening.set()
 
     def stop(self):
         self.process.terminate()
