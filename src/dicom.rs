@@ -72,9 +72,9 @@ pub fn decode(
     }
 }
 
-fn open(bytes: &[u8]) -> Result<DefaultDicomObject, PreprocessError> {
-    let (preamble, start) = if bytes.get(128..132) == Some(b"DICM") {
-        (ReadPreamble::Always, 0)
+fn open(bytes: &[u8], limits: ImageLimits) -> Result<DefaultDicomObject, PreprocessError> {
+    let (preamble, meta_start) = if bytes.get(128..132) == Some(b"DICM") {
+        (ReadPreamble::Always, 128)
     } else if bytes.starts_with(b"DICM") {
         (ReadPreamble::Never, 0)
     } else {
@@ -82,14 +82,87 @@ fn open(bytes: &[u8]) -> Result<DefaultDicomObject, PreprocessError> {
             "not a DICOM Part 10 file: no `DICM` file meta header (a bare data set without file meta is not accepted)",
         ));
     };
+    check_declared_lengths(&bytes[meta_start..], limits)?;
     OpenFileOptions::new()
         .read_preamble(preamble)
-        .from_reader(Cursor::new(&bytes[start..]))
+        .from_reader(Cursor::new(bytes))
         .map_err(|e| {
             bad(format!(
                 "cannot parse DICOM file (corrupt or truncated?): {e}"
             ))
         })
+}
+
+const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
+
+/// dicom-rs allocates and zero-fills each element's declared length before reading its value, so one corrupt
+/// 4-byte length in a small body would cost gigabytes of memory and seconds of CPU. Before the real parse, the
+/// element headers are walked with dicom-parser's lazy reader (values skipped, never read) and any declared length
+/// past the end of the data is refused. A deflated data set is inflated first, at most to the image pixel limit
+/// (x 8 bytes, + 1 MiB), so a deflate bomb is refused too.
+fn check_declared_lengths(file: &[u8], limits: ImageLimits) -> Result<(), PreprocessError> {
+    use dicom_parser::dataset::{lazy_read::LazyDataSetReader, LazyDataToken};
+    use dicom_parser::stateful::decode::StatefulDecode;
+    use std::io::Read;
+
+    let corrupt = |what: &str| {
+        bad(format!(
+            "cannot parse DICOM file (corrupt or truncated?): {what}"
+        ))
+    };
+    let mut cursor = Cursor::new(file);
+    let meta = dicom_object::FileMetaTable::from_reader(&mut cursor)
+        .map_err(|_| corrupt("invalid file meta group"))?;
+    let Some(ts) = TransferSyntaxRegistry.get(meta.transfer_syntax()) else {
+        return Ok(()); // refused by name (415) after the parse
+    };
+    let start = cursor.position() as usize;
+    let inflated;
+    let (data, start, ts) = if meta.transfer_syntax() == DEFLATED {
+        let cap = limits.max_pixels.saturating_mul(8).saturating_add(1 << 20);
+        let mut out = Vec::new();
+        flate2::read::DeflateDecoder::new(&file[start..])
+            .take(cap.saturating_add(1))
+            .read_to_end(&mut out)
+            .map_err(|_| corrupt("deflated data set does not inflate"))?;
+        if out.len() as u64 > cap {
+            return Err(PreprocessError::TooLarge(format!(
+                "deflated DICOM data set inflates past {cap} bytes"
+            )));
+        }
+        inflated = out;
+        let explicit_le = TransferSyntaxRegistry
+            .get("1.2.840.10008.1.2.1")
+            .expect("explicit VR little endian is registered");
+        (&inflated[..], 0, explicit_le)
+    } else {
+        (file, start, ts)
+    };
+    let end = data.len() as u64;
+    let mut source = Cursor::new(data);
+    source.set_position(start as u64);
+    let mut reader =
+        LazyDataSetReader::new_with_ts(source, ts).map_err(|_| corrupt("unreadable data set"))?;
+    while let Some(token) = reader.advance() {
+        let token = token.map_err(|_| corrupt("unreadable data set"))?;
+        let past_end = match &token {
+            LazyDataToken::LazyValue { header, decoder } => header
+                .len
+                .get()
+                .is_none_or(|len| decoder.position() + u64::from(len) > end),
+            LazyDataToken::LazyItemValue { len, decoder } => {
+                decoder.position() + u64::from(*len) > end
+            }
+            _ => false,
+        };
+        if past_end {
+            return Err(corrupt(
+                "an element is longer than the data that follows it",
+            ));
+        }
+        token.skip().map_err(|_| corrupt("unreadable data set"))?;
+    }
+    Ok(())
 }
 
 fn uint(obj: &DefaultDicomObject, tag: Tag, name: &str) -> Result<Option<u32>, PreprocessError> {
@@ -134,7 +207,7 @@ fn decode_inner(
     frame: Option<u32>,
     limits: ImageLimits,
 ) -> Result<(Decoded, DicomInfo), PreprocessError> {
-    let obj = open(bytes)?;
+    let obj = open(bytes, limits)?;
     let ts_uid = obj
         .meta()
         .transfer_syntax()
@@ -159,6 +232,12 @@ fn decode_inner(
         )));
     }
     if obj.element_opt(tags::PIXEL_DATA).ok().flatten().is_none() {
+        // Image attributes without pixels: the body was most likely cut before the Pixel Data element.
+        if obj.element_opt(tags::ROWS).ok().flatten().is_some() {
+            return Err(bad(
+                "DICOM object has Rows/Columns but no Pixel Data (truncated?)",
+            ));
+        }
         return Err(PreprocessError::NotAnImage(
             "DICOM object has no Pixel Data: not an image to classify".into(),
         ));

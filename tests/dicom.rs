@@ -473,6 +473,8 @@ async fn hostile_dicom_bytes_get_a_4xx_never_a_5xx() {
         "dicom/SC_rgb_jpeg_dcmtk.dcm",
         "dicom/examples_palette.dcm",
         "dicom/image_dfl.dcm",
+        "dicom/693_J2KI.dcm",
+        "dicom/examples_ybr_color.dcm",
     ] {
         let bytes = std::fs::read(sample(name)).unwrap();
         let mut variants: Vec<Vec<u8>> = [140, 400, bytes.len() / 2, bytes.len() - 7]
@@ -488,7 +490,14 @@ async fn hostile_dicom_bytes_get_a_4xx_never_a_5xx() {
             variants.push(flipped);
         }
         for body in variants {
+            let started = std::time::Instant::now();
             let (status, response, _) = post_dicom(&client, &url, body).await;
+            // a corrupt length must not make the parser allocate (and zero-fill) gigabytes first
+            assert!(
+                started.elapsed().as_secs() < 10,
+                "{name}: {:?}",
+                started.elapsed()
+            );
             assert!(
                 status == 200 || (400..500).contains(&status),
                 "{name}: {status} {response}"
@@ -574,5 +583,36 @@ async fn oip_binary_tensor_extension_over_raw_http() {
         let body: Value = response.json().await.unwrap();
         assert!(body["error"].is_string(), "{body}");
     }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_deflate_bomb_is_refused_before_it_inflates() {
+    use std::io::Write;
+    // image_dfl.dcm's preamble and file meta (transfer syntax: deflated), then 64 MiB of zeros deflated to ~64 KiB
+    let original = std::fs::read(sample("dicom/image_dfl.dcm")).unwrap();
+    let mut cursor = std::io::Cursor::new(&original[128..]);
+    dicom_object::FileMetaTable::from_reader(&mut cursor).unwrap();
+    let meta_end = 128 + cursor.position() as usize;
+    let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..64 {
+        encoder.write_all(&zeros).unwrap();
+    }
+    let mut bomb = original[..meta_end].to_vec();
+    bomb.extend(encoder.finish().unwrap());
+    assert!(bomb.len() < 1 << 20);
+    let server = start(&["--max-image-pixels", "1000000"]).await;
+    let client = Client::new();
+    let url = server.url("/v1/experts/pneumonia/predict");
+    let (status, body, _) = post_dicom(&client, &url, bomb).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("image_too_large")),
+        "{body}"
+    );
+    // the real deflated sample still works under the same limits
+    let (status, _, _) = post_dicom(&client, &url, original).await;
+    assert_eq!(status, 200);
     server.stop().await.unwrap();
 }
