@@ -339,6 +339,9 @@ fn decode_inner(
         return Ok((Decoded::Pixels(Pixels::Rgb(image)), info("YBR_FULL_422")));
     }
 
+    if !native {
+        check_codestream_size(&obj, (&ts_uid, &ts_name), frame, frames, width, height)?;
+    }
     let decoded = obj.decode_pixel_data_frame(frame).map_err(|e| {
         // The codec's own reason is at the bottom of the chain (e.g. jpeg-decoder's "unsupported ... precision").
         let mut reason = e.to_string();
@@ -435,6 +438,78 @@ fn decode_inner(
              (supported: MONOCHROME1, MONOCHROME2, PALETTE COLOR, RGB, YBR_FULL, YBR_FULL_422)"
         ))),
     }
+}
+
+/// A compressed frame declares its own size, and its decoder allocates by that size, not by Rows/Columns (which the
+/// limits were checked against): a JPEG or JPEG 2000 frame whose header disagrees with Rows x Columns is refused
+/// before it is decoded. Headers are read by jpeg-decoder (JPEG) or from the JPEG 2000 SIZ marker / JP2 `ihdr` box.
+fn check_codestream_size(
+    obj: &DefaultDicomObject,
+    (ts_uid, ts_name): (&str, &str),
+    frame: u32,
+    frames: u32,
+    width: u32,
+    height: u32,
+) -> Result<(), PreprocessError> {
+    let Some(fragments) = obj
+        .element(tags::PIXEL_DATA)
+        .ok()
+        .and_then(|e| e.fragments())
+    else {
+        return Ok(());
+    };
+    // One fragment per frame is the common case; otherwise the first fragment starts frame 0.
+    let index = if fragments.len() == frames as usize {
+        frame as usize
+    } else {
+        0
+    };
+    let Some(stream) = fragments.get(index) else {
+        return Err(bad(
+            "DICOM encapsulated Pixel Data has no fragment for this frame (truncated?)",
+        ));
+    };
+    let declared = if ts_uid.starts_with("1.2.840.10008.1.2.4.5")
+        || ts_uid.starts_with("1.2.840.10008.1.2.4.7")
+    {
+        let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(stream.as_slice()));
+        decoder.read_info().map_err(|e| match e {
+            jpeg_decoder::Error::Unsupported(_) => PreprocessError::UnsupportedFormat(format!(
+                "DICOM transfer syntax {ts_name}: this encoding variant is not supported by the decoder ({e})"
+            )),
+            e => bad(format!("cannot read the JPEG frame header: {e}")),
+        })?;
+        decoder
+            .info()
+            .map(|info| (u32::from(info.width), u32::from(info.height)))
+    } else if ts_uid.starts_with("1.2.840.10008.1.2.4.9") {
+        Some(jpeg2000_size(stream).ok_or_else(|| {
+            bad("cannot read the JPEG 2000 frame header (no SIZ marker or ihdr box)")
+        })?)
+    } else {
+        None
+    };
+    match declared {
+        Some((w, h)) if (w, h) != (width, height) => Err(bad(format!(
+            "compressed frame is {w}x{h} but Rows x Columns say {height}x{width}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Width and height of a JPEG 2000 codestream (SIZ marker right after SOC) or JP2 file (`ihdr` box).
+pub fn jpeg2000_size(stream: &[u8]) -> Option<(u32, u32)> {
+    let be = |at: usize| -> Option<u32> {
+        Some(u32::from_be_bytes(stream.get(at..at + 4)?.try_into().ok()?))
+    };
+    if stream.starts_with(&[0xFF, 0x4F, 0xFF, 0x51]) {
+        // SOC, SIZ: Lsiz(2) Rsiz(2) Xsiz(4) Ysiz(4) XOsiz(4) YOsiz(4)
+        let (x, y, x0, y0) = (be(8)?, be(12)?, be(16)?, be(20)?);
+        return Some((x.checked_sub(x0)?, y.checked_sub(y0)?));
+    }
+    let at = stream.windows(4).position(|w| w == b"ihdr")?;
+    // ihdr: HEIGHT(4) WIDTH(4)
+    Some((be(at + 8)?, be(at + 4)?))
 }
 
 /// Stored sample values: little-endian words masked to `bits_stored` and sign-extended when signed
@@ -694,6 +769,20 @@ mod tests {
             apply_palette(&[10, 11, 0, 99], &palette),
             [1, 3, 5, 2, 4, 6, 1, 3, 5, 2, 4, 6]
         );
+    }
+
+    #[test]
+    fn jpeg2000_headers_give_the_frame_size() {
+        let mut siz = vec![0xFF, 0x4F, 0xFF, 0x51, 0, 41, 0, 0];
+        for v in [520u32, 300, 8, 0] {
+            siz.extend_from_slice(&v.to_be_bytes());
+        }
+        assert_eq!(jpeg2000_size(&siz), Some((512, 300)));
+        let mut jp2 = b"\0\0\0\x16jp2hihdr".to_vec();
+        jp2.extend_from_slice(&64u32.to_be_bytes());
+        jp2.extend_from_slice(&32u32.to_be_bytes());
+        assert_eq!(jpeg2000_size(&jp2), Some((32, 64)));
+        assert_eq!(jpeg2000_size(b"garbage"), None);
     }
 
     #[test]

@@ -616,3 +616,34 @@ async fn a_deflate_bomb_is_refused_before_it_inflates() {
     assert_eq!(status, 200);
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_compressed_frame_larger_than_rows_x_columns_is_refused_before_decoding() {
+    let server = start(&[]).await;
+    let client = Client::new();
+    let url = server.url("/v1/experts/pneumonia/predict");
+    // Rows/Columns shrunk under the real codestreams (JPEG 100x100, JPEG 2000 512x512): the limits were checked
+    // against Rows x Columns, so the decoder must not be trusted with the codestream's own, larger size.
+    for name in ["dicom/SC_rgb_jpeg_dcmtk.dcm", "dicom/693_J2KI.dcm"] {
+        let mut obj = dicom_object::OpenFileOptions::new()
+            .open_file(sample(name))
+            .unwrap();
+        obj.put(DataElement::new(
+            tags::ROWS,
+            VR::US,
+            PrimitiveValue::from(8u16),
+        ));
+        obj.put(DataElement::new(
+            tags::COLUMNS,
+            VR::US,
+            PrimitiveValue::from(8u16),
+        ));
+        let mut bytes = Vec::new();
+        obj.write_all(&mut bytes).unwrap();
+        let (status, body, _) = post_dicom(&client, &url, bytes).await;
+        assert_eq!(status, 400, "{name}: {}", short(&body));
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("compressed frame is"), "{message}");
+    }
+    server.stop().await.unwrap();
+}
