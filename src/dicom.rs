@@ -18,7 +18,7 @@ use image::RgbImage;
 
 use crate::preprocess::{
     check_dimensions, Decoded, GreyLevels, ImageLimits, Pixels, PreprocessError, VoiFunction,
-    Window,
+    VoiLut, Window,
 };
 
 /// What a DICOM answer reports about the object it used (never a patient or study attribute).
@@ -403,6 +403,7 @@ fn decode_inner(
                 stored_range: (a.min(b), a.max(b)),
                 bits_stored: bits_stored as u16,
                 window,
+                voi_lut: file_voi_lut(&obj)?,
                 invert: photometric_after == "MONOCHROME1",
             };
             Ok((Decoded::Levels(levels), info(&photometric_after)))
@@ -566,6 +567,54 @@ fn file_window(obj: &DefaultDicomObject) -> Option<Window> {
         function,
     };
     window.is_valid().then_some(window)
+}
+
+/// The first item of the VOI LUT Sequence: LUT Descriptor (entries, first mapped value, bits 8 or 10-16) and data.
+fn file_voi_lut(obj: &DefaultDicomObject) -> Result<Option<VoiLut>, PreprocessError> {
+    let Some(sequence) = obj.element_opt(tags::VOILUT_SEQUENCE).ok().flatten() else {
+        return Ok(None);
+    };
+    let Some(item) = sequence.items().and_then(|items| items.first()) else {
+        return Ok(None);
+    };
+    let invalid = || bad("DICOM VOI LUT Sequence has no valid LUT Descriptor / LUT Data");
+    let descriptor: Vec<i32> = item
+        .element_opt(tags::LUT_DESCRIPTOR)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_multi_int::<i32>().ok())
+        .filter(|d| d.len() == 3)
+        .ok_or_else(invalid)?;
+    let entries = if descriptor[0] == 0 {
+        65536
+    } else {
+        (descriptor[0] & 0xFFFF) as usize
+    };
+    let bits = descriptor[2];
+    if !(bits == 8 || (10..=16).contains(&bits)) {
+        return Err(PreprocessError::UnsupportedFormat(format!(
+            "VOI LUT entries of {bits} bits are not supported"
+        )));
+    }
+    let data: Vec<u16> = item
+        .element_opt(tags::LUT_DATA)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_bytes().ok().map(|b| b.into_owned()))
+        .map(|b| {
+            b.chunks_exact(2)
+                .map(|w| u16::from_le_bytes([w[0], w[1]]))
+                .collect()
+        })
+        .ok_or_else(invalid)?;
+    if data.len() < entries || entries == 0 {
+        return Err(invalid());
+    }
+    Ok(Some(VoiLut {
+        first: descriptor[1],
+        bits: bits as u16,
+        data: data[..entries].to_vec(),
+    }))
 }
 
 /// One palette: 8-bit entries for the red, green and blue channels, and the first stored value they map.

@@ -250,6 +250,7 @@ fn to_decoded(image: DynamicImage) -> Decoded {
             stored_range: (0.0, 65535.0),
             bits_stored: 16,
             window: None,
+            voi_lut: None,
             invert: false,
         })
     };
@@ -331,6 +332,8 @@ pub struct GreyLevels {
     pub bits_stored: u16,
     /// The file's first window (DICOM Window Center/Width), if any.
     pub window: Option<Window>,
+    /// The file's first VOI LUT (DICOM VOI LUT Sequence), if any; preferred to its window.
+    pub voi_lut: Option<VoiLut>,
     /// MONOCHROME1: the lowest value is white; inverted after windowing.
     pub invert: bool,
 }
@@ -364,6 +367,24 @@ impl Window {
     }
 }
 
+/// A DICOM VOI LUT (PS3.3 C.11.2.1.1): `data[x - first]`, clamped to the table, entries `bits` deep.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VoiLut {
+    pub first: i32,
+    pub bits: u16,
+    pub data: Vec<u16>,
+}
+
+impl VoiLut {
+    /// One value (output units, truncated to an integer index) through the table, into `[0, 255]`.
+    pub fn apply(&self, x: f64) -> f64 {
+        let last = self.data.len().saturating_sub(1) as f64;
+        let index = (x - f64::from(self.first)).trunc().clamp(0.0, last) as usize;
+        let top = ((1u32 << self.bits) - 1) as f64;
+        (f64::from(self.data[index]) * 255.0 / top).clamp(0.0, 255.0)
+    }
+}
+
 /// Where the window used came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -372,6 +393,8 @@ pub enum WindowSource {
     Query,
     /// the file's first Window Center/Width
     File,
+    /// the file's first VOI LUT Sequence item (no center/width)
+    FileLut,
     /// no window given, more than 8 bits stored: the frame's lowest to highest value
     MinMax,
     /// no window given, at most 8 bits stored (or a constant frame): the full range of the stored bits
@@ -381,8 +404,9 @@ pub enum WindowSource {
 /// The window applied to one image, as the answer reports it.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct AppliedWindow {
-    #[serde(flatten)]
-    pub window: Window,
+    /// `None` when a VOI LUT table was applied.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Window>,
     pub source: WindowSource,
 }
 
@@ -405,25 +429,34 @@ pub fn voi(x: f64, window: &Window) -> f64 {
     (y * 255.0).clamp(0.0, 255.0)
 }
 
-/// The window for one image: the query's, else the file's first, else (more than 8 bits stored) the frame's
-/// min-max, else the full stored range, the last two as LINEAR_EXACT (an exact linear map of `[lo, hi]`).
+/// The window for one image: the query's, else the file's first VOI LUT, else its first window, else (more than 8
+/// bits stored) the frame's min-max, else the full stored range, the last two as LINEAR_EXACT (an exact linear map
+/// of `[lo, hi]`).
 pub fn choose_window(levels: &GreyLevels, query: Option<Window>) -> AppliedWindow {
     if let Some(window) = query {
         return AppliedWindow {
-            window,
+            window: Some(window),
             source: WindowSource::Query,
+        };
+    }
+    if levels.voi_lut.is_some() {
+        return AppliedWindow {
+            window: None,
+            source: WindowSource::FileLut,
         };
     }
     if let Some(window) = levels.window {
         return AppliedWindow {
-            window,
+            window: Some(window),
             source: WindowSource::File,
         };
     }
-    let exact = |lo: f64, hi: f64| Window {
-        center: (lo + hi) / 2.0,
-        width: hi - lo,
-        function: VoiFunction::LinearExact,
+    let exact = |lo: f64, hi: f64| {
+        Some(Window {
+            center: (lo + hi) / 2.0,
+            width: hi - lo,
+            function: VoiFunction::LinearExact,
+        })
     };
     if levels.bits_stored > 8 {
         let (lo, hi) = levels
@@ -446,13 +479,18 @@ pub fn choose_window(levels: &GreyLevels, query: Option<Window>) -> AppliedWindo
     }
 }
 
-/// Greyscale levels to 8 bits through `window` (rounded), inverted for MONOCHROME1.
-pub fn apply_window(levels: &GreyLevels, window: &Window) -> GrayImage {
+/// Greyscale levels to 8 bits through the chosen window or VOI LUT (rounded), inverted for MONOCHROME1.
+pub fn apply_window(levels: &GreyLevels, applied: &AppliedWindow) -> GrayImage {
+    let map = |v: f64| match (&applied.window, &levels.voi_lut) {
+        (Some(window), _) => voi(v, window),
+        (None, Some(lut)) => lut.apply(v),
+        (None, None) => 0.0,
+    };
     let data = levels
         .values
         .iter()
         .map(|&v| {
-            let y = voi(f64::from(v), window).round() as u8;
+            let y = map(f64::from(v)).round() as u8;
             if levels.invert {
                 255 - y
             } else {
@@ -469,10 +507,7 @@ pub fn render(decoded: Decoded, query: Option<Window>) -> (Pixels, Option<Applie
         Decoded::Pixels(pixels) => (pixels, None),
         Decoded::Levels(levels) => {
             let applied = choose_window(&levels, query);
-            (
-                Pixels::Grey(apply_window(&levels, &applied.window)),
-                Some(applied),
-            )
+            (Pixels::Grey(apply_window(&levels, &applied)), Some(applied))
         }
     }
 }
@@ -713,6 +748,7 @@ mod tests {
             stored_range,
             bits_stored,
             window: None,
+            voi_lut: None,
             invert: false,
         }
     }
@@ -754,24 +790,32 @@ mod tests {
         let mut twelve = levels(vec![100.0, 300.0, 1100.0], 12, (0.0, 4095.0));
         let chosen = choose_window(&twelve, None);
         assert_eq!(chosen.source, WindowSource::MinMax);
-        assert_eq!((chosen.window.center, chosen.window.width), (600.0, 1000.0));
-        assert_eq!(
-            apply_window(&twelve, &chosen.window).into_raw(),
-            [0, 51, 255]
-        );
+        let window = chosen.window.unwrap();
+        assert_eq!((window.center, window.width), (600.0, 1000.0));
+        assert_eq!(apply_window(&twelve, &chosen).into_raw(), [0, 51, 255]);
         twelve.window = Some(linear(600.0, 1600.0));
         assert_eq!(choose_window(&twelve, None).source, WindowSource::File);
         let query = choose_window(&twelve, Some(linear(0.0, 10.0)));
         assert_eq!(query.source, WindowSource::Query);
-        assert_eq!(
-            apply_window(&twelve, &query.window).into_raw(),
-            [255, 255, 255]
-        );
+        assert_eq!(apply_window(&twelve, &query).into_raw(), [255, 255, 255]);
         // 8 bits stored and no window: the stored range, i.e. the values as they are
         let eight = levels(vec![0.0, 7.0, 255.0], 8, (0.0, 255.0));
         let chosen = choose_window(&eight, None);
         assert_eq!(chosen.source, WindowSource::StoredRange);
-        assert_eq!(apply_window(&eight, &chosen.window).into_raw(), [0, 7, 255]);
+        assert_eq!(apply_window(&eight, &chosen).into_raw(), [0, 7, 255]);
+        // a VOI LUT (preferred to the file's window, not to the query's): x - first, clamped, 12-bit entries
+        twelve.voi_lut = Some(VoiLut {
+            first: 299,
+            bits: 12,
+            data: vec![0, 4095, 2048],
+        });
+        let lut = choose_window(&twelve, None);
+        assert_eq!((lut.source, lut.window), (WindowSource::FileLut, None));
+        assert_eq!(apply_window(&twelve, &lut).into_raw(), [0, 255, 128]);
+        assert_eq!(
+            choose_window(&twelve, Some(linear(0.0, 10.0))).source,
+            WindowSource::Query
+        );
         // a constant high-bit frame has no min-max window
         let flat = levels(vec![5.0, 5.0], 16, (-32768.0, 32767.0));
         assert_eq!(choose_window(&flat, None).source, WindowSource::StoredRange);

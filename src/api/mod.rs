@@ -86,7 +86,7 @@ pub const ROUTES: &[RouteDoc] = &[
         query: &[
             QueryParam { name: "top_k", description: "How many labels to return (default 3, at most the task's classes)", schema: "integer" },
             QueryParam { name: "frame", description: "0-based frame of a multi-frame DICOM object (default 0, the first)", schema: "integer" },
-            QueryParam { name: "window", description: "`center,width`: VOI window (LINEAR) for greyscale DICOM and 16-bit PNG, overriding the file's (default: the file's first window, else min-max of the frame when more than 8 bits are stored, else the stored range)", schema: "string" },
+            QueryParam { name: "window", description: "`center,width`: VOI window (LINEAR) for greyscale DICOM and 16-bit PNG, overriding the file's (default: the file's first VOI LUT, else its first window, else min-max of the frame when more than 8 bits are stored, else the stored range)", schema: "string" },
             QueryParam { name: "return_pixels", description: "`true`: also return the 8-bit image used (after windowing/colour conversion, before resize and normalisation) as `input.pixels_png` (base64 PNG)", schema: "boolean" },
         ],
         request: &[("image/png", "binary"), ("image/jpeg", "binary"), ("application/dicom", "binary"), ("multipart/form-data", "MultipartImage")],

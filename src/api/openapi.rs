@@ -100,7 +100,7 @@ fn schemas() -> Value {
             "frame": {"type": "integer", "description": "0-based frame used"}, "frames": {"type": "integer"},
             "window": {"type": ["object", "null"], "description": "null for 8-bit and colour images (used as they are)", "properties": {
                 "center": {"type": "number"}, "width": {"type": "number"}, "function": {"type": "string", "enum": ["LINEAR", "LINEAR_EXACT", "SIGMOID"]},
-                "source": {"type": "string", "enum": ["query", "file", "min-max", "stored-range"]}}},
+                "source": {"type": "string", "enum": ["query", "file", "file-lut", "min-max", "stored-range"], "description": "file-lut: the file's VOI LUT Sequence (no center/width)"}}},
             "pixels_png": {"type": "string", "description": "with return_pixels=true: base64 PNG of the 8-bit image before channel conversion, resize and normalisation"}}},
         "ImageResult": {"type": "object", "properties": {
             "predictions": {"type": "array", "items": {"type": "object", "properties": {"index": {"type": "integer"}, "label": {"type": "string"}, "probability": {"type": "number"}}}},
