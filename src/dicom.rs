@@ -1,9 +1,10 @@
 //! DICOM Part 10 bodies -> one frame's samples (greyscale levels or 8-bit RGB) via dicom-rs; no patient tag leaves it.
 //!
 //! Parsing and pixel-data decoding are dicom-rs's (`dicom-object`, `dicom-pixeldata`: native, deflate, RLE, JPEG
-//! baseline/extended/lossless, JPEG 2000 through the pure-Rust `openjp2`). What this module adds is what the crate leaves to the caller: which
-//! objects are images to classify, limits before decoding, stored bits, Modality LUT (rescale), the file's
-//! first window, and colour conversion (PALETTE COLOR, YBR) into the [`Decoded`] form `preprocess` windows.
+//! baseline/extended/lossless, JPEG 2000 through the pure-Rust `openjp2`). What this module adds is what the crate
+//! leaves to the caller: which objects are images to classify, limits before parsing and decoding, stored bits,
+//! Modality LUT (rescale), the file's first VOI LUT / window, and colour conversion (PALETTE COLOR, YBR) into the
+//! [`Decoded`] form that `preprocess` windows.
 //! Nothing read from the data set other than the imaging attributes below is kept or put in a message.
 
 use std::io::Cursor;
@@ -114,7 +115,7 @@ fn check_declared_lengths(file: &[u8], limits: ImageLimits) -> Result<(), Prepro
     let meta = dicom_object::FileMetaTable::from_reader(&mut cursor)
         .map_err(|_| corrupt("invalid file meta group"))?;
     let Some(ts) = TransferSyntaxRegistry.get(meta.transfer_syntax()) else {
-        return Ok(()); // refused by name (415) after the parse
+        return Err(unknown_transfer_syntax(meta.transfer_syntax()));
     };
     let start = cursor.position() as usize;
     let inflated;
@@ -165,14 +166,28 @@ fn check_declared_lengths(file: &[u8], limits: ImageLimits) -> Result<(), Prepro
     Ok(())
 }
 
+/// 415 naming an unknown transfer syntax; only a well-formed UID (digits and dots) is echoed.
+fn unknown_transfer_syntax(uid: &str) -> PreprocessError {
+    let uid = uid.trim_end_matches(['\0', ' ']);
+    let shown = if !uid.is_empty()
+        && uid.len() <= 64
+        && uid.chars().all(|c| c.is_ascii_digit() || c == '.')
+    {
+        uid
+    } else {
+        "(not a valid UID)"
+    };
+    PreprocessError::UnsupportedFormat(format!(
+        "DICOM transfer syntax {shown} is unknown to this server"
+    ))
+}
+
 fn uint(obj: &DefaultDicomObject, tag: Tag, name: &str) -> Result<Option<u32>, PreprocessError> {
     match obj.element_opt(tag) {
-        Ok(Some(element)) => {
-            let text_or_int = element.to_int::<u32>();
-            text_or_int
-                .map(Some)
-                .map_err(|_| bad(format!("DICOM attribute {name} is not a valid number")))
-        }
+        Ok(Some(element)) => element
+            .to_int::<u32>()
+            .map(Some)
+            .map_err(|_| bad(format!("DICOM attribute {name} is not a valid number"))),
         Ok(None) => Ok(None),
         Err(_) => Err(bad(format!("DICOM attribute {name} cannot be read"))),
     }
@@ -213,11 +228,9 @@ fn decode_inner(
         .transfer_syntax()
         .trim_end_matches(['\0', ' '])
         .to_string();
-    let ts = TransferSyntaxRegistry.get(&ts_uid).ok_or_else(|| {
-        PreprocessError::UnsupportedFormat(format!(
-            "DICOM transfer syntax {ts_uid} is unknown to this server"
-        ))
-    })?;
+    let ts = TransferSyntaxRegistry
+        .get(&ts_uid)
+        .ok_or_else(|| unknown_transfer_syntax(&ts_uid))?;
     let ts_name = format!("{} ({})", ts.name(), ts.uid());
 
     // Non-image objects first: they are refused however they are encoded.

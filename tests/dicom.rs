@@ -647,3 +647,31 @@ async fn a_compressed_frame_larger_than_rows_x_columns_is_refused_before_decodin
     }
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_unknown_transfer_syntax_is_415_by_uid_and_nothing_else_is_echoed() {
+    let server = start(&[]).await;
+    let client = Client::new();
+    let url = server.url("/v1/experts/pneumonia/predict");
+    let original = std::fs::read(sample("MR_small.dcm")).unwrap();
+    // the file meta's Transfer Syntax UID (explicit VR little endian), replaced in place by a value of equal length
+    let ts = b"1.2.840.10008.1.2.1\0";
+    let at = original[..400]
+        .windows(ts.len())
+        .position(|w| w == ts)
+        .expect("transfer syntax UID in the file meta");
+    // a well-formed but unknown UID: 415 naming it; not a UID at all (text in its place): 400, nothing echoed
+    for (replacement, status, shown) in [
+        (&b"1.2.3.4.5.999.88888\0"[..], 415, "1.2.3.4.5.999.88888"),
+        (&b"Doe^John^Secret^Name"[..], 400, "invalid file meta"),
+    ] {
+        let mut bytes = original.clone();
+        bytes[at..at + ts.len()].copy_from_slice(replacement);
+        let (got, body, text) = post_dicom(&client, &url, bytes).await;
+        assert_eq!(got, status, "{}", short(&body));
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(shown), "{message}");
+        assert!(!text.contains("Doe^John"));
+    }
+    server.stop().await.unwrap();
+}
