@@ -5,12 +5,15 @@
 //! - [`ApiError::NotFound`]: an unknown task/model or route.
 //! - [`ApiError::Unavailable`]: a known expert that cannot serve (disabled at load) or a server not ready yet.
 //! - [`ApiError::PayloadTooLarge`], [`ApiError::UnsupportedMediaType`], [`ApiError::ImageTooLarge`]: limits and
-//!   content types, each with its own status so clients can react without parsing messages.
+//!   content types, each with its own status so clients can react without parsing messages. An image format or
+//!   DICOM transfer syntax / photometric interpretation we do not decode is `UnsupportedMediaType` (415, naming it).
+//! - [`ApiError::Unprocessable`]: well-formed input that is not something to classify (a DICOM RT dose grid,
+//!   segmentation, an object without pixel data): 422 with its own code.
 //! - [`ApiError::Overloaded`]: the inference queue is full; answered with `Retry-After` before decoding.
 //! - [`ApiError::MemoryBusy`]: the request-memory budget is spent right now (bodies, decoding, assembly);
 //!   `Retry-After`, nothing grows. Use it for server-wide memory, never for one request that is too big
 //!   (that is [`ApiError::PayloadTooLarge`], [`ApiError::TooManyImages`] or [`ApiError::ImageTooLarge`]).
-//! - [`ApiError::TooManyImages`]: more images in one request than `LORKD_MAX_CLIENT_BATCH_SIZE`.
+//! - [`ApiError::TooManyImages`]: more images in one request than `LORKD_MAX_CLIENT_BATCH_SIZE` (413).
 //! - [`ApiError::BodyTimeout`]: the client did not send its body within `LORKD_BODY_TIMEOUT_MS` (408).
 //! - [`ApiError::Unauthorized`]: missing or unknown API key (401 with `WWW-Authenticate: Bearer`).
 //! - [`ApiError::Forbidden`]: a valid key without the scope the route needs (admin API), or the admin API is off.
@@ -43,6 +46,10 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     ImageTooLarge(String),
+    #[error("request carries {images} images; at most {limit} are accepted per request")]
+    TooManyImages { images: usize, limit: u32 },
+    #[error("{message}")]
+    Unprocessable { code: &'static str, message: String },
     #[error(
         "server is at capacity ({capacity} requests in flight); retry after {retry_after_s} s"
     )]
@@ -51,8 +58,6 @@ pub enum ApiError {
     Timeout { timeout_ms: u64 },
     #[error("the server's request memory is in use; retry after {retry_after_s} s")]
     MemoryBusy { retry_after_s: u32 },
-    #[error("request carries {images} images; at most {limit} per request")]
-    TooManyImages { images: usize, limit: u32 },
     #[error("request body was not received within {timeout_ms} ms")]
     BodyTimeout { timeout_ms: u64 },
     #[error("{0}")]
@@ -98,10 +103,11 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::ImageTooLarge(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::TooManyImages { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::MemoryBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::TooManyImages { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -121,10 +127,11 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::ImageTooLarge(_) => "image_too_large",
+            Self::TooManyImages { .. } => "too_many_images",
+            Self::Unprocessable { code, .. } => code,
             Self::Overloaded { .. } => "overloaded",
             Self::Timeout { .. } => "timeout",
             Self::MemoryBusy { .. } => "memory_busy",
-            Self::TooManyImages { .. } => "too_many_images",
             Self::BodyTimeout { .. } => "body_timeout",
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",

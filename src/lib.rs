@@ -1,5 +1,8 @@
-//! lorkd: serves LoRKD task experts. Data flows one way: HTTP (`api`) -> decode/preprocess (`preprocess`) ->
+//! lorkd: serves LoRKD task experts. Data flows one way: HTTP (`api`) -> decode/preprocess (`dicom`, `preprocess`) ->
 //! expert cache and assembly (`cache`, `assembly`, from the `package`) -> runtime (`runtime`: ORT session, batching).
+
+// serde_json::json! for the OpenAPI component schemas (src/api/openapi.rs) nests deeper than the default 128.
+#![recursion_limit = "256"]
 
 pub mod api;
 pub mod assembly;
@@ -7,6 +10,7 @@ pub mod auth;
 pub mod budget;
 pub mod cache;
 pub mod config;
+pub mod dicom;
 pub mod error;
 pub mod metrics;
 pub mod onnx;

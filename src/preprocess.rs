@@ -1,4 +1,7 @@
 //! Image bytes -> normalised NCHW float input (FORMAT.md section 4), with size limits checked from the header first.
+//!
+//! Greyscale samples wider than 8 bits (16-bit PNG, every greyscale DICOM) are windowed into 8 bits here by small
+//! pure functions ([`voi`], [`choose_window`], [`render`]); DICOM parsing itself lives in `crate::dicom`.
 
 use std::io::Cursor;
 
@@ -24,6 +27,23 @@ pub enum PreprocessError {
     /// Dimensions over the configured limits (rejected from the header, before decoding).
     #[error("{0}")]
     TooLarge(String),
+    /// A well-formed object that is not a picture to classify (DICOM RT dose, segmentation, no pixel data).
+    #[error("{0}")]
+    NotAnImage(String),
+    /// The requested frame of a multi-frame object does not exist.
+    #[error("{0}")]
+    BadFrame(String),
+    /// The request-memory budget cannot cover decoding this image right now (the caller answers 503).
+    #[error("the server's request memory is in use")]
+    MemoryBusy,
+}
+
+/// Called with the bytes a decode is about to hold, before it allocates them; `Err(MemoryBusy)` stops it.
+pub type Reserve<'a> = &'a mut dyn FnMut(u64) -> Result<(), PreprocessError>;
+
+/// A [`Reserve`] that never refuses (tests, tools).
+pub fn unlimited(_: u64) -> Result<(), PreprocessError> {
+    Ok(())
 }
 
 /// Decoded 8-bit pixels: one grey plane or interleaved RGB.
@@ -42,8 +62,6 @@ impl Pixels {
     }
 }
 
-/// Decodes PNG or JPEG bytes to 8-bit grey or RGB. Dimensions are read from the header and checked
-/// against `limits` before any pixel data is decoded (decompression bombs never allocate).
 /// Bytes that decoding `bytes` holds at most, from the header alone: the decoded image in its own sample type
 /// plus its 8-bit grey/RGB conversion (the resized task input is small). Dimensions over `limits` are an error
 /// here already (nothing is reserved for a bomb). None when no header can be read; then decoding fails before
@@ -65,23 +83,39 @@ pub fn decoded_bytes(bytes: &[u8], limits: ImageLimits) -> Result<Option<u64>, P
     )))
 }
 
+/// Decodes PNG or JPEG bytes to 8-bit grey or RGB (16-bit greyscale windowed by the default rules of [`render`]).
 pub fn decode(bytes: &[u8], limits: ImageLimits) -> Result<Pixels, PreprocessError> {
+    Ok(render(decode_image(bytes, limits)?, None).0)
+}
+
+/// Decodes PNG or JPEG bytes. Dimensions are read from the header and checked against `limits` before any pixel
+/// data is decoded (decompression bombs never allocate). 8-bit images come back as [`Decoded::Pixels`], 16-bit
+/// greyscale as [`Decoded::Levels`] (windowed later, never `>> 8`).
+pub fn decode_image(bytes: &[u8], limits: ImageLimits) -> Result<Decoded, PreprocessError> {
+    decode_with_format(bytes, limits).map(|(decoded, _)| decoded)
+}
+
+fn decode_with_format(
+    bytes: &[u8],
+    limits: ImageLimits,
+) -> Result<(Decoded, &'static str), PreprocessError> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| PreprocessError::Undecodable(format!("cannot read image: {e}")))?;
-    match reader.format() {
-        Some(ImageFormat::Png | ImageFormat::Jpeg) => {}
+    let format = match reader.format() {
+        Some(ImageFormat::Png) => "png",
+        Some(ImageFormat::Jpeg) => "jpeg",
         Some(other) => {
             return Err(PreprocessError::UnsupportedFormat(format!(
-                "image format {other:?} is not supported; send PNG or JPEG"
+                "image format {other:?} is not supported; send PNG, JPEG or DICOM"
             )));
         }
         None => {
             return Err(PreprocessError::Undecodable(
-                "body is not a PNG or JPEG image".into(),
+                "body is not a PNG, JPEG or DICOM image".into(),
             ))
         }
-    }
+    };
     let (width, height) = reader
         .into_dimensions()
         .map_err(|e| PreprocessError::Undecodable(format!("cannot read image header: {e}")))?;
@@ -104,7 +138,117 @@ pub fn decode(bytes: &[u8], limits: ImageLimits) -> Result<Pixels, PreprocessErr
             "cannot decode image (corrupt or truncated?): {e}"
         )),
     })?;
-    Ok(to_pixels(image))
+    Ok((to_decoded(image), format))
+}
+
+/// Per-request choices that shape preprocessing (native API query: `frame`, `window`, `return_pixels`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PrepareOptions {
+    /// 0-based frame of a multi-frame DICOM object; `None` = the first (0).
+    pub frame: Option<u32>,
+    /// Window for greyscale levels (LINEAR), overriding the file's.
+    pub window: Option<Window>,
+    /// Return the 8-bit image that went into channel conversion, as a base64 PNG.
+    pub return_pixels: bool,
+}
+
+/// What one answer reports about the image it classified (never a DICOM patient or study attribute).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct InputInfo {
+    /// `png`, `jpeg` or `dicom`
+    pub format: &'static str,
+    pub rows: u32,
+    pub columns: u32,
+    /// Bits per sample actually stored (DICOM Bits Stored; 8 or 16 for PNG/JPEG).
+    pub bits_stored: u16,
+    /// DICOM: the file's; PNG/JPEG: `MONOCHROME2` or `RGB` as decoded.
+    pub photometric_interpretation: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer_syntax: Option<String>,
+    /// 0-based frame used and frames in the object (DICOM; 0 and 1 otherwise).
+    pub frame: u32,
+    pub frames: u32,
+    /// The window that turned greyscale levels into 8 bits; `null` for 8-bit and colour images (used as they are).
+    pub window: Option<AppliedWindow>,
+    /// With `return_pixels=true`: the 8-bit image (native size, after windowing and colour conversion, before
+    /// channel conversion, resize and normalisation) as a base64 PNG.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pixels_png: Option<String>,
+}
+
+/// One image body (PNG, JPEG or DICOM, recognised by its bytes) -> the task input and what was used.
+pub fn prepare(
+    bytes: &[u8],
+    options: &PrepareOptions,
+    limits: ImageLimits,
+    input: &TaskInput,
+    reserve: Reserve<'_>,
+) -> Result<(Vec<f32>, InputInfo), PreprocessError> {
+    let (decoded, mut info) = if crate::dicom::looks_like_dicom(bytes) {
+        let (decoded, dicom) = crate::dicom::decode(bytes, options.frame, limits, reserve)?;
+        let (columns, rows) = decoded.dimensions();
+        let info = InputInfo {
+            format: "dicom",
+            rows,
+            columns,
+            bits_stored: dicom.bits_stored,
+            photometric_interpretation: dicom.photometric_interpretation,
+            transfer_syntax: Some(dicom.transfer_syntax),
+            frame: dicom.frame,
+            frames: dicom.frames,
+            window: None,
+            pixels_png: None,
+        };
+        (decoded, info)
+    } else {
+        if let Some(frame @ 1..) = options.frame {
+            return Err(PreprocessError::BadFrame(format!(
+                "frame {frame} does not exist: a PNG/JPEG image has one frame (0)"
+            )));
+        }
+        if let Some(needed) = decoded_bytes(bytes, limits)? {
+            reserve(needed)?;
+        }
+        let (decoded, format) = decode_with_format(bytes, limits)?;
+        let (columns, rows) = decoded.dimensions();
+        let (bits_stored, photometric) = match &decoded {
+            Decoded::Levels(levels) => (levels.bits_stored, "MONOCHROME2"),
+            Decoded::Pixels(Pixels::Grey(_)) => (8, "MONOCHROME2"),
+            Decoded::Pixels(Pixels::Rgb(_)) => (8, "RGB"),
+        };
+        let info = InputInfo {
+            format,
+            rows,
+            columns,
+            bits_stored,
+            photometric_interpretation: photometric.into(),
+            transfer_syntax: None,
+            frame: 0,
+            frames: 1,
+            window: None,
+            pixels_png: None,
+        };
+        (decoded, info)
+    };
+    let (pixels, window) = render(decoded, options.window);
+    info.window = window;
+    if options.return_pixels {
+        info.pixels_png = Some(pixels_png(&pixels));
+    }
+    Ok((to_task_input(&pixels, input), info))
+}
+
+fn pixels_png(pixels: &Pixels) -> String {
+    use base64::Engine;
+    let image = match pixels {
+        Pixels::Grey(img) => DynamicImage::ImageLuma8(img.clone()),
+        Pixels::Rgb(img) => DynamicImage::ImageRgb8(img.clone()),
+    };
+    let mut out = Cursor::new(Vec::new());
+    image
+        .write_to(&mut out, ImageFormat::Png)
+        .expect("PNG encoding into memory");
+    base64::engine::general_purpose::STANDARD.encode(out.into_inner())
 }
 
 pub fn check_dimensions(
@@ -127,19 +271,32 @@ pub fn check_dimensions(
     Ok(())
 }
 
-/// 8-bit grey or RGB; 16-bit samples become `v >> 8`, alpha is dropped.
-fn to_pixels(image: DynamicImage) -> Pixels {
-    fn shift(v: &[u16]) -> Vec<u8> {
-        v.iter().map(|&x| (x >> 8) as u8).collect()
+/// 8-bit grey or RGB as is; 16-bit greyscale as levels to window; 16-bit colour scaled by 255/65535 (rounded);
+/// alpha is dropped.
+fn to_decoded(image: DynamicImage) -> Decoded {
+    fn scale(v: &[u16]) -> Vec<u8> {
+        v.iter().map(|&x| sixteen_to_eight(x)).collect()
     }
     let (w, h) = (image.width(), image.height());
+    let levels = |values: Vec<f32>| {
+        Decoded::Levels(GreyLevels {
+            width: w,
+            height: h,
+            values,
+            stored_range: (0.0, 65535.0),
+            bits_stored: 16,
+            window: None,
+            voi_lut: None,
+            invert: false,
+        })
+    };
     match image {
-        DynamicImage::ImageLuma8(img) => Pixels::Grey(img),
-        DynamicImage::ImageLumaA8(img) => Pixels::Grey(
+        DynamicImage::ImageLuma8(img) => Decoded::Pixels(Pixels::Grey(img)),
+        DynamicImage::ImageLumaA8(img) => Decoded::Pixels(Pixels::Grey(
             GrayImage::from_raw(w, h, img.pixels().map(|p| p.0[0]).collect()).expect("size"),
-        ),
-        DynamicImage::ImageRgb8(img) => Pixels::Rgb(img),
-        DynamicImage::ImageRgba8(img) => Pixels::Rgb(
+        )),
+        DynamicImage::ImageRgb8(img) => Decoded::Pixels(Pixels::Rgb(img)),
+        DynamicImage::ImageRgba8(img) => Decoded::Pixels(Pixels::Rgb(
             RgbImage::from_raw(
                 w,
                 h,
@@ -148,34 +305,246 @@ fn to_pixels(image: DynamicImage) -> Pixels {
                     .collect(),
             )
             .expect("size"),
-        ),
+        )),
         DynamicImage::ImageLuma16(img) => {
-            Pixels::Grey(GrayImage::from_raw(w, h, shift(img.as_raw())).expect("size"))
+            levels(img.as_raw().iter().map(|&v| f32::from(v)).collect())
         }
-        DynamicImage::ImageLumaA16(img) => Pixels::Grey(
-            GrayImage::from_raw(w, h, img.pixels().map(|p| (p.0[0] >> 8) as u8).collect())
-                .expect("size"),
-        ),
-        DynamicImage::ImageRgb16(img) => {
-            Pixels::Rgb(RgbImage::from_raw(w, h, shift(img.as_raw())).expect("size"))
+        DynamicImage::ImageLumaA16(img) => {
+            levels(img.pixels().map(|p| f32::from(p.0[0])).collect())
         }
-        DynamicImage::ImageRgba16(img) => Pixels::Rgb(
+        DynamicImage::ImageRgb16(img) => Decoded::Pixels(Pixels::Rgb(
+            RgbImage::from_raw(w, h, scale(img.as_raw())).expect("size"),
+        )),
+        DynamicImage::ImageRgba16(img) => Decoded::Pixels(Pixels::Rgb(
             RgbImage::from_raw(
                 w,
                 h,
                 img.pixels()
                     .flat_map(|p| {
                         [
-                            (p.0[0] >> 8) as u8,
-                            (p.0[1] >> 8) as u8,
-                            (p.0[2] >> 8) as u8,
+                            sixteen_to_eight(p.0[0]),
+                            sixteen_to_eight(p.0[1]),
+                            sixteen_to_eight(p.0[2]),
                         ]
                     })
                     .collect(),
             )
             .expect("size"),
-        ),
-        other => Pixels::Rgb(other.to_rgb8()),
+        )),
+        other => Decoded::Pixels(Pixels::Rgb(other.to_rgb8())),
+    }
+}
+
+/// A 16-bit colour sample as 8 bits: `round(v * 255 / 65535)`.
+pub fn sixteen_to_eight(v: u16) -> u8 {
+    ((u32::from(v) * 255 + 32767) / 65535) as u8
+}
+
+/// What a decoder hands to windowing: 8-bit pixels used as they are, or greyscale levels to window.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded {
+    Pixels(Pixels),
+    Levels(GreyLevels),
+}
+
+impl Decoded {
+    pub fn dimensions(&self) -> (u32, u32) {
+        match self {
+            Decoded::Pixels(pixels) => pixels.dimensions(),
+            Decoded::Levels(levels) => (levels.width, levels.height),
+        }
+    }
+}
+
+/// Greyscale samples in output units (after the DICOM Modality LUT; raw values for 16-bit PNG), to be windowed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GreyLevels {
+    pub width: u32,
+    pub height: u32,
+    /// Row-major, one value per pixel.
+    pub values: Vec<f32>,
+    /// The lowest and highest value the stored bits can hold, in output units.
+    pub stored_range: (f64, f64),
+    pub bits_stored: u16,
+    /// The file's first window (DICOM Window Center/Width), if any.
+    pub window: Option<Window>,
+    /// The file's first VOI LUT (DICOM VOI LUT Sequence), if any; preferred to its window.
+    pub voi_lut: Option<VoiLut>,
+    /// MONOCHROME1: the lowest value is white; inverted after windowing.
+    pub invert: bool,
+}
+
+/// DICOM VOI LUT Function (PS3.3 C.11.2.1.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum VoiFunction {
+    Linear,
+    LinearExact,
+    Sigmoid,
+}
+
+/// A VOI window: center, width and function.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Window {
+    pub center: f64,
+    pub width: f64,
+    pub function: VoiFunction,
+}
+
+impl Window {
+    /// LINEAR needs a width of at least 1, the others a positive width (PS3.3 C.11.2.1.2).
+    pub fn is_valid(&self) -> bool {
+        self.center.is_finite()
+            && self.width.is_finite()
+            && match self.function {
+                VoiFunction::Linear => self.width >= 1.0,
+                _ => self.width > 0.0,
+            }
+    }
+}
+
+/// A DICOM VOI LUT (PS3.3 C.11.2.1.1): `data[x - first]`, clamped to the table, entries `bits` deep.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VoiLut {
+    pub first: i32,
+    pub bits: u16,
+    pub data: Vec<u16>,
+}
+
+impl VoiLut {
+    /// One value (output units, truncated to an integer index) through the table, into `[0, 255]`.
+    pub fn apply(&self, x: f64) -> f64 {
+        let last = self.data.len().saturating_sub(1) as f64;
+        let index = (x - f64::from(self.first)).trunc().clamp(0.0, last) as usize;
+        let top = ((1u32 << self.bits) - 1) as f64;
+        (f64::from(self.data[index]) * 255.0 / top).clamp(0.0, 255.0)
+    }
+}
+
+/// Where the window used came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WindowSource {
+    /// `?window=center,width`
+    Query,
+    /// the file's first Window Center/Width
+    File,
+    /// the file's first VOI LUT Sequence item (no center/width)
+    FileLut,
+    /// no window given, more than 8 bits stored: the frame's lowest to highest value
+    MinMax,
+    /// no window given, at most 8 bits stored (or a constant frame): the full range of the stored bits
+    StoredRange,
+}
+
+/// The window applied to one image, as the answer reports it.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct AppliedWindow {
+    /// `None` when a VOI LUT table was applied.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Window>,
+    pub source: WindowSource,
+}
+
+/// VOI LUT (PS3.3 C.11.2.1.2) of one value `x` into `[0, 255]`.
+pub fn voi(x: f64, window: &Window) -> f64 {
+    let (c, w) = (window.center, window.width);
+    let y = match window.function {
+        VoiFunction::Linear => {
+            if x <= c - 0.5 - (w - 1.0) / 2.0 {
+                0.0
+            } else if x > c - 0.5 + (w - 1.0) / 2.0 {
+                1.0
+            } else {
+                (x - (c - 0.5)) / (w - 1.0) + 0.5
+            }
+        }
+        VoiFunction::LinearExact => (x - c) / w + 0.5,
+        VoiFunction::Sigmoid => 1.0 / (1.0 + (-4.0 * (x - c) / w).exp()),
+    };
+    (y * 255.0).clamp(0.0, 255.0)
+}
+
+/// The window for one image: the query's, else the file's first VOI LUT, else its first window, else (more than 8
+/// bits stored) the frame's min-max, else the full stored range, the last two as LINEAR_EXACT (an exact linear map
+/// of `[lo, hi]`).
+pub fn choose_window(levels: &GreyLevels, query: Option<Window>) -> AppliedWindow {
+    if let Some(window) = query {
+        return AppliedWindow {
+            window: Some(window),
+            source: WindowSource::Query,
+        };
+    }
+    if levels.voi_lut.is_some() {
+        return AppliedWindow {
+            window: None,
+            source: WindowSource::FileLut,
+        };
+    }
+    if let Some(window) = levels.window {
+        return AppliedWindow {
+            window: Some(window),
+            source: WindowSource::File,
+        };
+    }
+    let exact = |lo: f64, hi: f64| {
+        Some(Window {
+            center: (lo + hi) / 2.0,
+            width: hi - lo,
+            function: VoiFunction::LinearExact,
+        })
+    };
+    if levels.bits_stored > 8 {
+        let (lo, hi) = levels
+            .values
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+        if lo < hi {
+            return AppliedWindow {
+                window: exact(f64::from(lo), f64::from(hi)),
+                source: WindowSource::MinMax,
+            };
+        }
+    }
+    let (lo, hi) = levels.stored_range;
+    AppliedWindow {
+        window: exact(lo, hi),
+        source: WindowSource::StoredRange,
+    }
+}
+
+/// Greyscale levels to 8 bits through the chosen window or VOI LUT (rounded), inverted for MONOCHROME1.
+pub fn apply_window(levels: &GreyLevels, applied: &AppliedWindow) -> GrayImage {
+    let map = |v: f64| match (&applied.window, &levels.voi_lut) {
+        (Some(window), _) => voi(v, window),
+        (None, Some(lut)) => lut.apply(v),
+        (None, None) => 0.0,
+    };
+    let data = levels
+        .values
+        .iter()
+        .map(|&v| {
+            let y = map(f64::from(v)).round() as u8;
+            if levels.invert {
+                255 - y
+            } else {
+                y
+            }
+        })
+        .collect();
+    GrayImage::from_raw(levels.width, levels.height, data).expect("size")
+}
+
+/// 8-bit pixels for [`to_task_input`]: 8-bit images as they are, greyscale levels windowed (see [`choose_window`]).
+pub fn render(decoded: Decoded, query: Option<Window>) -> (Pixels, Option<AppliedWindow>) {
+    match decoded {
+        Decoded::Pixels(pixels) => (pixels, None),
+        Decoded::Levels(levels) => {
+            let applied = choose_window(&levels, query);
+            (Pixels::Grey(apply_window(&levels, &applied)), Some(applied))
+        }
     }
 }
 
@@ -340,12 +709,21 @@ mod tests {
         assert!(
             matches!(decode(&jpeg, LIMITS).unwrap(), Pixels::Rgb(img) if img.dimensions() == (8, 8))
         );
+        // a 12-bit radiograph in a 16-bit PNG: windowed over what is stored, not cut to its top 8 bits
         let sixteen =
-            image::ImageBuffer::<image::Luma<u16>, _>::from_pixel(2, 2, image::Luma([0x12ff]));
+            image::ImageBuffer::<image::Luma<u16>, _>::from_raw(3, 1, vec![0, 2048, 4095]).unwrap();
         let png16 = encode(DynamicImage::ImageLuma16(sixteen), ImageFormat::Png);
         assert_eq!(
             decode(&png16, LIMITS).unwrap(),
-            Pixels::Grey(GrayImage::from_pixel(2, 2, image::Luma([0x12])))
+            Pixels::Grey(GrayImage::from_raw(3, 1, vec![0, 128, 255]).unwrap())
+        );
+        let rgb16 =
+            image::ImageBuffer::<image::Rgb<u16>, _>::from_raw(1, 1, vec![65535, 0x8000, 0])
+                .unwrap();
+        let png16 = encode(DynamicImage::ImageRgb16(rgb16), ImageFormat::Png);
+        assert_eq!(
+            decode(&png16, LIMITS).unwrap(),
+            Pixels::Rgb(RgbImage::from_raw(1, 1, vec![255, 128, 0]).unwrap())
         );
         let rgba = encode(
             DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(
@@ -419,6 +797,99 @@ mod tests {
             decode(gif, LIMITS),
             Err(PreprocessError::UnsupportedFormat(_))
         ));
+    }
+
+    fn levels(values: Vec<f32>, bits_stored: u16, stored_range: (f64, f64)) -> GreyLevels {
+        GreyLevels {
+            width: values.len() as u32,
+            height: 1,
+            values,
+            stored_range,
+            bits_stored,
+            window: None,
+            voi_lut: None,
+            invert: false,
+        }
+    }
+
+    fn linear(center: f64, width: f64) -> Window {
+        Window {
+            center,
+            width,
+            function: VoiFunction::Linear,
+        }
+    }
+
+    #[test]
+    fn linear_voi_follows_the_dicom_formula() {
+        // PS3.3 C.11.2.1.2.1 with c = 40, w = 400 (a CT soft-tissue window): edges at -159.5 and 239.5
+        let w = linear(40.0, 400.0);
+        assert_eq!(voi(-160.0, &w), 0.0);
+        assert_eq!(voi(240.0, &w), 255.0);
+        assert!((voi(39.5, &w) - 127.5).abs() < 1e-9);
+        assert!((voi(100.0, &w) - ((100.0 - 39.5) / 399.0 + 0.5) * 255.0).abs() < 1e-9);
+        let exact = Window {
+            center: 50.0,
+            width: 100.0,
+            function: VoiFunction::LinearExact,
+        };
+        assert_eq!(voi(0.0, &exact), 0.0);
+        assert_eq!(voi(100.0, &exact), 255.0);
+        assert_eq!(voi(75.0, &exact), 191.25);
+        let sigmoid = Window {
+            function: VoiFunction::Sigmoid,
+            ..exact
+        };
+        assert!((voi(50.0, &sigmoid) - 127.5).abs() < 1e-9);
+        assert!(!linear(0.0, 0.5).is_valid() && exact.is_valid());
+    }
+
+    #[test]
+    fn window_choice_query_then_file_then_min_max_then_stored_range() {
+        let mut twelve = levels(vec![100.0, 300.0, 1100.0], 12, (0.0, 4095.0));
+        let chosen = choose_window(&twelve, None);
+        assert_eq!(chosen.source, WindowSource::MinMax);
+        let window = chosen.window.unwrap();
+        assert_eq!((window.center, window.width), (600.0, 1000.0));
+        assert_eq!(apply_window(&twelve, &chosen).into_raw(), [0, 51, 255]);
+        twelve.window = Some(linear(600.0, 1600.0));
+        assert_eq!(choose_window(&twelve, None).source, WindowSource::File);
+        let query = choose_window(&twelve, Some(linear(0.0, 10.0)));
+        assert_eq!(query.source, WindowSource::Query);
+        assert_eq!(apply_window(&twelve, &query).into_raw(), [255, 255, 255]);
+        // 8 bits stored and no window: the stored range, i.e. the values as they are
+        let eight = levels(vec![0.0, 7.0, 255.0], 8, (0.0, 255.0));
+        let chosen = choose_window(&eight, None);
+        assert_eq!(chosen.source, WindowSource::StoredRange);
+        assert_eq!(apply_window(&eight, &chosen).into_raw(), [0, 7, 255]);
+        // a VOI LUT (preferred to the file's window, not to the query's): x - first, clamped, 12-bit entries
+        twelve.voi_lut = Some(VoiLut {
+            first: 299,
+            bits: 12,
+            data: vec![0, 4095, 2048],
+        });
+        let lut = choose_window(&twelve, None);
+        assert_eq!((lut.source, lut.window), (WindowSource::FileLut, None));
+        assert_eq!(apply_window(&twelve, &lut).into_raw(), [0, 255, 128]);
+        assert_eq!(
+            choose_window(&twelve, Some(linear(0.0, 10.0))).source,
+            WindowSource::Query
+        );
+        // a constant high-bit frame has no min-max window
+        let flat = levels(vec![5.0, 5.0], 16, (-32768.0, 32767.0));
+        assert_eq!(choose_window(&flat, None).source, WindowSource::StoredRange);
+    }
+
+    #[test]
+    fn monochrome1_is_inverted_after_windowing() {
+        let mut grey = levels(vec![0.0, 255.0, 64.0], 8, (0.0, 255.0));
+        grey.invert = true;
+        let (pixels, window) = render(Decoded::Levels(grey), None);
+        assert_eq!(window.unwrap().source, WindowSource::StoredRange);
+        assert_eq!(
+            pixels,
+            Pixels::Grey(GrayImage::from_raw(3, 1, vec![255, 0, 191]).unwrap())
+        );
     }
 
     impl TaskInput {

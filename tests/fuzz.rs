@@ -13,7 +13,7 @@ use lorkd::{
     api::oip,
     preprocess::{self, ImageLimits},
 };
-use proptest::prelude::*;
+use proptest::{prelude::*, test_runner::TestCaseError};
 use tower::ServiceExt;
 
 const LIMITS: ImageLimits = ImageLimits {
@@ -69,20 +69,81 @@ proptest! {
         if let Ok(Some(needed)) = preprocess::decoded_bytes(&bytes, LIMITS) {
             prop_assert!(needed <= LIMITS.max_pixels * 11);
         }
-        if let Ok(pixels) = preprocess::decode(&bytes, LIMITS) {
-            let input = preprocess::to_task_input(&pixels, &task_input());
-            prop_assert_eq!(input.len(), 3 * 28 * 28);
-            prop_assert!(input.iter().all(|v| v.is_finite()));
-        }
+        prepare_property(&bytes)?;
+    }
+
+    #[test]
+    fn dicom_decoding_never_panics(bytes in mutated_dicom()) {
+        prepare_property(&bytes)?;
     }
 
     #[test]
     fn oip_json_parsing_never_panics(text in oip_like_json(), limit in 0usize..64) {
         if let Ok(mut request) = oip::parse_request(text.as_bytes(), limit) {
-            prop_assert!(request.inputs.iter().all(|i| i.data.values.len() <= limit));
-            let _ = oip::validate(&mut request, "input", "logits", 1, 2, 4);
+            prop_assert!(request.inputs.iter().all(|i| i.data.as_ref().is_none_or(|d| d.values.len() <= limit)));
+            let io = oip::ModelIo { input_name: "input", output_name: "logits", height: 1, width: 2, max_images: 4 };
+            let _ = oip::validate(&mut request, &[], &io);
         }
     }
+}
+
+/// `prepare` (PNG, JPEG or DICOM) never panics, never decodes more than it reserved up front beyond the body,
+/// and gives a finite task input when it succeeds.
+fn prepare_property(bytes: &[u8]) -> Result<(), TestCaseError> {
+    let mut reserved = 0u64;
+    let mut reserve = |n: u64| {
+        reserved += n;
+        Ok(())
+    };
+    let result = preprocess::prepare(
+        bytes,
+        &preprocess::PrepareOptions::default(),
+        LIMITS,
+        &task_input(),
+        &mut reserve,
+    );
+    prop_assert!(
+        reserved <= LIMITS.max_pixels * 16 + (2 << 20),
+        "reserved {reserved}"
+    );
+    if let Ok((input, _)) = result {
+        prop_assert_eq!(input.len(), 3 * 28 * 28);
+        prop_assert!(input.iter().all(|v| v.is_finite()));
+    }
+    Ok(())
+}
+
+/// Real DICOM sample files with random bytes overwritten or cut short.
+fn mutated_dicom() -> impl Strategy<Value = Vec<u8>> {
+    let samples: Vec<Vec<u8>> = [
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "dicom/MR_small_RLE.dcm",
+        "dicom/SC_rgb_jpeg_dcmtk.dcm",
+    ]
+    .iter()
+    .filter_map(|f| std::fs::read(samples_dir().join(f)).ok())
+    .collect();
+    assert!(
+        !samples.is_empty(),
+        "DICOM samples in ../shared/data/samples"
+    );
+    (
+        prop::sample::select(samples),
+        prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..12),
+        any::<prop::sample::Index>(),
+        any::<bool>(),
+    )
+        .prop_map(|(mut file, edits, cut, truncate)| {
+            for (at, byte) in edits {
+                let i = at.index(file.len());
+                file[i] = byte;
+            }
+            if truncate {
+                file.truncate(cut.index(file.len()));
+            }
+            file
+        })
 }
 
 fn cases() -> u32 {

@@ -364,6 +364,8 @@ async fn api_keys_guard_everything_but_probes() {
         .await
         .unwrap();
     assert_eq!(response.status(), 401);
+    // Answered before the body was read: the connection is not reused (the client opens a new one).
+    assert_eq!(response.headers()["connection"], "close");
     assert_eq!(
         response.headers()["www-authenticate"],
         "Bearer realm=\"lorkd\""
@@ -374,6 +376,18 @@ async fn api_keys_guard_everything_but_probes() {
         let (status, _) = predict_ok(&client, &predict, &png, Some(key)).await;
         assert_eq!(status, 200);
     }
+    let read = client
+        .post(&predict)
+        .bearer_auth(KEY_A)
+        .header("content-type", "image/png")
+        .body(png.clone())
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        read.headers().get("connection").is_none(),
+        "a request whose body was read keeps its connection"
+    );
     // OIP routes answer 401 in the OIP error form.
     let oip = client
         .get(server.url(&format!("/v2/models/{}", case.task)))

@@ -316,6 +316,7 @@ fn print_env_vars_lists_every_setting() {
         "LORKD_MAX_BODY_BYTES",
         "LORKD_MAX_IMAGE_PIXELS",
         "LORKD_MAX_IMAGE_SIDE",
+        "LORKD_MAX_CLIENT_BATCH_SIZE",
         "LORKD_REQUEST_TIMEOUT_MS",
         "LORKD_SHUTDOWN_TIMEOUT_MS",
         "LORKD_LOG_FORMAT",

@@ -5,13 +5,19 @@ pub mod native;
 pub mod oip;
 pub mod openapi;
 
-use std::time::Instant;
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
 
 use axum::body::Bytes;
 use axum::{
     body::Body,
     extract::{DefaultBodyLimit, MatchedPath, Request, State},
-    http::{header, HeaderName, Method},
+    http::{header, HeaderName, HeaderValue, Method},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{delete, get, post, put, MethodRouter},
@@ -89,17 +95,22 @@ pub const ROUTES: &[RouteDoc] = &[
         method: "POST",
         path: "/v1/experts/{task}/predict",
         operation_id: "predict",
-        summary: "Classify one PNG/JPEG image with the task's expert (raw body or multipart field `image`)",
+        summary: "Classify PNG/JPEG/DICOM images with the task's expert (raw body, or multipart with one or more `image` parts answered in order)",
         api: Api::Native,
-        query: &[QueryParam { name: "top_k", description: "How many labels to return (default 3, at most the task's classes)", schema: "integer" }],
-        request: &[("image/png", "binary"), ("image/jpeg", "binary"), ("multipart/form-data", "MultipartImage")],
+        query: &[
+            QueryParam { name: "top_k", description: "How many labels to return (default 3, at most the task's classes)", schema: "integer" },
+            QueryParam { name: "frame", description: "0-based frame of a multi-frame DICOM object (default 0, the first)", schema: "integer" },
+            QueryParam { name: "window", description: "`center,width`: VOI window (LINEAR) for greyscale DICOM and 16-bit PNG, overriding the file's (default: the file's first VOI LUT, else its first window, else min-max of the frame when more than 8 bits are stored, else the stored range)", schema: "string" },
+            QueryParam { name: "return_pixels", description: "`true`: also return the 8-bit image used (after windowing/colour conversion, before resize and normalisation) as `input.pixels_png` (base64 PNG)", schema: "boolean" },
+        ],
+        request: &[("image/png", "binary"), ("image/jpeg", "binary"), ("application/dicom", "binary"), ("multipart/form-data", "MultipartImage")],
         responses: &[
-            (200, "Prediction", "Prediction"),
-            (400, "Undecodable or truncated image, bad query", "Error"),
+            (200, "Prediction (one image), or `results` in request order (several images)", "Prediction"),
+            (400, "Undecodable, truncated or non-Part-10 image (`bad_image`), bad query, frame out of range (`bad_frame`)", "Error"),
             (404, "Unknown task", "Error"),
-            (413, "Body over LORKD_MAX_BODY_BYTES (payload_too_large)", "Error"),
-            (415, "Content type is not image/png, image/jpeg or multipart/form-data", "Error"),
-            (422, "Image dimensions over the limit (checked before decoding)", "Error"),
+            (413, "Body over LORKD_MAX_BODY_BYTES (`payload_too_large`), or more images than LORKD_MAX_CLIENT_BATCH_SIZE (`too_many_images`)", "Error"),
+            (415, "Content type not accepted, or an image format / DICOM transfer syntax (named) / photometric interpretation the server does not decode", "Error"),
+            (422, "Image dimensions (all DICOM frames counted) over the limit, checked before decoding; or a DICOM object that is not an image to classify (`not_an_image`: RT dose, segmentation, no pixel data)", "Error"),
             (429, "Queue full; see Retry-After", "Error"),
             (500, "Internal error (details only in the server log)", "Error"),
             (503, "Expert disabled, or the request-memory budget is in use (memory_busy, see Retry-After)", "Error"),
@@ -208,12 +219,12 @@ pub const ROUTES: &[RouteDoc] = &[
         method: "POST",
         path: "/v2/models/{task}/infer",
         operation_id: "modelInfer",
-        summary: "Open Inference Protocol: inference on an FP32 tensor [N, 3, H, W] (preprocessed), returns logits [N, classes]",
+        summary: "Open Inference Protocol: inference on an FP32 tensor [N, 3, H, W] (preprocessed, JSON or binary tensor extension), returns logits [N, classes]",
         api: Api::Oip,
         query: &[],
-        request: &[("application/json", "OipInferRequest")],
+        request: &[("application/json", "OipInferRequest"), ("application/octet-stream", "OipBinaryInferRequest")],
         responses: &[
-            (200, "Inference result", "OipInferResponse"),
+            (200, "Inference result (JSON; with binary outputs requested, the JSON header of `Inference-Header-Content-Length` bytes followed by little-endian FP32 logits, `application/octet-stream`)", "OipInferResponse"),
             (400, "Bad JSON, wrong tensor name, shape or datatype, NaN/inf", "OipError"),
             (404, "Unknown model", "OipError"),
             (413, "Body over LORKD_MAX_BODY_BYTES, or N over LORKD_MAX_CLIENT_BATCH_SIZE", "OipError"),
@@ -250,9 +261,9 @@ pub const ROUTES: &[RouteDoc] = &[
         summary: "Open Inference Protocol: inference pinned to one model version (same body and errors as unversioned infer)",
         api: Api::Oip,
         query: &[],
-        request: &[("application/json", "OipInferRequest")],
+        request: &[("application/json", "OipInferRequest"), ("application/octet-stream", "OipBinaryInferRequest")],
         responses: &[
-            (200, "Inference result", "OipInferResponse"),
+            (200, "Inference result (JSON; with binary outputs requested, the JSON header of `Inference-Header-Content-Length` bytes followed by little-endian FP32 logits, `application/octet-stream`)", "OipInferResponse"),
             (400, "Bad JSON, wrong tensor name, shape or datatype, NaN/inf", "OipError"),
             (404, "Unknown model or version", "OipError"),
             (413, "Body over LORKD_MAX_BODY_BYTES, or N over LORKD_MAX_CLIENT_BATCH_SIZE", "OipError"),
@@ -400,6 +411,7 @@ pub fn router_for(state: AppState, port: Port) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .layer(middleware::from_fn(close_if_body_unread))
         // Bodies are read by the handlers with the configured limit (so 413 is our JSON error).
         .layer(DefaultBodyLimit::disable())
         .layer(
@@ -420,6 +432,58 @@ pub fn router_for(state: AppState, port: Port) -> Router {
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone())),
         )
         .with_state(state)
+}
+
+/// Marks when a request body has been read to its end.
+struct TrackEnd {
+    inner: Body,
+    ended: Arc<AtomicBool>,
+}
+
+impl http_body::Body for TrackEnd {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = polled {
+            self.ended.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request answered before its body was read (401, 403, 404, 413, 415, a bad query...) leaves the body's bytes
+/// in the connection: the answer says `Connection: close`, so the client opens a new connection instead of
+/// reusing one the server is about to close (which clients see as a reset on their next request).
+async fn close_if_body_unread(request: Request, next: Next) -> Response {
+    if http_body::Body::is_end_stream(request.body()) {
+        return next.run(request).await;
+    }
+    let ended = Arc::new(AtomicBool::new(false));
+    let (parts, body) = request.into_parts();
+    let body = Body::new(TrackEnd {
+        inner: body,
+        ended: ended.clone(),
+    });
+    let mut response = next.run(Request::from_parts(parts, body)).await;
+    if !ended.load(Ordering::Acquire) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// 401 before the handler runs (and so before any body is read) unless the request carries an accepted key.

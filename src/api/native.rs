@@ -14,7 +14,7 @@ use super::{check_content_length, read_body, softmax};
 use crate::{
     error::ApiError,
     package::{ExpertEntry, ExpertStatus},
-    preprocess::{self, PreprocessError},
+    preprocess::{self, InputInfo, PrepareOptions, PreprocessError, VoiFunction, Window},
     runtime::SessionKind,
     state::AppState,
 };
@@ -130,12 +130,24 @@ pub struct Timings {
     pub total_ms: f64,
 }
 
+/// The answer for one image: labels, logits and what was used of the image.
+#[derive(Debug, Serialize)]
+pub struct ImageResult {
+    pub predictions: Vec<Label>,
+    pub logits: Vec<f32>,
+    pub input: InputInfo,
+}
+
 #[derive(Debug, Serialize)]
 pub struct PredictResponse {
     pub task: String,
     pub expert_version: String,
-    pub predictions: Vec<Label>,
-    pub logits: Vec<f32>,
+    /// One image: its `predictions`, `logits` and `input` at the top level.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub single: Option<ImageResult>,
+    /// Several images (multipart with several `image` parts): one result per image, in request order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub results: Option<Vec<ImageResult>>,
     pub cache: &'static str,
     pub batch_size: usize,
     /// `shared` (weights fed as inputs) or `dedicated` (promoted expert with its own session).
@@ -143,36 +155,89 @@ pub struct PredictResponse {
     pub timings: Timings,
 }
 
-fn parse_top_k(query: Option<&str>) -> Result<Option<usize>, ApiError> {
-    let Some(query) = query else { return Ok(None) };
-    let mut top_k = None;
+/// The native predict query: `top_k`, `frame`, `window=center,width`, `return_pixels`.
+#[derive(Debug, Default, PartialEq)]
+pub struct PredictQuery {
+    pub top_k: Option<usize>,
+    pub prepare: PrepareOptions,
+}
+
+const KNOWN_QUERY: &str = "top_k, frame, window, return_pixels";
+
+fn bad_query(message: String) -> ApiError {
+    ApiError::bad_request("bad_query", message)
+}
+
+fn parse_query(query: Option<&str>) -> Result<PredictQuery, ApiError> {
+    let mut parsed = PredictQuery::default();
+    let Some(query) = query else {
+        return Ok(parsed);
+    };
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        // `window=40,400` arrives as `40%2C400` from some clients
+        let value = value.replace("%2C", ",").replace("%2c", ",");
         match key {
             "top_k" => match value.parse::<usize>() {
-                Ok(k) if k >= 1 => top_k = Some(k),
+                Ok(k) if k >= 1 => parsed.top_k = Some(k),
                 _ => {
-                    return Err(ApiError::bad_request(
-                        "bad_query",
-                        format!("top_k must be a positive integer, got `{value}`"),
-                    ))
+                    return Err(bad_query(format!(
+                        "top_k must be a positive integer, got `{value}`"
+                    )))
+                }
+            },
+            "frame" => match value.parse::<u32>() {
+                Ok(frame) => parsed.prepare.frame = Some(frame),
+                _ => {
+                    return Err(bad_query(format!(
+                        "frame must be a 0-based frame index, got `{value}`"
+                    )))
+                }
+            },
+            "window" => {
+                let window = value
+                    .split_once(',')
+                    .and_then(|(c, w)| Some((c.trim().parse::<f64>().ok()?, w.trim().parse::<f64>().ok()?)))
+                    .map(|(center, width)| Window {
+                        center,
+                        width,
+                        function: VoiFunction::Linear,
+                    })
+                    .filter(Window::is_valid)
+                    .ok_or_else(|| {
+                        bad_query(format!(
+                            "window must be `center,width` with finite numbers and width >= 1, got `{value}`"
+                        ))
+                    })?;
+                parsed.prepare.window = Some(window);
+            }
+            "return_pixels" => match value.as_str() {
+                "true" | "1" | "" => parsed.prepare.return_pixels = true,
+                "false" | "0" => parsed.prepare.return_pixels = false,
+                _ => {
+                    return Err(bad_query(format!(
+                        "return_pixels must be true or false, got `{value}`"
+                    )))
                 }
             },
             other => {
-                return Err(ApiError::bad_request(
-                    "bad_query",
-                    format!("unknown query parameter `{other}` (known: top_k)"),
-                ))
+                return Err(bad_query(format!(
+                    "unknown query parameter `{other}` (known: {KNOWN_QUERY})"
+                )))
             }
         }
     }
-    Ok(top_k)
+    Ok(parsed)
 }
 
 enum BodyKind {
+    /// One PNG, JPEG or DICOM body (recognised by its bytes).
     Image,
     Multipart,
 }
+
+const ACCEPTED: &str =
+    "send image/png, image/jpeg, application/dicom or multipart/form-data with field(s) `image`";
 
 fn body_kind(request: &Request) -> Result<BodyKind, ApiError> {
     let content_type = request
@@ -187,19 +252,31 @@ fn body_kind(request: &Request) -> Result<BodyKind, ApiError> {
         .trim()
         .to_ascii_lowercase();
     match essence.as_str() {
-        "image/png" | "image/jpeg" | "image/jpg" => Ok(BodyKind::Image),
+        "image/png" | "image/jpeg" | "image/jpg" | "application/dicom" => Ok(BodyKind::Image),
         "multipart/form-data" => Ok(BodyKind::Multipart),
-        "" => Err(ApiError::UnsupportedMediaType("missing Content-Type; send image/png, image/jpeg or multipart/form-data with field `image`".into())),
-        other => Err(ApiError::UnsupportedMediaType(format!("Content-Type `{other}` is not supported; send image/png, image/jpeg or multipart/form-data with field `image`"))),
+        "" => Err(ApiError::UnsupportedMediaType(format!(
+            "missing Content-Type; {ACCEPTED}"
+        ))),
+        other => Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type `{other}` is not supported; {ACCEPTED}"
+        ))),
     }
 }
 
-async fn image_from_multipart(
+/// Every `image` part of a multipart body, in order (other fields are ignored); more than `limit` is 413.
+async fn images_from_multipart(
     request: Request,
     bytes: axum::body::Bytes,
-) -> Result<axum::body::Bytes, ApiError> {
+    limit: u32,
+) -> Result<Vec<axum::body::Bytes>, ApiError> {
     let (parts, _) = request.into_parts();
     let request = Request::from_parts(parts, axum::body::Body::from(bytes));
+    let invalid = |e: axum::extract::multipart::MultipartError| {
+        ApiError::bad_request(
+            "bad_multipart",
+            format!("invalid multipart body: {}", e.body_text()),
+        )
+    };
     let mut multipart = axum::extract::Multipart::from_request(request, &())
         .await
         .map_err(|e| {
@@ -208,31 +285,32 @@ async fn image_from_multipart(
                 format!("invalid multipart body: {}", e.body_text()),
             )
         })?;
-    loop {
-        match multipart.next_field().await {
-            Ok(Some(field)) if field.name() == Some("image") => {
-                return field.bytes().await.map_err(|e| {
-                    ApiError::bad_request(
-                        "bad_multipart",
-                        format!("cannot read field `image`: {}", e.body_text()),
-                    )
-                });
-            }
-            Ok(Some(_)) => continue,
-            Ok(None) => {
-                return Err(ApiError::bad_request(
-                    "missing_image",
-                    "multipart body has no field `image`",
-                ))
-            }
-            Err(e) => {
-                return Err(ApiError::bad_request(
-                    "bad_multipart",
-                    format!("invalid multipart body: {}", e.body_text()),
-                ))
-            }
+    let mut images = Vec::new();
+    while let Some(field) = multipart.next_field().await.map_err(invalid)? {
+        if field.name() != Some("image") {
+            continue;
         }
+        if images.len() == limit as usize {
+            // Counted before the part is read, let alone decoded.
+            return Err(ApiError::TooManyImages {
+                images: images.len() + 1,
+                limit,
+            });
+        }
+        images.push(field.bytes().await.map_err(|e| {
+            ApiError::bad_request(
+                "bad_multipart",
+                format!("cannot read field `image`: {}", e.body_text()),
+            )
+        })?);
     }
+    if images.is_empty() {
+        return Err(ApiError::bad_request(
+            "missing_image",
+            "multipart body has no field `image`",
+        ));
+    }
+    Ok(images)
 }
 
 impl From<PreprocessError> for ApiError {
@@ -241,6 +319,13 @@ impl From<PreprocessError> for ApiError {
             PreprocessError::Undecodable(m) => ApiError::bad_request("bad_image", m),
             PreprocessError::UnsupportedFormat(m) => ApiError::UnsupportedMediaType(m),
             PreprocessError::TooLarge(m) => ApiError::ImageTooLarge(m),
+            PreprocessError::NotAnImage(m) => ApiError::Unprocessable {
+                code: "not_an_image",
+                message: m,
+            },
+            PreprocessError::BadFrame(m) => ApiError::bad_request("bad_frame", m),
+            // Handlers that reserve memory map this through `state.memory_busy()` (which counts it).
+            PreprocessError::MemoryBusy => ApiError::MemoryBusy { retry_after_s: 1 },
         }
     }
 }
@@ -254,7 +339,9 @@ pub async fn predict(
 ) -> Result<Json<PredictResponse>, ApiError> {
     let started = Instant::now();
     let entry = state.servable(&task)?;
-    let top_k = parse_top_k(query.as_deref())?
+    let query = parse_query(query.as_deref())?;
+    let top_k = query
+        .top_k
         .unwrap_or(DEFAULT_TOP_K)
         .min(entry.spec.num_classes);
     let kind = body_kind(&request)?;
@@ -263,35 +350,54 @@ pub async fn predict(
     let work = async {
         let (parts, body) = request.into_parts();
         let (bytes, mut memory) = read_body(body, &state).await?;
-        let bytes = match kind {
-            BodyKind::Image => bytes,
+        let images = match kind {
+            BodyKind::Image => vec![bytes],
             BodyKind::Multipart => {
-                let image = image_from_multipart(
+                let images = images_from_multipart(
                     Request::from_parts(parts, axum::body::Body::empty()),
                     bytes,
+                    state.config.max_client_batch_size,
                 )
                 .await?;
-                // The part may be a copy of the body: count it as well.
+                // The parts may be copies of the body: count them as well.
                 memory
-                    .grow(image.len() as u64)
+                    .grow(images.iter().map(|i| i.len() as u64).sum())
                     .map_err(|_| state.memory_busy())?;
-                image
+                images
             }
         };
         // Only now, with the body in hand, a place in the inference queue: stalled uploads never hold one.
         let _admission = state.admit()?;
+        let count = images.len();
         let decode_started = Instant::now();
         let limits = state.image_limits();
         let spec_input = entry.spec.input.clone();
+        let options = query.prepare;
         let worker = state.clone();
-        let input = state
-            .decode(memory, move |memory| -> Result<Vec<f32>, ApiError> {
-                if let Some(needed) = preprocess::decoded_bytes(&bytes, limits)? {
-                    memory.grow(needed).map_err(|_| worker.memory_busy())?;
-                }
-                let pixels = preprocess::decode(&bytes, limits)?;
-                Ok(preprocess::to_task_input(&pixels, &spec_input))
-            })
+        // One blocking job decodes the images in order; only the small task inputs are kept. Each decode reserves
+        // what it will hold (from the header) before allocating it.
+        let (input, infos) = state
+            .decode(
+                memory,
+                move |memory| -> Result<(Vec<f32>, Vec<InputInfo>), ApiError> {
+                    let mut reserve =
+                        |bytes: u64| memory.grow(bytes).map_err(|_| PreprocessError::MemoryBusy);
+                    let mut input =
+                        Vec::with_capacity(count * 3 * spec_input.height * spec_input.width);
+                    let mut infos = Vec::with_capacity(count);
+                    for bytes in &images {
+                        let (x, info) =
+                            preprocess::prepare(bytes, &options, limits, &spec_input, &mut reserve)
+                                .map_err(|e| match e {
+                                    PreprocessError::MemoryBusy => worker.memory_busy(),
+                                    other => ApiError::from(other),
+                                })?;
+                        input.extend_from_slice(&x);
+                        infos.push(info);
+                    }
+                    Ok((input, infos))
+                },
+            )
             .await??;
         let decode_ms = decode_started.elapsed().as_secs_f64() * 1e3;
         // The task input waits for its batch: still request memory until the answer is out.
@@ -300,39 +406,39 @@ pub async fn predict(
             .predict(
                 &entry,
                 input,
-                1,
+                count,
                 entry.spec.input.height,
                 entry.spec.input.width,
             )
             .await?;
-        Ok::<_, ApiError>((decode_ms, prediction))
+        Ok::<_, ApiError>((decode_ms, infos, prediction))
     };
-    let (decode_ms, prediction) = tokio::time::timeout(state.config.request_timeout(), work)
+    let (decode_ms, infos, prediction) = tokio::time::timeout(state.config.request_timeout(), work)
         .await
         .map_err(|_| ApiError::Timeout { timeout_ms })??;
 
-    let logits = prediction.output.logits;
-    let probabilities = softmax(&logits);
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| {
-        probabilities[b]
-            .total_cmp(&probabilities[a])
-            .then(a.cmp(&b))
-    });
-    let predictions = order
-        .into_iter()
-        .take(top_k)
-        .map(|i| Label {
-            index: i,
-            label: entry.spec.labels[i].clone(),
-            probability: probabilities[i],
+    let classes = prediction.classes;
+    let mut results: Vec<ImageResult> = prediction
+        .output
+        .logits
+        .chunks(classes)
+        .zip(infos)
+        .map(|(logits, input)| ImageResult {
+            predictions: top_labels(logits, top_k, &entry.spec.labels),
+            logits: logits.to_vec(),
+            input,
         })
         .collect();
+    let (single, results) = if results.len() == 1 {
+        (results.pop(), None)
+    } else {
+        (None, Some(results))
+    };
     Ok(Json(PredictResponse {
         task,
         expert_version: prediction.version,
-        predictions,
-        logits,
+        single,
+        results,
         cache: if prediction.cache.hit { "hit" } else { "miss" },
         batch_size: prediction.output.batch_images,
         session: prediction.output.session,
@@ -346,16 +452,73 @@ pub async fn predict(
     }))
 }
 
+/// The `top_k` most probable labels (softmax of `logits`), ties by index.
+fn top_labels(logits: &[f32], top_k: usize, labels: &[String]) -> Vec<Label> {
+    let probabilities = softmax(logits);
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| {
+        probabilities[b]
+            .total_cmp(&probabilities[a])
+            .then(a.cmp(&b))
+    });
+    order
+        .into_iter()
+        .take(top_k)
+        .map(|i| Label {
+            index: i,
+            label: labels[i].clone(),
+            probability: probabilities[i],
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn top_k_parsing() {
-        assert_eq!(parse_top_k(None).unwrap(), None);
-        assert_eq!(parse_top_k(Some("top_k=2")).unwrap(), Some(2));
-        assert!(parse_top_k(Some("top_k=0")).is_err());
-        assert!(parse_top_k(Some("top_k=abc")).is_err());
-        assert!(parse_top_k(Some("k=1")).is_err());
+    fn query_parsing() {
+        let top_k = |q| parse_query(Some(q)).map(|p| p.top_k);
+        assert_eq!(parse_query(None).unwrap(), PredictQuery::default());
+        assert_eq!(top_k("top_k=2").unwrap(), Some(2));
+        assert!(top_k("top_k=0").is_err());
+        assert!(top_k("top_k=abc").is_err());
+        assert!(top_k("k=1").is_err());
+        let q = parse_query(Some("window=40,400&frame=3&return_pixels=true")).unwrap();
+        assert_eq!(
+            q.prepare,
+            PrepareOptions {
+                frame: Some(3),
+                window: Some(Window {
+                    center: 40.0,
+                    width: 400.0,
+                    function: VoiFunction::Linear
+                }),
+                return_pixels: true,
+            }
+        );
+        assert_eq!(
+            parse_query(Some("window=-600%2C1500"))
+                .unwrap()
+                .prepare
+                .window
+                .unwrap()
+                .center,
+            -600.0
+        );
+        for bad in [
+            "window=40",
+            "window=40,0",
+            "window=a,b",
+            "window=1,inf",
+            "frame=-1",
+            "return_pixels=yes",
+        ] {
+            assert_eq!(
+                parse_query(Some(bad)).unwrap_err().code(),
+                "bad_query",
+                "{bad}"
+            );
+        }
     }
 }

@@ -1,8 +1,9 @@
-//! KServe Open Inference Protocol v2 (REST): health, model metadata/readiness, FP32 tensor inference.
+//! KServe Open Inference Protocol v2 (REST): health, model metadata/readiness, FP32 tensor inference, with the
+//! binary tensor data extension (`Inference-Header-Content-Length`, `binary_data_size`, `binary_data` outputs).
 
 use axum::{
     extract::{Path, Request, State},
-    http::StatusCode,
+    http::{header, HeaderName, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     Json,
 };
@@ -16,8 +17,14 @@ use crate::{
     state::AppState,
 };
 
+/// Header giving the length of the JSON part of a request or response that carries binary tensor data.
+pub static INFERENCE_HEADER_CONTENT_LENGTH: HeaderName =
+    HeaderName::from_static("inference-header-content-length");
+
 pub async fn server_metadata() -> Json<Value> {
-    Json(json!({"name": "lorkd", "version": env!("CARGO_PKG_VERSION"), "extensions": []}))
+    Json(
+        json!({"name": "lorkd", "version": env!("CARGO_PKG_VERSION"), "extensions": ["binary_tensor_data"]}),
+    )
 }
 
 pub async fn live(State(state): State<AppState>) -> Response {
@@ -82,6 +89,16 @@ pub struct InferRequest {
     pub inputs: Vec<InferInput>,
     #[serde(default)]
     pub outputs: Option<Vec<RequestedOutput>>,
+    #[serde(default)]
+    pub parameters: Option<RequestParameters>,
+}
+
+/// Request-level parameters we act on (others are ignored).
+#[derive(Debug, Default, Deserialize)]
+pub struct RequestParameters {
+    /// Binary tensor extension: every output in binary unless an output says otherwise.
+    #[serde(default)]
+    pub binary_data_output: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,12 +106,29 @@ pub struct InferInput {
     pub name: String,
     pub shape: Vec<i64>,
     pub datatype: String,
-    pub data: Fp32Data,
+    /// JSON values; absent when the tensor travels in the binary part (`parameters.binary_data_size`).
+    #[serde(default)]
+    pub data: Option<Fp32Data>,
+    #[serde(default)]
+    pub parameters: Option<TensorParameters>,
+}
+
+/// Per-tensor parameters of the binary tensor extension.
+#[derive(Debug, Default, Deserialize)]
+pub struct TensorParameters {
+    /// Input: bytes of this tensor in the binary part (little-endian, row-major).
+    #[serde(default)]
+    pub binary_data_size: Option<u64>,
+    /// Output: answer this tensor in binary.
+    #[serde(default)]
+    pub binary_data: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct RequestedOutput {
     pub name: String,
+    #[serde(default)]
+    pub parameters: Option<TensorParameters>,
 }
 
 #[derive(Debug, Serialize)]
@@ -102,7 +136,10 @@ pub struct OutputTensor {
     pub name: String,
     pub datatype: &'static str,
     pub shape: Vec<usize>,
-    pub data: Vec<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<Vec<f32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -230,15 +267,46 @@ impl<'de> serde::de::DeserializeSeed<'de> for Fp32Seed<'_> {
     }
 }
 
-/// Checks an inference request against the model and returns `(images, data)` (the data is moved out).
+/// A request body split by `Inference-Header-Content-Length`: the JSON part and the binary tensor part.
+pub fn split_body<'a>(
+    body: &'a [u8],
+    header_length: Option<&str>,
+) -> Result<(&'a [u8], &'a [u8]), ApiError> {
+    let Some(text) = header_length else {
+        return Ok((body, &[]));
+    };
+    let length = text.trim().parse::<usize>().map_err(|_| {
+        bad(
+            "bad_header",
+            format!("Inference-Header-Content-Length must be a byte count, got `{text}`"),
+        )
+    })?;
+    if length > body.len() {
+        return Err(bad(
+            "bad_header",
+            format!(
+                "Inference-Header-Content-Length is {length} but the body has only {} bytes",
+                body.len()
+            ),
+        ));
+    }
+    Ok(body.split_at(length))
+}
+
+/// Checks an inference request against the model and returns `(images, data)` (the data is moved out). Tensor
+/// data comes from JSON `data` or, with `parameters.binary_data_size`, from `binary` (the body after the JSON
+/// header). `max_images` is the per-request image cap (413 above it, before any tensor is converted).
 pub fn validate(
     request: &mut InferRequest,
-    input_name: &str,
-    output_name: &str,
-    height: usize,
-    width: usize,
-    max_images: u32,
+    binary: &[u8],
+    model: &ModelIo<'_>,
 ) -> Result<(usize, Vec<f32>), ApiError> {
+    let (input_name, output_name, height, width) = (
+        model.input_name,
+        model.output_name,
+        model.height,
+        model.width,
+    );
     let [input] = &mut request.inputs[..] else {
         return Err(bad(
             "bad_tensor",
@@ -278,27 +346,93 @@ pub fn validate(
     }
     // The declared shape is untrusted: never size an allocation from it (a huge N must be a 4xx, not an abort).
     let images = usize::try_from(input.shape[0]).unwrap_or(usize::MAX);
-    if images > max_images as usize {
+    if images > model.max_images as usize {
         return Err(ApiError::TooManyImages {
             images,
-            limit: max_images,
+            limit: model.max_images,
         });
     }
     let needed = images.checked_mul(3 * height * width);
-    if let Some(problem) = input.data.problem {
-        return Err(bad("bad_tensor", problem));
-    }
-    let held = input.data.values.len() + input.data.dropped;
-    if needed != Some(held) {
+    let binary_size = input.parameters.as_ref().and_then(|p| p.binary_data_size);
+    let data = match (binary_size, input.data.take()) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "bad_tensor",
+                "input has both `data` and `binary_data_size`; send one",
+            ))
+        }
+        (None, None) => {
+            return Err(bad(
+                "bad_tensor",
+                "input has neither `data` nor `parameters.binary_data_size`",
+            ))
+        }
+        (None, Some(json)) => {
+            if !binary.is_empty() {
+                return Err(bad(
+                    "bad_tensor",
+                    format!(
+                        "the body carries {} bytes of binary data but no input declares binary_data_size",
+                        binary.len()
+                    ),
+                ));
+            }
+            if let Some(problem) = json.problem {
+                return Err(bad("bad_tensor", problem));
+            }
+            if json.dropped > 0 {
+                // More numbers than the image cap allows were sent (only the first ones were kept).
+                return Err(bad(
+                    "bad_shape",
+                    format!(
+                        "input holds more than {} values; shape {:?} needs N x 3 x {height} x {width}",
+                        json.values.len(),
+                        input.shape
+                    ),
+                ));
+            }
+            json.values
+        }
+        (Some(size), None) => {
+            if size != binary.len() as u64 {
+                return Err(bad(
+                    "bad_tensor",
+                    format!(
+                        "binary_data_size is {size} but the binary part of the body has {} bytes",
+                        binary.len()
+                    ),
+                ));
+            }
+            if needed.and_then(|n| n.checked_mul(4)) != Some(binary.len()) {
+                return Err(bad(
+                    "bad_shape",
+                    format!(
+                        "binary input holds {} bytes; shape {:?} needs N x 3 x {height} x {width} x 4 (FP32)",
+                        binary.len(),
+                        input.shape
+                    ),
+                ));
+            }
+            let values: Vec<f32> = binary
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(bad("bad_tensor", NON_FINITE));
+            }
+            values
+        }
+    };
+    if needed != Some(data.len()) {
         return Err(bad(
             "bad_shape",
             format!(
-                "input holds {held} values; shape {:?} needs N x 3 x {height} x {width}",
+                "input holds {} values; shape {:?} needs N x 3 x {height} x {width}",
+                data.len(),
                 input.shape
             ),
         ));
     }
-    let data = std::mem::take(&mut input.data.values);
     if let Some(outputs) = &request.outputs {
         if let Some(other) = outputs.iter().find(|o| o.name != output_name) {
             return Err(bad(
@@ -313,63 +447,126 @@ pub fn validate(
     Ok((images, data))
 }
 
+/// What `validate` checks a request against.
+pub struct ModelIo<'a> {
+    pub input_name: &'a str,
+    pub output_name: &'a str,
+    pub height: usize,
+    pub width: usize,
+    pub max_images: u32,
+}
+
+/// Whether the output is answered in binary: its own `binary_data`, else the request's `binary_data_output`.
+fn binary_output(request: &InferRequest) -> bool {
+    let default = request
+        .parameters
+        .as_ref()
+        .and_then(|p| p.binary_data_output)
+        .unwrap_or(false);
+    request
+        .outputs
+        .as_ref()
+        .and_then(|outputs| outputs.first())
+        .and_then(|o| o.parameters.as_ref())
+        .and_then(|p| p.binary_data)
+        .unwrap_or(default)
+}
+
 /// `POST /v2/models/{task}/infer`
 pub async fn infer(
     State(state): State<AppState>,
     Path(task): Path<String>,
     request: Request,
-) -> Result<Json<InferResponse>, OipError> {
+) -> Result<Response, OipError> {
     let entry = match state.servable(&task) {
         Err(ApiError::NotFound(_)) => return Err(unknown(&task)),
         other => other?,
     };
     check_content_length(&request, state.config.max_body_bytes)?;
+    let header_length = request
+        .headers()
+        .get(&INFERENCE_HEADER_CONTENT_LENGTH)
+        .map(|v| v.to_str().unwrap_or("(not text)").to_string());
     let timeout_ms = state.config.request_timeout_ms;
     let model = &state.package.manifest.model;
     let (height, width) = (entry.spec.input.height, entry.spec.input.width);
+    let max_images = state.config.max_client_batch_size;
     let work = async {
         let (bytes, memory) = read_body(request.into_body(), &state).await?;
         // Only now, with the body in hand, a place in the inference queue: stalled uploads never hold one.
         let _admission = state.admit()?;
-        let max_values = state.config.max_client_batch_size as usize * 3 * height * width;
+        let input_name = model.input_name.clone();
+        let output_name = model.output_name.clone();
+        let max_values = max_images as usize * 3 * height * width;
         let worker = state.clone();
-        let mut parsed: InferRequest = state
-            .decode(memory, move |memory| {
-                // The kept values (f32, and a Vec may hold twice what it uses while growing).
+        let (parsed, images, data) = state
+            .decode(memory, move |memory| -> Result<_, ApiError> {
+                // The kept values (f32, and a Vec may hold twice what it uses while growing); JSON numbers past
+                // the image cap are counted, not kept.
                 memory
                     .grow(max_values as u64 * 8)
                     .map_err(|_| worker.memory_busy())?;
-                parse_request(&bytes, max_values)
-                    .map_err(|e| bad("bad_json", format!("invalid inference request: {e}")))
+                let (json_part, binary) = split_body(&bytes, header_length.as_deref())?;
+                let mut parsed = parse_request(json_part, max_values)
+                    .map_err(|e| bad("bad_json", format!("invalid inference request: {e}")))?;
+                let io = ModelIo {
+                    input_name: &input_name,
+                    output_name: &output_name,
+                    height,
+                    width,
+                    max_images,
+                };
+                let (images, data) = validate(&mut parsed, binary, &io)?;
+                Ok((parsed, images, data))
             })
             .await??;
-        let (images, data) = validate(
-            &mut parsed,
-            &model.input_name,
-            &model.output_name,
-            height,
-            width,
-            state.config.max_client_batch_size,
-        )?;
         // The tensor waits for its batch: still request memory until the answer is out.
         let _tensor_memory = state.reserve(data.len() * 4)?;
         let prediction = state.predict(&entry, data, images, height, width).await?;
-        Ok::<_, ApiError>((parsed.id, images, prediction))
+        Ok::<_, ApiError>((parsed, images, prediction))
     };
-    let (id, images, prediction) = tokio::time::timeout(state.config.request_timeout(), work)
+    let (parsed, images, prediction) = tokio::time::timeout(state.config.request_timeout(), work)
         .await
         .map_err(|_| ApiError::Timeout { timeout_ms })??;
-    Ok(Json(InferResponse {
+    let binary = binary_output(&parsed);
+    let logits = prediction.output.logits;
+    let mut output = OutputTensor {
+        name: model.output_name.clone(),
+        datatype: "FP32",
+        shape: vec![images, prediction.classes],
+        data: None,
+        parameters: None,
+    };
+    let mut tail = Vec::new();
+    if binary {
+        tail = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+        output.parameters = Some(json!({"binary_data_size": tail.len()}));
+    } else {
+        output.data = Some(logits);
+    }
+    let response = InferResponse {
         model_name: task,
         model_version: prediction.version,
-        id,
-        outputs: vec![OutputTensor {
-            name: model.output_name.clone(),
-            datatype: "FP32",
-            shape: vec![images, prediction.classes],
-            data: prediction.output.logits,
-        }],
-    }))
+        id: parsed.id,
+        outputs: vec![output],
+    };
+    if !binary {
+        return Ok(Json(response).into_response());
+    }
+    let mut body = serde_json::to_vec(&response).map_err(ApiError::internal)?;
+    let json_length = body.len();
+    body.extend_from_slice(&tail);
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(
+        INFERENCE_HEADER_CONTENT_LENGTH.clone(),
+        HeaderValue::from(json_length),
+    );
+    Ok(response)
 }
 
 /// The versioned OIP paths (`/v2/models/{task}/versions/{version}/...`) answer only for the expert's current
@@ -405,7 +602,7 @@ pub async fn versioned_infer(
     State(state): State<AppState>,
     Path((task, version)): Path<(String, String)>,
     request: Request,
-) -> Result<Json<InferResponse>, OipError> {
+) -> Result<Response, OipError> {
     check_version(&state, &task, &version)?;
     infer(State(state), Path(task), request).await
 }
@@ -414,8 +611,19 @@ pub async fn versioned_infer(
 mod tests {
     use super::*;
 
-    fn check(mut request: InferRequest) -> Result<(usize, Vec<f32>), ApiError> {
-        validate(&mut request, "input", "logits", 1, 2, 64)
+    fn check(request: InferRequest) -> Result<(usize, Vec<f32>), ApiError> {
+        check_with(request, &[])
+    }
+
+    fn check_with(mut request: InferRequest, binary: &[u8]) -> Result<(usize, Vec<f32>), ApiError> {
+        let io = ModelIo {
+            input_name: "input",
+            output_name: "logits",
+            height: 1,
+            width: 2,
+            max_images: 4,
+        };
+        validate(&mut request, binary, &io)
     }
 
     fn request(shape: Vec<i64>, datatype: &str, data: Value) -> InferRequest {
@@ -426,10 +634,76 @@ mod tests {
                 name: "input".into(),
                 shape,
                 datatype: datatype.into(),
-                data,
+                data: Some(data),
+                parameters: None,
             }],
             outputs: None,
+            parameters: None,
         }
+    }
+
+    fn binary_request(shape: Vec<i64>, size: u64) -> InferRequest {
+        let mut request = request(shape, "FP32", json!([]));
+        request.inputs[0].data = None;
+        request.inputs[0].parameters = Some(TensorParameters {
+            binary_data_size: Some(size),
+            binary_data: None,
+        });
+        request
+    }
+
+    #[test]
+    fn binary_tensor_data_is_read_little_endian_and_checked() {
+        let values = [1.0f32, -2.5, 3.0, 4.0, 5.0, 6.0];
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(
+            check_with(binary_request(vec![1, 3, 1, 2], 24), &bytes).unwrap(),
+            (1, values.to_vec())
+        );
+        // declared size, actual size and shape must agree
+        let short = check_with(binary_request(vec![1, 3, 1, 2], 20), &bytes[..20]);
+        assert_eq!(short.unwrap_err().code(), "bad_shape");
+        let mismatch = check_with(binary_request(vec![1, 3, 1, 2], 24), &bytes[..20]);
+        assert_eq!(mismatch.unwrap_err().code(), "bad_tensor");
+        let mut nan = bytes.clone();
+        nan[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        let nan = check_with(binary_request(vec![1, 3, 1, 2], 24), &nan);
+        assert_eq!(nan.unwrap_err().code(), "bad_tensor");
+        let mut neither = binary_request(vec![1, 3, 1, 2], 24);
+        neither.inputs[0].parameters = None;
+        assert_eq!(
+            check_with(neither, &bytes).unwrap_err().code(),
+            "bad_tensor"
+        );
+        // stray binary bytes after a JSON tensor
+        let json_and_tail = request(vec![1, 3, 1, 2], "FP32", json!([1, 2, 3, 4, 5, 6]));
+        assert_eq!(
+            check_with(json_and_tail, &bytes).unwrap_err().code(),
+            "bad_tensor"
+        );
+        // the per-request image cap
+        let many = binary_request(vec![5, 3, 1, 2], 120);
+        assert_eq!(
+            check_with(many, &[0; 120]).unwrap_err().code(),
+            "too_many_images"
+        );
+    }
+
+    #[test]
+    fn body_is_split_by_the_inference_header_length() {
+        assert_eq!(
+            split_body(b"{}abcd", Some("2")).unwrap(),
+            (&b"{}"[..], &b"abcd"[..])
+        );
+        assert_eq!(split_body(b"{}", None).unwrap(), (&b"{}"[..], &b""[..]));
+        assert_eq!(
+            split_body(b"{}", Some("3")).unwrap_err().code(),
+            "bad_header"
+        );
+        assert_eq!(
+            split_body(b"{}", Some("x")).unwrap_err().code(),
+            "bad_header"
+        );
     }
 
     #[test]
@@ -449,19 +723,15 @@ mod tests {
     #[test]
     fn parsing_keeps_at_most_the_limit_and_counts_the_rest() {
         let text = r#"{"inputs":[{"name":"input","shape":[2,3,1,2],"datatype":"FP32","data":[1,2,3,4,5,6,7,8,9,10,11,12]}]}"#;
-        let mut parsed = parse_request(text.as_bytes(), 6).unwrap();
-        assert_eq!(parsed.inputs[0].data.values.len(), 6);
-        assert_eq!(parsed.inputs[0].data.dropped, 6);
-        // the shape is within the image cap and the count matches: the dropped values mean the cap was set wrong
-        // for this shape, which the handler never does (cap = max images x image size); here it is a shape error.
-        assert_eq!(
-            validate(&mut parsed, "input", "logits", 1, 2, 1)
-                .unwrap_err()
-                .code(),
-            "too_many_images"
-        );
+        let parsed = parse_request(text.as_bytes(), 6).unwrap();
+        let data = parsed.inputs[0].data.as_ref().unwrap();
+        assert_eq!(data.values.len(), 6);
+        assert_eq!(data.dropped, 6);
+        // N = 2 is within the cap, but more values were sent than the cap keeps: a shape error, never a pass
+        // on the kept prefix.
+        assert_eq!(check(parsed).unwrap_err().code(), "bad_shape");
         let unlimited = parse_request(text.as_bytes(), usize::MAX).unwrap();
-        assert_eq!(unlimited.inputs[0].data.values.len(), 12);
+        assert_eq!(unlimited.inputs[0].data.as_ref().unwrap().values.len(), 12);
         assert_eq!(
             value_limit(),
             usize::MAX,
@@ -496,11 +766,14 @@ mod tests {
         assert_eq!(check(huge).unwrap_err().code(), "bad_tensor");
         let text = request(vec![1, 3, 1, 2], "FP32", json!(["NaN", 2, 3, 4, 5, 6]));
         assert_eq!(check(text).unwrap_err().code(), "bad_tensor");
+        // a declared N over the per-request image cap is 413 before anything is sized from it
         let huge = request(vec![i64::MAX, 3, 1, 2], "FP32", json!([1, 2, 3, 4, 5, 6]));
         assert_eq!(check(huge).unwrap_err().code(), "too_many_images");
         let big = request(vec![1 << 40, 3, 1, 2], "FP32", json!([1, 2, 3, 4, 5, 6]));
         assert_eq!(check(big).unwrap_err().code(), "too_many_images");
-        let over = request(vec![65, 3, 1, 2], "FP32", json!(vec![0; 65 * 6]));
+        let over = request(vec![3, 3, 1, 2], "FP32", json!([1, 2, 3, 4, 5, 6]));
+        assert_eq!(check(over).unwrap_err().code(), "bad_shape");
+        let over = request(vec![5, 3, 1, 2], "FP32", json!(vec![0; 5 * 6]));
         assert_eq!(check(over).unwrap_err().code(), "too_many_images");
         let zero = request(vec![0, 3, 1, 2], "FP32", json!([]));
         assert_eq!(check(zero).unwrap_err().code(), "bad_shape");

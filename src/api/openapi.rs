@@ -115,7 +115,7 @@ fn schemas() -> Value {
         "Error": {
             "type": "object", "required": ["error"],
             "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
-                "code": {"type": "string", "examples": ["bad_image", "not_found", "payload_too_large", "too_many_images", "unsupported_media_type", "image_too_large", "overloaded", "memory_busy", "body_timeout", "unauthorized", "timeout", "internal"]},
+                "code": {"type": "string", "examples": ["bad_image", "bad_frame", "not_found", "payload_too_large", "too_many_images", "unsupported_media_type", "image_too_large", "not_an_image", "overloaded", "memory_busy", "body_timeout", "unauthorized", "forbidden", "invalid_expert", "conflict", "timeout", "internal"]},
                 "message": {"type": "string"}}}}
         },
         "OipError": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
@@ -124,7 +124,19 @@ fn schemas() -> Value {
             "expert": {"type": "string", "format": "binary", "description": "the task's factors and head (safetensors, models/FORMAT.md)"}}},
         "ExpertRemoved": {"type": "object", "properties": {"removed": {"type": "string"}, "version": {"type": ["string", "null"]}, "persisted": {"type": "boolean"}}},
         "ReloadResult": {"type": "object", "properties": {"experts": {"type": "integer"}, "added": {"type": "array", "items": {"type": "string"}}, "changed": {"type": "array", "items": {"type": "string"}}, "removed": {"type": "array", "items": {"type": "string"}}}},
-        "MultipartImage": {"type": "object", "required": ["image"], "properties": {"image": {"type": "string", "format": "binary"}}},
+        "MultipartImage": {"type": "object", "required": ["image"], "description": "One or more `image` parts (PNG, JPEG or DICOM each, recognised by its bytes), answered in order; other fields are ignored", "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}}}},
+        "InputInfo": {"type": "object", "description": "What was used of one image (never a DICOM patient or study attribute)", "properties": {
+            "format": {"type": "string", "enum": ["png", "jpeg", "dicom"]}, "rows": {"type": "integer"}, "columns": {"type": "integer"},
+            "bits_stored": {"type": "integer"}, "photometric_interpretation": {"type": "string"},
+            "transfer_syntax": {"type": "string", "description": "DICOM only: name (UID)"},
+            "frame": {"type": "integer", "description": "0-based frame used"}, "frames": {"type": "integer"},
+            "window": {"type": ["object", "null"], "description": "null for 8-bit and colour images (used as they are)", "properties": {
+                "center": {"type": "number"}, "width": {"type": "number"}, "function": {"type": "string", "enum": ["LINEAR", "LINEAR_EXACT", "SIGMOID"]},
+                "source": {"type": "string", "enum": ["query", "file", "file-lut", "min-max", "stored-range"], "description": "file-lut: the file's VOI LUT Sequence (no center/width)"}}},
+            "pixels_png": {"type": "string", "description": "with return_pixels=true: base64 PNG of the 8-bit image before channel conversion, resize and normalisation"}}},
+        "ImageResult": {"type": "object", "properties": {
+            "predictions": {"type": "array", "items": {"type": "object", "properties": {"index": {"type": "integer"}, "label": {"type": "string"}, "probability": {"type": "number"}}}},
+            "logits": {"type": "array", "items": {"type": "number"}}, "input": {"$ref": "#/components/schemas/InputInfo"}}},
         "TaskInput": {"type": "object", "properties": {
             "channels": {"type": "integer", "enum": [1, 3], "description": "1: grey task (BT.601 luma replicated to 3 channels)"},
             "height": {"type": "integer"}, "width": {"type": "integer"},
@@ -146,6 +158,8 @@ fn schemas() -> Value {
             "task": {"type": "string"}, "expert_version": {"type": "string"},
             "predictions": {"type": "array", "items": {"type": "object", "properties": {"index": {"type": "integer"}, "label": {"type": "string"}, "probability": {"type": "number"}}}},
             "logits": {"type": "array", "items": {"type": "number"}},
+            "input": {"$ref": "#/components/schemas/InputInfo"},
+            "results": {"type": "array", "description": "several images: one result per image in request order (then no top-level predictions/logits/input)", "items": {"$ref": "#/components/schemas/ImageResult"}},
             "cache": {"type": "string", "enum": ["hit", "miss"]}, "batch_size": {"type": "integer"},
             "session": {"type": "string", "enum": ["shared", "dedicated"], "description": "shared: weights fed to the one shared session; dedicated: promoted expert with its own session"},
             "timings": {"type": "object", "properties": {"decode_ms": {"type": "number"}, "expert_ms": {"type": "number"}, "queue_ms": {"type": "number"}, "inference_ms": {"type": "number"}, "total_ms": {"type": "number"}}}}},
@@ -161,13 +175,18 @@ fn schemas() -> Value {
             "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/OipTensorMetadata"}}}},
         "OipInferRequest": {"type": "object", "required": ["inputs"], "properties": {
             "id": {"type": "string"},
-            "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "object", "required": ["name", "shape", "datatype", "data"], "properties": {
-                "name": {"type": "string", "const": "input"}, "shape": {"type": "array", "items": {"type": "integer"}, "description": "[N, 3, H, W]"},
-                "datatype": {"type": "string", "const": "FP32"}, "data": {"type": "array", "items": {"type": "number"}, "description": "N x 3 x H x W values, row-major (nested arrays are accepted too); preprocessed per FORMAT.md section 4"}}}},
-            "outputs": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string", "const": "logits"}}}}}},
+            "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
+                "name": {"type": "string", "const": "input"}, "shape": {"type": "array", "items": {"type": "integer"}, "description": "[N, 3, H, W], N <= LORKD_MAX_CLIENT_BATCH_SIZE"},
+                "datatype": {"type": "string", "const": "FP32"}, "data": {"type": "array", "items": {"type": "number"}, "description": "row-major values (nested arrays are accepted too); preprocessed per FORMAT.md section 4 (absent with binary_data_size)"},
+                "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "description": "binary tensor extension: bytes of this tensor after the JSON header"}}}}}},
+            "outputs": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string", "const": "logits"},
+                "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean", "description": "answer this output in binary"}}}}}},
+            "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean", "description": "every output in binary (tritonclient's default when no outputs are named)"}}}}},
+        "OipBinaryInferRequest": {"type": "string", "format": "binary", "description": "Binary tensor extension: the JSON request (OipInferRequest) of `Inference-Header-Content-Length` bytes, then each input with `binary_data_size` as little-endian FP32, in input order"},
         "OipInferResponse": {"type": "object", "properties": {
             "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
             "outputs": {"type": "array", "items": {"type": "object", "properties": {
-                "name": {"type": "string"}, "datatype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}}, "data": {"type": "array", "items": {"type": "number"}}}}}}}
+                "name": {"type": "string"}, "datatype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}}, "data": {"type": "array", "items": {"type": "number"}},
+                "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer"}}}}}}}}
     })
 }
