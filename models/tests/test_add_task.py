@@ -142,3 +142,23 @@ def test_transfer_loss_with_a_teacher_and_a_wrong_base_is_refused(base, tmp_path
     with pytest.raises(PackageError, match="not this package's student"):
         add_task(pkg, "delta", tmp_path / "run4", source=source(data_dir), checkpoint=other / "best.pt",
                  overrides=BUDGET, progress=False)
+
+
+def test_generic_student_base(tmp_path, data_dir, tasks):
+    """A package made by lorkd.decompose (torchvision MobileNetV3-small, Linear decomposed too) takes a new
+    expert the same way, with parity."""
+    cfg = TrainConfig(mode="lorkd_nokd", tasks=("alpha", "beta"), arch="mobilenet_v3_small", decompose_linear=True,
+                      epochs=1, batch_size=8, max_batches_per_epoch=1, lr=0.01, num_threads=1,
+                      task_sources={"alpha": {"path": str(data_dir / "alpha.npz"), "labels": ["no", "yes"],
+                                              "channels": 1},
+                                    "beta": {"path": str(data_dir / "beta.npz"), "labels": ["a", "b", "c"],
+                                             "channels": 3}})
+    train_run(cfg, tasks, tmp_path / "run", progress=False)
+    pkg = tmp_path / "pkg"
+    export_from_run(tmp_path / "run", pkg, checkpoint_out=tmp_path / "ck", name="generic")
+    experts = {p.name: p.read_bytes() for p in (pkg / "experts").iterdir()}
+    rec = add_task(pkg, "gamma", tmp_path / "add", source=source(data_dir),
+                   overrides=["epochs=1", "batch_size=8", "max_batches_per_epoch=2"], progress=False)
+    assert rec["parity"]["max_abs_err"] <= 1e-4 and rec["parity"]["argmax_agreement"] == 1.0
+    assert all((pkg / "experts" / n).read_bytes() == b for n, b in experts.items())
+    assert [t["id"] for t in load_package(pkg)["tasks"]] == ["alpha", "beta", "gamma"]
