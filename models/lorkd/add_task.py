@@ -222,7 +222,10 @@ def add_task(
     _, factors = build_deploy(view)
     rel = f"experts/{task_id}.safetensors"
     tmp_expert = pkg / "experts" / f".{task_id}.safetensors.tmp"
-    write_expert(tmp_expert, expert_tensors(view, factors, layer_names, 0), task_id, cfg.rank, cfg.alpha)
+    tensors = expert_tensors(view, factors, layer_names, 0)
+    if not all(np.isfinite(v).all() for v in tensors.values()):
+        raise RuntimeError(f"training of {task_id} diverged (non-finite factors or head): lower lr")
+    write_expert(tmp_expert, tensors, task_id, cfg.rank, cfg.alpha)
 
     new = json.loads(json.dumps(manifest))
     entry = task_entry(td, size, {"test_acc": test["acc"], "test_auc": test["auc"]})

@@ -20,6 +20,11 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def _finite_or_inf(err: float) -> float:
+    """NaN logits must fail a tolerance check (max(x, nan) would silently keep x)."""
+    return err if np.isfinite(err) else float("inf")
+
+
 @torch.no_grad()
 def task_parity(pkg: Path, manifest: dict, sess: ort.InferenceSession, w0: dict[str, np.ndarray], student: Student,
                 t: int, td: TaskData, split: str = "test", batch_size: int = 256, base_images: int | None = None,
@@ -36,12 +41,12 @@ def task_parity(pkg: Path, manifest: dict, sess: ort.InferenceSession, w0: dict[
         x = x_all[s:s + batch_size]
         ref = student.logits(student(x, torch.full((len(x),), t, dtype=torch.long)), t).numpy()
         got = sess.run(["logits"], {"input": x.numpy(), **feeds})[0]
-        max_err = max(max_err, float(np.abs(got - ref).max()))
+        max_err = max(max_err, _finite_or_inf(float(np.abs(got - ref).max())))
         if base_images is None or s < base_images:
             xb = x if base_images is None else x[: base_images - s]
             base = student.logits(student(xb, None), t).numpy()
             got0 = sess.run(["logits"], {"input": xb.numpy(), **head})[0]
-            base_err = max(base_err, float(np.abs(got0 - base).max()))
+            base_err = max(base_err, _finite_or_inf(float(np.abs(got0 - base).max())))
         agree += int((got.argmax(1) == ref.argmax(1)).sum())
     return {"n": len(x_all), "max_abs_err": max_err, "argmax_agreement": agree / len(x_all),
             "base_max_abs_err": base_err}

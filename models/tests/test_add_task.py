@@ -162,3 +162,14 @@ def test_generic_student_base(tmp_path, data_dir, tasks):
     assert rec["parity"]["max_abs_err"] <= 1e-4 and rec["parity"]["argmax_agreement"] == 1.0
     assert all((pkg / "experts" / n).read_bytes() == b for n, b in experts.items())
     assert [t["id"] for t in load_package(pkg)["tasks"]] == ["alpha", "beta", "gamma"]
+
+
+def test_diverged_training_is_refused(base, tmp_path, data_dir):
+    """NaN factors must not reach the package (a NaN logit would slip through a plain max() tolerance check)."""
+    pkg = fresh_package(base, tmp_path)
+    manifest = (pkg / "manifest.json").read_bytes()
+    with pytest.raises(RuntimeError, match="diverged"):
+        add_task(pkg, "gamma", tmp_path / "run", source=source(data_dir), overrides=BUDGET + ["lr=1e30"],
+                 progress=False)
+    assert (pkg / "manifest.json").read_bytes() == manifest
+    assert not any(p.name.startswith(".gamma") or p.name.startswith("gamma") for p in (pkg / "experts").iterdir())
