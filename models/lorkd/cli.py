@@ -259,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--teacher-run", help="teacher trained by `train --mode teacher`: transfer loss on")
     s.add_argument("--teacher-features", help="or precomputed teacher features of this one task "
                                               "(`teacher-features`): transfer loss on")
-    s.add_argument("--set", nargs="*", help="override training keys (default: the base student's config), "
-                                            "e.g. epochs=5 epoch_draws=2048")
+    s.add_argument("--set", nargs="*", help="override training keys (default: the base student's config with "
+                                            "optimizer=adamw lr=0.002 batch_size=64 epochs=5 epoch_draws=2048)")
     s.add_argument("--run", help="training run folder, resumable (default models/runs/add-task/<task>)")
     s.add_argument("--golden", type=int, default=4, help="golden test images for the new task")
     s.add_argument("--replace", action="store_true", help="retrain a task that is already in the package")

@@ -18,7 +18,7 @@ from lorkd.pipeline import export_from_run
 from lorkd.train import TrainConfig, train_run
 
 NEW = TaskSpec("gamma", "gamma.npz", "Gamma (grey)", "synthetic", ("0", "1", "2"), 1)
-BUDGET = ["epochs=2", "batch_size=8", "max_batches_per_epoch=3", "lr=0.05"]
+BUDGET = ["epochs=2", "batch_size=8", "max_batches_per_epoch=3", "lr=0.01"]
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +173,17 @@ def test_diverged_training_is_refused(base, tmp_path, data_dir):
                  progress=False)
     assert (pkg / "manifest.json").read_bytes() == manifest
     assert not any(p.name.startswith(".gamma") or p.name.startswith("gamma") for p in (pkg / "experts").iterdir())
+
+
+def test_folder_of_images_source(base, tmp_path):
+    """The new task's data come through the toolkit's loaders: here a folder of RGB images at another size
+    (resized to the package's 28 px; classes are the sorted folder names when no labels are given)."""
+    from lorkd.synthetic import write_folder_task
+
+    write_folder_task(tmp_path / "photos", ("low", "mid", "high"), 40, grey=False, seed=4)
+    pkg = fresh_package(base, tmp_path)
+    rec = add_task(pkg, "photos", tmp_path / "run", overrides=BUDGET, progress=False,
+                   source={"type": "folder", "path": str(tmp_path / "photos"), "channels": 3})
+    entry = load_package(pkg)["tasks"][-1]
+    assert entry["id"] == "photos" and entry["labels"] == ["high", "low", "mid"] and entry["input"]["channels"] == 3
+    assert rec["parity"]["max_abs_err"] <= 1e-4 and rec["parity"]["n"] == 12
