@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-models/runs/loo}
 CONFIG=models/configs/medmnist.json
-# add-task budget: 5 epochs of 2,048 draws (10,240 images, ~23 % of a 3-task joint run's 44,338 draws); AdamW lr 2e-3,
+# add-task budget: 5 epochs of 2,048 draws (10,240 images, 23 % of a 3-task joint run's 44,800 draws); AdamW lr 2e-3,
 # batch 64 for the factors (the base run's SGD lr 0.05 barely moved them in that budget, see models/README.md)
 ADD_SET=${ADD_SET:-"epochs=5 epoch_draws=2048 optimizer=adamw lr=0.002 batch_size=64"}
 T=".venv/bin/lorkd-train"
