@@ -48,7 +48,13 @@ def cmd_teacher_features(args) -> int:
     from .train import load_trained, teacher_features
 
     torch.set_num_threads(args.threads)
-    if args.teacher_run:  # the multi-task teacher trained by this toolkit (the default)
+    if args.teacher_run and args.tasks:  # that teacher's features for a subset (or other set) of tasks
+        from .add_task import load_teacher_run
+        from .data import load_tasks
+
+        tasks = load_tasks(args.tasks, args.data_dir)
+        teacher_features(load_teacher_run(Path(args.teacher_run)), tasks, Path(args.out))
+    elif args.teacher_run:  # the multi-task teacher trained by this toolkit (the default)
         cfg = json.loads((Path(args.teacher_run) / "config.json").read_text())
         tasks = load_config_tasks(cfg, args.data_dir)
         teacher = load_trained(Path(args.teacher_run), tasks)
@@ -91,6 +97,28 @@ def cmd_parity(args) -> int:
     ok = res["max_abs_err"] <= 1e-4 and res["argmax_agreement"] == 1.0 and res["switch_max_abs_err"] <= 1e-5
     print("PARITY OK" if ok else "PARITY FAILED")
     return 0 if ok else 1
+
+
+def cmd_add_task(args) -> int:
+    from .add_task import add_task
+
+    if args.source and args.source_file:
+        raise SystemExit("add-task: give --source or --source-file, not both")
+    source = json.loads(Path(args.source_file).read_text() if args.source_file else args.source or "null")
+    torch.set_num_threads(args.threads)
+    rec = add_task(Path(args.package), args.task, Path(args.run or f"models/runs/add-task/{args.task}"),
+                   source=source, checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+                   data_dir=args.data_dir, teacher_run=Path(args.teacher_run) if args.teacher_run else None,
+                   teacher_features_file=Path(args.teacher_features) if args.teacher_features else None,
+                   overrides=args.set, golden_per_task=args.golden, replace=args.replace,
+                   progress=not args.no_progress)
+    m, par = rec["metrics"], rec["parity"]
+    print(f"added {args.task} to {args.package}: test ACC {m['test_acc']:.3f} AUC {m['test_auc']:.3f}, "
+          f"parity max {par['max_abs_err']:.2e}, expert file {rec['bytes_added']['expert']} bytes, "
+          f"{rec['run']['total_seconds']:.0f} s")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rec, indent=1))
+    return 0
 
 
 def cmd_export_merged(args) -> int:
@@ -187,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
     s = sub.add_parser("teacher-features", help="precompute pooled teacher features (image and its flip)")
     s.add_argument("--teacher-run", help="a teacher trained by `train --mode teacher`")
+    s.add_argument("--tasks", nargs="+", help="with --teacher-run: these MedMNIST tasks instead of the teacher's own "
+                                              "(e.g. the students of a leave-one-out run)")
     s.add_argument("--arch", help="or your own teacher: torchvision:<name> | timm:<name> (e.g. torchvision:resnet50)")
     s.add_argument("--checkpoint", help="its local weights file (state dict; nothing is downloaded)")
     s.add_argument("--config", help="the student's config (tasks, data sources, image size)")
@@ -216,6 +246,28 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out")
     s.add_argument("--threads", type=int, default=2)
     s.set_defaults(func=cmd_parity)
+
+    s = sub.add_parser("add-task", help="train one new task's factors and head against a package's frozen "
+                                       "student and add its expert (the other experts' files stay untouched)")
+    s.add_argument("--package", required=True, help="the package to add the expert to (changed in place)")
+    s.add_argument("--task", required=True, help="new task id (URL segment and file stem)")
+    s.add_argument("--source", help='its data source as JSON, e.g. \'{"type": "folder", "path": "/data/skin", '
+                                    '"channels": 3}\' (none: the MedMNIST npz of that id in --data-dir)')
+    s.add_argument("--source-file", help="or that JSON in a file")
+    s.add_argument("--checkpoint", help="the package's PyTorch student (best.pt with config.json beside it; "
+                                        "default: provenance.pytorch_checkpoint of the manifest)")
+    s.add_argument("--teacher-run", help="teacher trained by `train --mode teacher`: transfer loss on")
+    s.add_argument("--teacher-features", help="or precomputed teacher features of this one task "
+                                              "(`teacher-features`): transfer loss on")
+    s.add_argument("--set", nargs="*", help="override training keys (default: the base student's config with "
+                                            "optimizer=adamw lr=0.002 batch_size=64 epochs=5 epoch_draws=2048)")
+    s.add_argument("--run", help="training run folder, resumable (default models/runs/add-task/<task>)")
+    s.add_argument("--golden", type=int, default=4, help="golden test images for the new task")
+    s.add_argument("--replace", action="store_true", help="retrain a task that is already in the package")
+    s.add_argument("--out", help="write the task's provenance record (metrics, parity, times) here as JSON")
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_add_task)
 
     s = sub.add_parser("export-merged", help="one task as a standalone plain ONNX (W_t and head baked in)")
     s.add_argument("--package", required=True)

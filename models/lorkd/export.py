@@ -128,6 +128,62 @@ def save_png(img: np.ndarray, path: Path) -> None:
         Image.fromarray(img, mode="RGB").save(path, optimize=True)
 
 
+def expert_tensors(student: torch.nn.Module, factors: dict[str, dict[str, torch.Tensor]], layer_names: list[str],
+                   t: int) -> dict[str, np.ndarray]:
+    """The tensors of expert file t (FORMAT.md section 2): BN-folded factors of every layer and head t."""
+    tensors: dict[str, np.ndarray] = {}
+    for layer in layer_names:
+        tensors[f"{layer}.lora_A"] = factors[layer]["A"][t].numpy().astype(np.float32)
+        tensors[f"{layer}.lora_B"] = factors[layer]["B"][t].numpy().astype(np.float32)
+    tensors["head.weight"] = student.heads[t].weight.detach().numpy().astype(np.float32)
+    tensors["head.bias"] = student.heads[t].bias.detach().numpy().astype(np.float32)
+    return tensors
+
+
+def write_expert(path: Path, tensors: dict[str, np.ndarray], task: str, rank: int, alpha: float) -> None:
+    """One expert file with its metadata (format, task, rank, alpha, scale)."""
+    meta = {
+        "format": "lorkd-expert", "format_version": str(FORMAT_VERSION), "task": task,
+        "rank": str(rank), "alpha": repr(float(alpha)), "scale": repr(float(alpha / rank)),
+    }
+    save_file(tensors, str(path), metadata=meta)
+    # safetensors writes 0600; a package is served by another user (the image runs as uid 65532).
+    Path(path).chmod(0o644)
+
+
+def golden_cases(student: torch.nn.Module, t: int, td: TaskData, out_dir: Path, n: int) -> list[dict]:
+    """Write n golden test images of task td (head t of `student`) under out_dir/golden/<id>/ and return their
+    cases: logits of the exported PyTorch model (EKS forward, unmerged, BN unfolded)."""
+    idx = choose_golden(td.labels["test"], n)
+    imgs = td.images["test"][idx]
+    x = to_tensor(imgs, td.spec.mean, td.spec.std)
+    with torch.no_grad():
+        logits = student.logits(student(x, torch.full((len(idx),), t, dtype=torch.long)), t)
+    probs = torch.softmax(logits, dim=1)
+    cases = []
+    for j, i in enumerate(idx):
+        rel = f"golden/{td.spec.id}/{j}.png"
+        save_png(imgs[j], Path(out_dir) / rel)
+        cases.append({
+            "task": td.spec.id, "file": rel, "label": int(td.labels["test"][i]), "test_index": i,
+            "logits": [float(v) for v in logits[j]], "probabilities": [float(v) for v in probs[j]],
+            "top1": int(logits[j].argmax()),
+        })
+    return cases
+
+
+def task_entry(td: TaskData, size: int, metrics: dict) -> dict:
+    """The manifest entry of one task (FORMAT.md section 5)."""
+    return {
+        "id": td.spec.id, "name": td.spec.name, "modality": td.spec.modality,
+        "labels": list(td.spec.labels), "num_classes": td.spec.num_classes,
+        "file": f"experts/{td.spec.id}.safetensors",
+        "input": {"channels": td.spec.channels, "height": size, "width": size,
+                  "mean": list(td.spec.mean), "std": list(td.spec.std)},
+        "metrics": metrics,
+    }
+
+
 def export_package(
     student: Student,
     tasks: list[TaskData],
@@ -157,38 +213,12 @@ def export_package(
 
     scale = cfg.alpha / cfg.rank
     for t, td in enumerate(tasks):
-        tensors: dict[str, np.ndarray] = {}
-        for layer in layer_names:
-            tensors[f"{layer}.lora_A"] = factors[layer]["A"][t].numpy().astype(np.float32)
-            tensors[f"{layer}.lora_B"] = factors[layer]["B"][t].numpy().astype(np.float32)
-        tensors["head.weight"] = student.heads[t].weight.detach().numpy().astype(np.float32)
-        tensors["head.bias"] = student.heads[t].bias.detach().numpy().astype(np.float32)
-        meta = {
-            "format": "lorkd-expert", "format_version": str(FORMAT_VERSION), "task": td.spec.id,
-            "rank": str(cfg.rank), "alpha": repr(float(cfg.alpha)), "scale": repr(float(scale)),
-        }
-        expert_path = out_dir / "experts" / f"{td.spec.id}.safetensors"
-        save_file(tensors, str(expert_path), metadata=meta)
-        # safetensors writes 0600; a package is served by another user (the image runs as uid 65532).
-        expert_path.chmod(0o644)
+        write_expert(out_dir / "experts" / f"{td.spec.id}.safetensors",
+                     expert_tensors(student, factors, layer_names, t), td.spec.id, cfg.rank, cfg.alpha)
 
-    # golden cases: logits of the exported PyTorch model (EKS forward, unmerged, BN unfolded)
     cases = []
     for t, td in enumerate(tasks):
-        idx = choose_golden(td.labels["test"], golden_per_task)
-        imgs = td.images["test"][idx]
-        x = to_tensor(imgs, td.spec.mean, td.spec.std)
-        with torch.no_grad():
-            logits = student.logits(student(x, torch.full((len(idx),), t, dtype=torch.long)), t)
-        probs = torch.softmax(logits, dim=1)
-        for j, i in enumerate(idx):
-            rel = f"golden/{td.spec.id}/{j}.png"
-            save_png(imgs[j], out_dir / rel)
-            cases.append({
-                "task": td.spec.id, "file": rel, "label": int(td.labels["test"][i]), "test_index": i,
-                "logits": [float(v) for v in logits[j]], "probabilities": [float(v) for v in probs[j]],
-                "top1": int(logits[j].argmax()),
-            })
+        cases += golden_cases(student, t, td, out_dir, golden_per_task)
     with open(out_dir / "golden" / "golden.json", "w") as f:
         json.dump({"tolerance": 1e-4, "cases": cases}, f, indent=1)
 
@@ -222,17 +252,7 @@ def export_package(
              "b_shape": [conv.out_channels * conv.k, cfg.rank * conv.k]}
             for n, conv, _ in layers
         ],
-        "tasks": [
-            {
-                "id": td.spec.id, "name": td.spec.name, "modality": td.spec.modality,
-                "labels": list(td.spec.labels), "num_classes": td.spec.num_classes,
-                "file": f"experts/{td.spec.id}.safetensors",
-                "input": {"channels": td.spec.channels, "height": size, "width": size,
-                          "mean": list(td.spec.mean), "std": list(td.spec.std)},
-                "metrics": (metrics or {}).get(td.spec.id, {}),
-            }
-            for td in tasks
-        ],
+        "tasks": [task_entry(td, size, (metrics or {}).get(td.spec.id, {})) for td in tasks],
         "files": files,
         "provenance": {
             "data": {td.spec.id: {"file": td.spec.file, "md5": td.md5} for td in tasks},

@@ -20,6 +20,38 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def _finite_or_inf(err: float) -> float:
+    """NaN logits must fail a tolerance check (max(x, nan) would silently keep x)."""
+    return err if np.isfinite(err) else float("inf")
+
+
+@torch.no_grad()
+def task_parity(pkg: Path, manifest: dict, sess: ort.InferenceSession, w0: dict[str, np.ndarray], student: Student,
+                t: int, td: TaskData, split: str = "test", batch_size: int = 256, base_images: int | None = None,
+                progress: bool = False) -> dict:
+    """One task: ORT with the merged W_t and head of manifest task `td.spec.id` vs the PyTorch EKS forward of
+    the student's task index t, on a whole split; plus the base network (no layer inputs fed => W0)."""
+    tid = td.spec.id
+    feeds = expert_feeds(pkg, manifest, tid, w0)
+    head = {k: feeds[k] for k in ("head_weight", "head_bias")}
+    x_all = task_tensor(td, split)
+    max_err = base_err = 0.0
+    agree = 0
+    for s in tqdm(range(0, len(x_all), batch_size), desc=f"parity {tid}", disable=not progress, leave=False):
+        x = x_all[s:s + batch_size]
+        ref = student.logits(student(x, torch.full((len(x),), t, dtype=torch.long)), t).numpy()
+        got = sess.run(["logits"], {"input": x.numpy(), **feeds})[0]
+        max_err = max(max_err, _finite_or_inf(float(np.abs(got - ref).max())))
+        if base_images is None or s < base_images:
+            xb = x if base_images is None else x[: base_images - s]
+            base = student.logits(student(xb, None), t).numpy()
+            got0 = sess.run(["logits"], {"input": xb.numpy(), **head})[0]
+            base_err = max(base_err, _finite_or_inf(float(np.abs(got0 - base).max())))
+        agree += int((got.argmax(1) == ref.argmax(1)).sum())
+    return {"n": len(x_all), "max_abs_err": max_err, "argmax_agreement": agree / len(x_all),
+            "base_max_abs_err": base_err}
+
+
 @torch.no_grad()
 def package_parity(pkg: Path, student: Student, tasks: list[TaskData], split: str = "test",
                    batch_size: int = 256, base_images: int | None = None, progress: bool = False) -> dict:
@@ -39,24 +71,8 @@ def package_parity(pkg: Path, student: Student, tasks: list[TaskData], split: st
         tid = td.spec.id
         if ids[t] != tid:
             raise ValueError(f"task order differs: package {ids} vs data {tid}")
-        feeds = expert_feeds(pkg, manifest, tid, w0)
-        head = {k: feeds[k] for k in ("head_weight", "head_bias")}
-        x_all = task_tensor(td, split)
-        max_err = base_err = 0.0
-        agree = 0
-        for s in tqdm(range(0, len(x_all), batch_size), desc=f"parity {tid}", disable=not progress, leave=False):
-            x = x_all[s:s + batch_size]
-            ref = student.logits(student(x, torch.full((len(x),), t, dtype=torch.long)), t).numpy()
-            got = sess.run(["logits"], {"input": x.numpy(), **feeds})[0]
-            max_err = max(max_err, float(np.abs(got - ref).max()))
-            if base_images is None or s < base_images:
-                xb = x if base_images is None else x[: base_images - s]
-                base = student.logits(student(xb, None), t).numpy()
-                got0 = sess.run(["logits"], {"input": xb.numpy(), **head})[0]
-                base_err = max(base_err, float(np.abs(got0 - base).max()))
-            agree += int((got.argmax(1) == ref.argmax(1)).sum())
-        out["tasks"][tid] = {"n": len(x_all), "max_abs_err": max_err, "argmax_agreement": agree / len(x_all),
-                             "base_max_abs_err": base_err}
+        out["tasks"][tid] = task_parity(pkg, manifest, sess, w0, student, t, td, split, batch_size, base_images,
+                                        progress)
     experts = {tid: read_expert(pkg / f"experts/{tid}.safetensors")[0] for tid in ids}
     scale = float(manifest["lora"]["scale"])
     sw = 0.0

@@ -75,6 +75,8 @@ class TrainConfig:
     # DDP run step for step (tests/test_distributed.py). 0 = the world size (1 without DDP).
     micro_batches: int = 0
     routing: str = "segments"  # EKS routing of the built-in student: segments (fast) | mask (reference)
+    # add-task: train only the factors and heads; W0, depthwise convs and BatchNorm (in eval mode) stay frozen
+    freeze_base: bool = False
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -141,7 +143,11 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: TrainConfig, tasks: list[TaskData]) -> nn.Module:
-    ncls = tuple(td.spec.num_classes for td in tasks)
+    return build_model_for(cfg, tuple(td.spec.num_classes for td in tasks))
+
+
+def build_model_for(cfg: TrainConfig, ncls: tuple[int, ...]) -> nn.Module:
+    """The untrained network of a config, given the class count of each task (no data needed)."""
     decomposed = cfg.mode in ("lorkd", "lorkd_nokd")
     if cfg.mode == "teacher":
         return Teacher(ncls, cfg.teacher_arch, cfg.teacher_stem_stride)
@@ -230,17 +236,37 @@ def _save(obj, path: Path) -> None:
     tmp.replace(path)
 
 
-def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool = True) -> dict:
+TRAINABLE_WHEN_FROZEN = ("lora_A", "lora_B", "heads.")
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Freeze everything but the task factors and heads (W0, depthwise convs, BatchNorm affine parameters)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(k in name for k in TRAINABLE_WHEN_FROZEN))
+
+
+def batchnorm_eval(model: nn.Module) -> None:
+    """BatchNorm in eval mode: the shared running statistics serve every expert and must not move."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool = True,
+              model: nn.Module | None = None) -> dict:
     """Train one model on `tasks` (all of cfg.tasks, or one task for an STL member); resumes from out/last.pt.
 
-    Returns the run summary (best epoch, val and test metrics of the best checkpoint, wall time).
+    `model` replaces the config's freshly built network (add-task passes the package's student with one new
+    task's factors). Returns the run summary (best epoch, val and test metrics of the best checkpoint, wall time).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.num_threads)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
-    model = build_model(cfg, tasks).to(device)
+    model = (model if model is not None else build_model(cfg, tasks)).to(device)
+    if cfg.freeze_base:
+        freeze_base(model)
     train = MultiTaskDataset(tasks, "train")
     cw = [class_weights(td.labels["train"], td.spec.num_classes, cfg.class_weight_power).to(device) for td in tasks]
 
@@ -258,7 +284,7 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
             raise ValueError("teacher features do not match the training set size")
         kd_proj = KDProjection(tfeat.shape[2], model.cfg.feature_dim).to(device)
 
-    params = list(model.parameters()) + (list(kd_proj.parameters()) if kd_proj else [])
+    params = [p for p in model.parameters() if p.requires_grad] + (list(kd_proj.parameters()) if kd_proj else [])
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     elif cfg.optimizer == "adamw":
@@ -305,6 +331,8 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         model.train()
+        if cfg.freeze_base:
+            batchnorm_eval(model)
         if kd_proj:
             kd_proj.train()
         # every rank draws the same global order and takes its chunks of each batch
