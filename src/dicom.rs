@@ -104,6 +104,71 @@ fn open(
 
 const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
 
+/// The file meta group is read by dicom-object, which zero-fills each element's declared length before reading it:
+/// one corrupt length in a 10 kB upload made it allocate and touch 3.7 GB (found by the fuzzer). Its elements are
+/// always explicit VR little endian, so their headers are walked here first (values skipped) and a length past the
+/// end of the body is refused. Starts at the `DICM` magic.
+pub fn check_meta_lengths(file: &[u8]) -> Result<(), PreprocessError> {
+    let corrupt = || {
+        bad("cannot parse DICOM file (corrupt or truncated?): file meta element runs past the end")
+    };
+    let mut pos = 4; // "DICM"
+    while pos + 8 <= file.len() {
+        let group = u16::from_le_bytes([file[pos], file[pos + 1]]);
+        if group != 0x0002 {
+            break;
+        }
+        let vr = &file[pos + 4..pos + 6];
+        // The VRs with a 2-byte length; every other one, unknown (corrupt) VRs included, is read by dicom-rs with
+        // a 4-byte length, and so is checked as one.
+        let short = matches!(
+            vr,
+            b"AE"
+                | b"AS"
+                | b"AT"
+                | b"CS"
+                | b"DA"
+                | b"DS"
+                | b"DT"
+                | b"FL"
+                | b"FD"
+                | b"IS"
+                | b"LO"
+                | b"LT"
+                | b"PN"
+                | b"SH"
+                | b"SL"
+                | b"SS"
+                | b"ST"
+                | b"TM"
+                | b"UI"
+                | b"UL"
+                | b"US"
+        );
+        let long = !short;
+        let (header, length) = if long {
+            let Some(bytes) = file.get(pos + 8..pos + 12) else {
+                return Err(corrupt());
+            };
+            (
+                12,
+                u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize,
+            )
+        } else {
+            (
+                8,
+                u16::from_le_bytes([file[pos + 6], file[pos + 7]]) as usize,
+            )
+        };
+        let end = pos.checked_add(header).and_then(|p| p.checked_add(length));
+        match end {
+            Some(end) if end <= file.len() => pos = end,
+            _ => return Err(corrupt()),
+        }
+    }
+    Ok(())
+}
+
 /// dicom-rs allocates and zero-fills each element's declared length before reading its value, so one corrupt
 /// 4-byte length in a small body would cost gigabytes of memory and seconds of CPU. Before the real parse, the
 /// element headers are walked with dicom-parser's lazy reader (values skipped, never read) and any declared length
@@ -123,6 +188,7 @@ fn check_declared_lengths(
             "cannot parse DICOM file (corrupt or truncated?): {what}"
         ))
     };
+    check_meta_lengths(file)?;
     let mut cursor = Cursor::new(file);
     let meta = dicom_object::FileMetaTable::from_reader(&mut cursor)
         .map_err(|_| corrupt("invalid file meta group"))?;
@@ -317,13 +383,21 @@ fn decode_inner(
             limits.max_pixels
         )));
     }
-    // What decoding may hold: every frame's samples (a decoder may expand all of them) at up to 8 bytes each
-    // while they become stored values, plus the frame's 8-bit RGB rendering.
-    let samples_all = all.saturating_mul(u64::from(samples.max(1)));
+    // What decoding may hold: every frame's samples as decoded (a decoder may expand all of them; 8 or 16 bits
+    // each), the chosen frame's samples widened to stored values (up to 8 bytes each on the way), and its 8-bit
+    // RGB rendering.
+    if !matches!(samples, 1 | 3) {
+        return Err(bad(format!(
+            "DICOM Samples per Pixel is {samples}; images have 1 (grey, palette) or 3 (colour)"
+        )));
+    }
+    let spp = u64::from(samples);
+    let frame_pixels = u64::from(width) * u64::from(height);
     reserve(
-        samples_all
-            .saturating_mul(8)
-            .saturating_add(u64::from(width) * u64::from(height) * 3),
+        all.saturating_mul(spp)
+            .saturating_mul(u64::from(bits_allocated / 8))
+            .saturating_add(frame_pixels * spp * 8)
+            .saturating_add(frame_pixels * 3),
     )?;
     let frame = frame.unwrap_or(0);
     if frame >= frames {
@@ -801,6 +875,41 @@ pub fn ybr_to_rgb(ybr: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_meta_lengths_past_the_end_are_refused_before_allocating() {
+        let mut meta = b"DICM".to_vec();
+        // (0002,0001) OB, 2 reserved bytes, length 0xDC000000 (3.7 GB), then 2 bytes of value
+        meta.extend_from_slice(&[
+            0x02, 0x00, 0x01, 0x00, b'O', b'B', 0, 0, 0x00, 0x00, 0x00, 0xDC, 0, 1,
+        ]);
+        assert!(matches!(
+            check_meta_lengths(&meta),
+            Err(PreprocessError::Undecodable(_))
+        ));
+        let mut fine = b"DICM".to_vec();
+        fine.extend_from_slice(&[0x02, 0x00, 0x01, 0x00, b'O', b'B', 0, 0, 2, 0, 0, 0, 0, 1]);
+        fine.extend_from_slice(&[
+            0x02, 0x00, 0x10, 0x00, b'U', b'I', 4, 0, b'1', b'.', b'2', 0,
+        ]);
+        fine.extend_from_slice(&[0x08, 0x00, 0x16, 0x00]);
+        assert!(check_meta_lengths(&fine).is_ok());
+        let sample = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../shared/data/samples/CT_small.dcm"),
+        )
+        .unwrap();
+        assert!(
+            check_meta_lengths(&sample[128..]).is_ok(),
+            "a real file passes"
+        );
+        // a corrupt VR is read with a 4-byte length: 0x8d8d8d8d (2.4 GB) must be refused too
+        let mut odd = b"DICM".to_vec();
+        odd.extend_from_slice(&[
+            0x02, 0x00, 0x02, 0x00, 0x8d, 0x8d, 0x8d, 0x8d, 0x8d, 0x8d, 0, 0,
+        ]);
+        assert!(check_meta_lengths(&odd).is_err());
+    }
 
     #[test]
     fn stored_values_mask_to_bits_stored_and_sign_extend() {

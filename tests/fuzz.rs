@@ -103,7 +103,7 @@ fn prepare_property(bytes: &[u8]) -> Result<(), TestCaseError> {
         &mut reserve,
     );
     prop_assert!(
-        reserved <= LIMITS.max_pixels * 16 + (2 << 20),
+        reserved <= LIMITS.max_pixels * 41 + (2 << 20),
         "reserved {reserved}"
     );
     if let Ok((input, _)) = result {

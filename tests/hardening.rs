@@ -136,15 +136,16 @@ async fn one_huge_request_cannot_grow_memory() {
     )
     .await;
     assert_eq!(status, 200);
-    let rss = server.rss_bytes();
+    // The peak (VmHWM), not just what is left: a spike freed again would still have killed the pod.
+    let rss = server.peak_rss_bytes();
     eprintln!(
-        "RSS after the attack: {} MiB; memory plan {} MiB",
+        "peak RSS during the attack: {} MiB; memory plan {} MiB",
         rss >> 20,
         plan >> 20
     );
     assert!(
         rss < plan,
-        "RSS {} MiB is over the memory plan of {} MiB",
+        "peak RSS {} MiB is over the memory plan of {} MiB",
         rss >> 20,
         plan >> 20
     );
@@ -540,4 +541,32 @@ async fn ops_port_and_no_private_details() {
     }
     assert!(experts.contains("cannot read expert file"), "{experts}");
     server.stop().await.unwrap();
+}
+
+/// Found by `scripts/test-fuzz.sh`: a 10 kB DICOM upload whose file meta group declares a 2.4 GB element made
+/// dicom-rs allocate and zero-fill that much. Now it is a 400 and the server's memory does not move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dicom_meta_length_bomb_is_a_400() {
+    let (case, _) = first_case();
+    let server = spawn_binary(&[]).await;
+    let mut file = vec![0u8; 128];
+    file.extend_from_slice(b"DICM");
+    file.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, b'U', b'L', 4, 0, 0xbe, 0, 0, 0]);
+    file.extend_from_slice(&[0x02, 0x00, 0x01, 0x00, b'O', b'B', 0, 0, 2, 0, 0, 0, 0, 1]);
+    // (0002,0002) with a corrupt VR: read with a 4-byte length of 0x8d8d8d8d
+    file.extend_from_slice(&[0x02, 0x00, 0x02, 0x00]);
+    file.extend(std::iter::repeat_n(0x8du8, 10_000));
+    let before = server.peak_rss_bytes();
+    let response = Client::new()
+        .post(server.url(&format!("/v1/experts/{}/predict", case.task)))
+        .header("content-type", "application/dicom")
+        .body(file)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let grown = server.peak_rss_bytes().saturating_sub(before);
+    assert!(grown < 64 << 20, "peak RSS grew by {} MiB", grown >> 20);
+    let ready = reqwest::get(server.url("/v2/health/ready")).await.unwrap();
+    assert_eq!(ready.status(), 200);
 }

@@ -264,7 +264,8 @@ fn body_kind(request: &Request) -> Result<BodyKind, ApiError> {
 }
 
 /// Every `image` part of a multipart body, in order (other fields are ignored); more than `limit` is 413.
-async fn images_from_multipart(
+/// Public for the fuzz targets.
+pub async fn images_from_multipart(
     request: Request,
     bytes: axum::body::Bytes,
     limit: u32,
