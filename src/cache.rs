@@ -105,11 +105,7 @@ impl ExpertCache {
         metrics
             .cache_budget_bytes
             .set(budget_bytes.min(i64::MAX as u64) as i64);
-        let assembly_bytes = package
-            .layers
-            .iter()
-            .map(|l| l.shape.weight_shape().iter().product::<usize>() as u64 * 4)
-            .sum();
+        let assembly_bytes = package.expert_weight_bytes();
         ExpertCache {
             package,
             budget: usize::try_from(budget_bytes).unwrap_or(usize::MAX),

@@ -13,8 +13,7 @@ async fn main() -> std::process::ExitCode {
     if config.print_memory_plan {
         return match lorkd::package::Package::load(&config.package) {
             Ok(package) => {
-                let plan = server::MemoryPlan::new(&config, &package);
-                println!("{}", serde_json::to_string(&plan).expect("plan serialises"));
+                println!("{}", server::MemoryPlan::new(&config, &package).to_json());
                 std::process::ExitCode::SUCCESS
             }
             Err(error) => {

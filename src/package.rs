@@ -352,6 +352,14 @@ impl Package {
         self.experts.get(task)
     }
 
+    /// Bytes of one assembled expert's decomposed layers (f32 weights of every `W_t`): what an assembly allocates.
+    pub fn expert_weight_bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .map(|l| l.shape.weight_shape().iter().product::<usize>() as u64 * 4)
+            .sum()
+    }
+
     /// Verifies an expert file that is not (yet) part of the package against this package's shared model, with
     /// the same rules as loading (task id, spec, input size, tensor names and shapes, scale, finite values).
     /// Returns the servable entry and the file's sha256. The error is a client-facing message (no paths).

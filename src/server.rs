@@ -209,7 +209,7 @@ impl App {
             )),
             ready: false.into(),
             started: Instant::now(),
-            ort_library: library.display().to_string(),
+            memory_plan: plan,
         };
         Ok(App {
             state: AppState(Arc::new(shared)),
@@ -424,7 +424,6 @@ pub struct MemoryPlan {
     pub connections: u64,
     /// One expert's assembled layers (what an assembly reserves from the request budget).
     pub expert: u64,
-    pub total: u64,
 }
 
 /// Resident memory of the service with the package loaded and before any expert, measured (docs/deploy.md).
@@ -434,12 +433,8 @@ pub const CONNECTION_BYTES: u64 = 32 << 10;
 
 impl MemoryPlan {
     pub fn new(config: &Config, package: &Package) -> Self {
-        let expert_bytes: u64 = package
-            .layers
-            .iter()
-            .map(|l| l.shape.weight_shape().iter().product::<usize>() as u64 * 4)
-            .sum();
-        let mut plan = MemoryPlan {
+        let expert_bytes = package.expert_weight_bytes();
+        MemoryPlan {
             base: BASE_BYTES,
             // W0 is held twice (parsed layers for assembly, and the session's copy of the graph).
             package: 2 * package.model_bytes.len() as u64,
@@ -447,17 +442,17 @@ impl MemoryPlan {
             requests: config.request_memory_bytes,
             connections: u64::from(config.max_connections) * CONNECTION_BYTES,
             expert: expert_bytes,
-            total: 0,
-        };
-        plan.total = plan.sum();
-        plan
+        }
+    }
+
+    /// The plan as JSON, its parts and their `total` (`--print-memory-plan`, `/v1/info`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).expect("plan serialises");
+        value["total"] = self.total().into();
+        value
     }
 
     pub fn total(&self) -> u64 {
-        self.total
-    }
-
-    fn sum(&self) -> u64 {
         self.base
             .saturating_add(self.package)
             .saturating_add(self.cache)

@@ -55,7 +55,8 @@ pub struct Shared {
     pub decode_slots: Arc<Semaphore>,
     pub ready: AtomicBool,
     pub started: Instant,
-    pub ort_library: String,
+    /// What these settings let the process hold at most (computed once at start-up).
+    pub memory_plan: crate::server::MemoryPlan,
 }
 
 /// Holds a place in the admission queue until the response is ready.

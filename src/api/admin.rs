@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::{
     body::Bytes,
-    extract::{FromRequest, Path, Request, State},
+    extract::{Path, Request, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     Json,
@@ -16,7 +16,7 @@ use axum::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{native::expert_view, read_body};
+use super::{bad_multipart, multipart_of, native::expert_view, read_body};
 use crate::{
     error::ApiError,
     package::{Package, TaskInput, TaskSpec},
@@ -60,22 +60,8 @@ async fn multipart_parts(
     body: Bytes,
     limit: usize,
 ) -> Result<Vec<(String, Bytes)>, ApiError> {
-    let (parts, _) = request.into_parts();
-    let request = Request::from_parts(parts, axum::body::Body::from(body));
-    let bad = |e: axum::extract::multipart::MultipartError| {
-        ApiError::bad_request(
-            "bad_multipart",
-            format!("invalid multipart body: {}", e.body_text()),
-        )
-    };
-    let mut multipart = axum::extract::Multipart::from_request(request, &())
-        .await
-        .map_err(|e| {
-            ApiError::bad_request(
-                "bad_multipart",
-                format!("invalid multipart body: {}", e.body_text()),
-            )
-        })?;
+    let mut multipart = multipart_of(request, body).await?;
+    let bad = |e: axum::extract::multipart::MultipartError| bad_multipart(e.body_text());
     let mut out = Vec::new();
     while let Some(field) = multipart.next_field().await.map_err(bad)? {
         let name = field.name().unwrap_or_default().to_string();

@@ -16,7 +16,7 @@ use std::{
 use axum::body::Bytes;
 use axum::{
     body::Body,
-    extract::{DefaultBodyLimit, MatchedPath, Request, State},
+    extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State},
     http::{header, HeaderName, HeaderValue, Method},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -620,6 +620,23 @@ pub async fn read_body(body: Body, state: &Shared) -> Result<(Bytes, Reservation
         buffer.extend_from_slice(&data);
     }
     Ok((Bytes::from(buffer), reservation))
+}
+
+/// An already read body as a multipart stream (boundary from the request's `Content-Type`); 400 `bad_multipart` when
+/// it is not one.
+pub async fn multipart_of(
+    request: Request,
+    body: Bytes,
+) -> Result<axum::extract::Multipart, ApiError> {
+    let (parts, _) = request.into_parts();
+    axum::extract::Multipart::from_request(Request::from_parts(parts, Body::from(body)), &())
+        .await
+        .map_err(|e| bad_multipart(e.body_text()))
+}
+
+/// 400 `bad_multipart` with the parser's reason.
+pub fn bad_multipart(reason: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request("bad_multipart", format!("invalid multipart body: {reason}"))
 }
 
 /// 413 straight from `Content-Length`, before reading anything.

@@ -3,14 +3,14 @@
 use std::time::Instant;
 
 use axum::{
-    extract::{FromRequest, Path, RawQuery, Request, State},
+    extract::{Path, RawQuery, Request, State},
     http::header,
     Json,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{check_content_length, read_body, softmax};
+use super::{bad_multipart, check_content_length, multipart_of, read_body, softmax};
 use crate::{
     error::ApiError,
     package::{ExpertEntry, ExpertStatus},
@@ -108,7 +108,7 @@ pub async fn info(State(state): State<AppState>) -> Json<Value> {
         },
         "cache": {"budget_bytes": state.cache.budget(), "resident_bytes": state.cache.resident_bytes()},
         "request_memory": {"budget_bytes": state.memory.total_bytes(), "in_use_bytes": state.memory.in_use_bytes()},
-        "memory_plan": crate::server::MemoryPlan::new(&state.config, package),
+        "memory_plan": state.memory_plan.to_json(),
         "authentication": if state.api_keys.enabled() { "api_keys" } else { "off" },
         "config": state.config,
     }))
@@ -270,24 +270,13 @@ pub async fn images_from_multipart(
     bytes: axum::body::Bytes,
     limit: u32,
 ) -> Result<Vec<axum::body::Bytes>, ApiError> {
-    let (parts, _) = request.into_parts();
-    let request = Request::from_parts(parts, axum::body::Body::from(bytes));
-    let invalid = |e: axum::extract::multipart::MultipartError| {
-        ApiError::bad_request(
-            "bad_multipart",
-            format!("invalid multipart body: {}", e.body_text()),
-        )
-    };
-    let mut multipart = axum::extract::Multipart::from_request(request, &())
-        .await
-        .map_err(|e| {
-            ApiError::bad_request(
-                "bad_multipart",
-                format!("invalid multipart body: {}", e.body_text()),
-            )
-        })?;
+    let mut multipart = multipart_of(request, bytes).await?;
     let mut images = Vec::new();
-    while let Some(field) = multipart.next_field().await.map_err(invalid)? {
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| bad_multipart(e.body_text()))?
+    {
         if field.name() != Some("image") {
             continue;
         }
