@@ -214,12 +214,7 @@ async fn spent_memory_budget_is_503_and_comes_back() {
     }
     let (status, _) = predict_ok(&client, &server.url(&predict), &png, None).await;
     assert_eq!(status, 200);
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(server.url("/metrics"), None).await;
     assert!(metric(&metrics, "lorkd_rejected_total{reason=\"memory\"}") >= 1.0);
     assert!(metric(&metrics, "lorkd_rejected_total{reason=\"body_timeout\"}") >= 2.0);
 }
@@ -252,12 +247,7 @@ async fn stalled_uploads_lock_nobody_out() {
         slowest < Duration::from_secs(1),
         "slowest legitimate request took {slowest:?}"
     );
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(server.url("/metrics"), None).await;
     assert_eq!(
         metric(&metrics, "lorkd_rejected_total{reason=\"queue_full\"}"),
         0.0
@@ -295,12 +285,7 @@ async fn connection_cap_holds_and_idle_connections_are_closed() {
     )
     .await;
     assert_eq!(status, 200);
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(server.url("/metrics"), None).await;
     assert!(metric(&metrics, "lorkd_connections") <= 20.0);
     // The idle connections were closed by the server (read returns EOF, not a hang).
     let mut closed = 0;
@@ -413,15 +398,7 @@ async fn api_keys_guard_everything_but_probes() {
         let status = client.get(server.url(path)).send().await.unwrap().status();
         assert_eq!(status, 200, "{path} must stay open");
     }
-    let metrics = client
-        .get(server.url("/metrics"))
-        .bearer_auth(KEY_A)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(server.url("/metrics"), Some(KEY_A)).await;
     assert!(metric(&metrics, "lorkd_rejected_total{reason=\"unauthorized\"}") >= 9.0);
     server.stop().await.unwrap();
 }

@@ -65,6 +65,24 @@ fn retag(file: &[u8], task: &str) -> Vec<u8> {
     out
 }
 
+/// The upload of `source`'s trained expert under the id `as_task` (its spec and its file, re-tagged).
+fn prepared(source: &str, as_task: &str) -> multipart::Form {
+    upload(&spec_of(source), retag(&expert_file_of(source), as_task))
+}
+
+/// GET `path` with the API key, as JSON.
+async fn get_json(client: &Client, server: &TestServer, path: &str) -> Value {
+    client
+        .get(server.url(path))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn upload(spec: &Value, file: Vec<u8>) -> multipart::Form {
     multipart::Form::new()
         .part(
@@ -231,7 +249,7 @@ async fn add_replace_remove_while_serving_and_survive_a_restart() {
         &client,
         &server,
         "added",
-        upload(&spec_of(&first), retag(&expert_file_of(&first), "added")),
+        prepared(&first, "added"),
         Some(ADMIN_KEY),
     )
     .await;
@@ -263,7 +281,7 @@ async fn add_replace_remove_while_serving_and_survive_a_restart() {
         &client,
         &server,
         "added",
-        upload(&spec_of(&second), retag(&expert_file_of(&second), "added")),
+        prepared(&second, "added"),
         Some(ADMIN_KEY),
     )
     .await;
@@ -303,7 +321,7 @@ async fn add_replace_remove_while_serving_and_survive_a_restart() {
         &client,
         &server,
         "Bad_Id",
-        upload(&spec_of(&second), retag(&expert_file_of(&second), "Bad_Id")),
+        prepared(&second, "Bad_Id"),
         Some(ADMIN_KEY),
     )
     .await;
@@ -316,29 +334,14 @@ async fn add_replace_remove_while_serving_and_survive_a_restart() {
         &client,
         &server,
         "added",
-        upload(&spec_of(&first), retag(&expert_file_of(&first), "added")),
+        prepared(&first, "added"),
         Some(API_KEY),
     )
     .await;
     assert_eq!(status, 403, "an API key has no admin scope");
-    let (status, _) = put(
-        &client,
-        &server,
-        "added",
-        upload(&spec_of(&first), retag(&expert_file_of(&first), "added")),
-        None,
-    )
-    .await;
+    let (status, _) = put(&client, &server, "added", prepared(&first, "added"), None).await;
     assert_eq!(status, 401);
-    let current: Value = client
-        .get(server.url("/v1/experts/added"))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let current: Value = get_json(&client, &server, "/v1/experts/added").await;
     assert_eq!(
         current["version"],
         replaced_version.as_str(),
@@ -362,7 +365,7 @@ async fn add_replace_remove_while_serving_and_survive_a_restart() {
         &client,
         &server,
         "kept",
-        upload(&spec_of(&third), retag(&expert_file_of(&third), "kept")),
+        prepared(&third, "kept"),
         Some(ADMIN_KEY),
     )
     .await;
@@ -379,15 +382,7 @@ async fn add_replace_remove_while_serving_and_survive_a_restart() {
         0,
         "other tasks saw failures during the changes"
     );
-    let metrics = client
-        .get(server.url("/metrics"))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(server.url("/metrics"), Some(API_KEY)).await;
     assert_eq!(
         metric(&metrics, "lorkd_expert_changes_total{change=\"add\"}"),
         2.0
@@ -404,15 +399,7 @@ async fn add_replace_remove_while_serving_and_survive_a_restart() {
 
     // Restart on the same overlay: the removals and the kept expert are still there.
     let server = start(&args).await;
-    let listing: Value = client
-        .get(server.url("/v1/experts"))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listing: Value = get_json(&client, &server, "/v1/experts").await;
     let ids: Vec<&str> = listing["experts"]
         .as_array()
         .unwrap()
@@ -424,15 +411,7 @@ async fn add_replace_remove_while_serving_and_survive_a_restart() {
         "{ids:?}"
     );
     assert!(ids.contains(&"kept"), "{ids:?}");
-    let kept: Value = client
-        .get(server.url("/v2/models/kept"))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let kept: Value = get_json(&client, &server, "/v2/models/kept").await;
     assert_eq!(kept["versions"][0], kept_version.as_str());
     assert_golden_through(&client, &server, &third, "kept").await;
 

@@ -117,13 +117,17 @@ impl TestServer {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(self.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        scrape(self.url("/metrics"), None).await
     }
+}
+
+/// The Prometheus text at `url` (`.../metrics`), with a bearer key when the server wants one.
+pub async fn scrape(url: String, key: Option<&str>) -> String {
+    let mut request = reqwest::Client::new().get(url);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    request.send().await.unwrap().text().await.unwrap()
 }
 
 /// Builds, warms up and serves an app with the given config on 127.0.0.1:<ephemeral>.
