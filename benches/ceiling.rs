@@ -10,6 +10,9 @@
 //!   of `batch` images.
 //! - `shared_base`: the shared session fed only the input and head (W0 stays the overridable initializers),
 //!   which tells what feeding the layer weights costs.
+//! - `service_mixed` (issue 8): the service's mixed path (`LORKD_EXECUTION=mixed`): a batch of `batch` images of
+//!   as many different experts (rotating through the package's experts; with a 1000-expert package every image
+//!   has its own), one job each, in one run of the mixed-task graph.
 //!
 //! Also measures the resident memory one more standalone session adds (the naive "one model per task" cost).
 //!
@@ -27,7 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lorkd::{cache, package::Package, runtime, App, Config};
+use lorkd::{cache, config::Execution, expert::Runnable, package::Package, runtime, App, Config};
 use ort::{
     environment::Environment,
     session::{builder::GraphOptimizationLevel, Session, SessionInputValue},
@@ -213,21 +216,28 @@ fn main() {
         }
     }
 
-    let feeds: Vec<(&str, &Tensor<f32>)> = expert
+    let tensor = |shape: Vec<usize>, data: &[f32]| {
+        Tensor::from_array((shape, data.to_vec())).expect("tensor")
+    };
+    let owned: Vec<(&str, Tensor<f32>)> = expert
         .layers
         .iter()
-        .map(|(name, t)| (name.as_str(), t))
+        .map(|l| (l.name.as_str(), tensor(l.shape.clone(), &l.data)))
         .chain([
             (
                 package.manifest.model.head_weight_input.as_str(),
-                &expert.head_weight,
+                tensor(
+                    vec![expert.classes, expert.feature_dim()],
+                    &expert.head_weight,
+                ),
             ),
             (
                 package.manifest.model.head_bias_input.as_str(),
-                &expert.head_bias,
+                tensor(vec![expert.classes], &expert.head_bias),
             ),
         ])
         .collect();
+    let feeds: Vec<(&str, &Tensor<f32>)> = owned.iter().map(|(n, t)| (*n, t)).collect();
     let head_only: Vec<(&str, &Tensor<f32>)> = feeds[feeds.len() - 2..].to_vec();
 
     let mut runners: Vec<(&str, Runner)> = Vec::new();
@@ -264,6 +274,59 @@ fn main() {
                     .expect("service path runs")
                     .logits
                     .len()
+            }),
+        ));
+    }
+    // The mixed path: a batch of `b` images of `b` different experts (rotating through the package's experts, so
+    // every run gathers other factors), each its own job, announced so that they form one run.
+    let mixed_app = service(&["--execution", "mixed", "--max-batch-wait-ms", "50"])
+        .filter(|app| app.state.backend.execution == Execution::Mixed);
+    if let Some(app) = &mixed_app {
+        let entries: Vec<_> = app
+            .state
+            .experts
+            .snapshot()
+            .values()
+            .filter(|e| e.deltas.is_some())
+            .cloned()
+            .collect();
+        let backend = app.state.backend.clone();
+        let (rt, classes, mut next) = (&rt, expert.classes, 0usize);
+        runners.push((
+            "service_mixed",
+            Box::new(move |x: &[f32], b: usize| {
+                let stride = 3 * side * side;
+                let jobs: Vec<_> = (0..b)
+                    .map(|i| {
+                        next = (next + 1) % entries.len();
+                        (
+                            entries[next].clone(),
+                            x[i * stride..(i + 1) * stride].to_vec(),
+                        )
+                    })
+                    .collect();
+                rt.block_on(async {
+                    let announced: Vec<_> = jobs.iter().map(|_| backend.announce()).collect();
+                    let handles: Vec<_> = jobs
+                        .into_iter()
+                        .map(|(entry, image)| {
+                            let backend = backend.clone();
+                            tokio::spawn(async move {
+                                let out = backend
+                                    .infer(Runnable::from_entry(&entry, None), image, 1, side, side)
+                                    .await
+                                    .expect("mixed path runs");
+                                assert_eq!(out.logits.len(), entry.spec.num_classes);
+                                out.batch_images
+                            })
+                        })
+                        .collect();
+                    for handle in handles {
+                        assert_eq!(handle.await.expect("job"), b, "one run per batch");
+                    }
+                    drop(announced);
+                });
+                b * classes
             }),
         ));
     }

@@ -16,6 +16,19 @@ pub enum Provider {
     Auto,
 }
 
+/// How batches run (issue 8; README "Execution paths").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Execution {
+    /// Per batch, the cheaper of the two by measured run times: a batch of one assembled (hot) expert runs
+    /// merged, a batch of many experts runs mixed; hot experts are assembled in the background.
+    Auto,
+    /// Every request's expert is assembled (cached) and batches hold one expert each.
+    Merged,
+    /// Every batch runs on the mixed-task graph; nothing is assembled.
+    Mixed,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -71,7 +84,7 @@ pub struct Config {
     #[arg(long, env = "LORKD_PIN", value_delimiter = ',', default_value = "")]
     pub pin: Vec<String>,
 
-    /// Most images in one dynamic batch (per expert).
+    /// Most images in one ONNX Runtime run (one expert's batch, or a mixed batch of many experts).
     #[arg(long, env = "LORKD_MAX_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_batch_size: u32,
 
@@ -88,6 +101,17 @@ pub struct Config {
     /// Requests an expert serves on the shared session before it is promoted to a dedicated session.
     #[arg(long, env = "LORKD_PROMOTE_AFTER", default_value_t = 64)]
     pub promote_after: u64,
+
+    /// How batches run: `auto` (per batch, by measured cost), `merged` (assembled experts, one expert per batch)
+    /// or `mixed` (the package's mixed-task graph, many experts per batch). Without a mixed-task graph in the
+    /// package every mode runs merged.
+    #[arg(long, env = "LORKD_EXECUTION", value_enum, default_value_t = Execution::Auto)]
+    pub execution: Execution,
+
+    /// `auto`: requests an expert must get within one second before it is assembled in the background (for
+    /// merged runs of its own batches); 0 never assembles in `auto`.
+    #[arg(long, env = "LORKD_ASSEMBLE_AFTER", default_value_t = 32)]
+    pub assemble_after: u64,
 
     /// Most predict/infer requests admitted at once (decoding, queued or running); more get 429.
     #[arg(long, env = "LORKD_QUEUE_CAPACITY", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]

@@ -1,5 +1,6 @@
 //! lorkd: serves LoRKD task experts. Data flows one way: HTTP (`api`) -> decode/preprocess (`dicom`, `preprocess`) ->
-//! expert cache and assembly (`cache`, `assembly`, from the `package`) -> runtime (`runtime`: ORT session, batching).
+//! expert registry and cache (`registry`, `cache`, `assembly`, `expert`, from the `package`) -> runtime (`runtime`:
+//! ORT sessions, batching, the merged and mixed paths with their factor `bank`).
 
 // serde_json::json! for the OpenAPI component schemas (src/api/openapi.rs) nests deeper than the default 128.
 #![recursion_limit = "256"]
@@ -7,11 +8,13 @@
 pub mod api;
 pub mod assembly;
 pub mod auth;
+pub mod bank;
 pub mod budget;
 pub mod cache;
 pub mod config;
 pub mod dicom;
 pub mod error;
+pub mod expert;
 pub mod metrics;
 pub mod onnx;
 pub mod overlay;

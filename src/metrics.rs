@@ -24,6 +24,8 @@ pub struct Metrics {
     pub cache_resident_experts: IntGauge,
     pub cache_budget_bytes: IntGauge,
     pub dedicated_sessions: IntGauge,
+    pub execution_batches: IntCounterVec,
+    pub execution_images: IntCounterVec,
     pub promotions: IntCounterVec,
     pub session_build_seconds: Histogram,
     pub info: IntGaugeVec,
@@ -135,6 +137,22 @@ impl Metrics {
             "Byte budget of the expert cache",
         )
         .unwrap();
+        let execution_batches = IntCounterVec::new(
+            Opts::new(
+                "execution_batches_total",
+                "ONNX Runtime runs by execution path (merged: one assembled expert; mixed: the mixed-task graph)",
+            ),
+            &["path"],
+        )
+        .unwrap();
+        let execution_images = IntCounterVec::new(
+            Opts::new(
+                "execution_images_total",
+                "Images run by execution path (merged or mixed)",
+            ),
+            &["path"],
+        )
+        .unwrap();
         let dedicated_sessions = IntGauge::new(
             "dedicated_sessions",
             "Experts running on their own ONNX Runtime session (promoted)",
@@ -220,6 +238,8 @@ impl Metrics {
             cache_resident_experts,
             cache_budget_bytes,
             dedicated_sessions,
+            execution_batches,
+            execution_images,
             promotions,
             session_build_seconds,
             info,
@@ -253,6 +273,10 @@ impl Metrics {
         r.register(Box::new(metrics.cache_resident_experts.clone()))
             .unwrap();
         r.register(Box::new(metrics.cache_budget_bytes.clone()))
+            .unwrap();
+        r.register(Box::new(metrics.execution_batches.clone()))
+            .unwrap();
+        r.register(Box::new(metrics.execution_images.clone()))
             .unwrap();
         r.register(Box::new(metrics.dedicated_sessions.clone()))
             .unwrap();

@@ -10,7 +10,7 @@ use safetensors::{tensor::Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::{assembly::LayerShape, onnx};
+use crate::{assembly::LayerShape, bank::BankLayout, onnx};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
@@ -45,6 +45,52 @@ pub struct ModelSpec {
     pub parameters: Option<u64>,
     #[serde(default)]
     pub flops: Option<u64>,
+    /// The optional mixed-task graph (FORMAT.md section 8); absent in packages made before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eks: Option<EksSpec>,
+}
+
+/// `manifest.model.eks`: the mixed-task graph's file, its input and output names, and the bank row layout.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EksSpec {
+    pub file: String,
+    pub input_name: String,
+    /// int64 `[batch]`: each image's bank row.
+    pub task_input: String,
+    /// float32 `[rows, bank_width]`.
+    pub bank_input: String,
+    /// float32 `[rows, classes, feature_dim]`.
+    pub head_weight_input: String,
+    /// float32 `[rows, classes]`.
+    pub head_bias_input: String,
+    pub output_name: String,
+    pub rank: usize,
+    pub bank_width: usize,
+    pub segments: Vec<EksSegment>,
+}
+
+/// Where one factor of one layer sits in a bank row (row-major `[rows, cols]` from `offset`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EksSegment {
+    pub layer: String,
+    pub factor: Factor,
+    pub offset: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Factor {
+    A,
+    B,
+}
+
+/// The loaded mixed-task graph: its bytes and the checked bank layout.
+#[derive(Debug)]
+pub struct EksModel {
+    pub spec: EksSpec,
+    pub model_bytes: Vec<u8>,
+    pub layout: BankLayout,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -159,6 +205,8 @@ pub struct Package {
     /// The experts as loaded from the manifest. What is served is `state.experts` (the registry), which starts
     /// from these and follows the admin API.
     pub experts: BTreeMap<String, ExpertEntry>,
+    /// The mixed-task graph, when the package has one and it fits the package (else a warning says why).
+    pub eks: Option<EksModel>,
     /// Problems that do not stop serving (e.g. a golden file with a wrong checksum).
     pub warnings: Vec<String>,
 }
@@ -290,8 +338,22 @@ impl Package {
         // Every other listed file is verified; only expert files matter for serving.
         let mut warnings = Vec::new();
         let expert_files: HashSet<&str> = manifest.tasks.iter().map(|t| t.file.as_str()).collect();
+        let eks = match &manifest.model.eks {
+            None => None,
+            Some(spec) => match load_eks(&root, &manifest, spec, &layers) {
+                Ok(eks) => Some(eks),
+                Err(reason) => {
+                    warnings.push(format!("mixed-task graph not used: {reason}"));
+                    None
+                }
+            },
+        };
+        let eks_file = manifest.model.eks.as_ref().map(|e| e.file.as_str());
         for (path, expected) in &manifest.files {
-            if path == &model_file || expert_files.contains(path.as_str()) {
+            if path == &model_file
+                || expert_files.contains(path.as_str())
+                || Some(path.as_str()) == eks_file
+            {
                 continue;
             }
             if !safe_relative(path) {
@@ -344,6 +406,7 @@ impl Package {
             layers,
             graph_input,
             experts,
+            eks,
             warnings,
         })
     }
@@ -393,6 +456,49 @@ impl Package {
             sha,
         ))
     }
+}
+
+/// Reads and checks the mixed-task graph: listed and matching its sha256, inside the package, the names the
+/// manifest gives among its inputs, and a bank layout that fits the layers. The error names no paths.
+fn load_eks(
+    root: &Path,
+    manifest: &Manifest,
+    spec: &EksSpec,
+    layers: &[BaseLayer],
+) -> Result<EksModel, String> {
+    let file = &spec.file;
+    if !safe_relative(file) {
+        return Err(format!("`{file}` leaves the package folder"));
+    }
+    let expected = manifest
+        .files
+        .get(file)
+        .ok_or_else(|| format!("`{file}` is not listed in manifest files"))?;
+    let model_bytes = std::fs::read(root.join(file)).map_err(|e| {
+        tracing::warn!(file = %file, error = %e, "mixed-task graph cannot be read");
+        format!("`{file}` cannot be read")
+    })?;
+    if !sha256_hex(&model_bytes).eq_ignore_ascii_case(expected) {
+        return Err(format!("`{file}` does not match its sha256"));
+    }
+    let info = onnx::read_model(&model_bytes, &[])?;
+    for name in [
+        &spec.input_name,
+        &spec.task_input,
+        &spec.bank_input,
+        &spec.head_weight_input,
+        &spec.head_bias_input,
+    ] {
+        if !info.input_names.iter().any(|n| n == name) {
+            return Err(format!("`{file}` has no graph input `{name}`"));
+        }
+    }
+    let layout = BankLayout::new(spec, layers, manifest.lora.rank)?;
+    Ok(EksModel {
+        spec: spec.clone(),
+        model_bytes,
+        layout,
+    })
 }
 
 fn layer_shape(spec: &LayerSpec, rank: usize) -> Result<LayerShape, String> {

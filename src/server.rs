@@ -16,11 +16,12 @@ use crate::{
     budget::MemoryBudget,
     cache::ExpertCache,
     config::{Config, LogFormat},
+    expert::Expert,
     metrics::Metrics,
     overlay::Overlay,
     package::{ExpertStatus, Package},
     registry::{Experts, Registry},
-    runtime::{self, Backend, BackendConfig, Expert},
+    runtime::{self, Backend, BackendConfig},
     state::{AppState, Shared},
 };
 
@@ -99,10 +100,6 @@ impl App {
 
         let metrics = Metrics::new();
         let admission = Arc::new(tokio::sync::Semaphore::new(config.queue_capacity as usize));
-        let capacity = config.queue_capacity as usize;
-        let permits = admission.clone();
-        let admitted: Arc<dyn Fn() -> usize + Send + Sync> =
-            Arc::new(move || capacity.saturating_sub(permits.available_permits()));
         let backend_config = BackendConfig {
             provider: config.provider,
             cuda_device: config.cuda_device,
@@ -111,6 +108,7 @@ impl App {
             max_batch_wait: config.max_batch_wait(),
             dedicated_sessions: config.dedicated_sessions as usize,
             promote_after: config.promote_after,
+            execution: config.execution,
         };
         let (backend_package, backend_metrics, lib) =
             (package.clone(), metrics.clone(), library.clone());
@@ -121,7 +119,6 @@ impl App {
                 backend_package,
                 backend_config,
                 backend_metrics,
-                admitted,
             )
         })
         .await
@@ -413,12 +410,17 @@ async fn accept_loop(
 }
 
 /// What the process is planned to hold at most (docs/deploy.md, "Memory"): a measured base for the binary,
-/// ONNX Runtime and its arena at the largest batch, the package's weights, the cache budget plus one pooled
-/// expert, the request-memory budget, and socket buffers of every allowed connection.
+/// ONNX Runtime and its arena at the largest batch, the package's weights, its experts' factors, the mixed-task
+/// graph and the banks of one mixed run, the cache budget plus one pooled expert, the request-memory budget, and
+/// socket buffers of every allowed connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct MemoryPlan {
     pub base: u64,
     pub package: u64,
+    /// The factors and heads of the package's experts (loaded once; the mixed path reads them in place).
+    pub experts: u64,
+    /// The mixed-task graph (twice, as for the shared graph) and the banks of the largest mixed run.
+    pub mixed: u64,
     pub cache: u64,
     pub requests: u64,
     pub connections: u64,
@@ -438,6 +440,13 @@ impl MemoryPlan {
             base: BASE_BYTES,
             // W0 is held twice (parsed layers for assembly, and the session's copy of the graph).
             package: 2 * package.model_bytes.len() as u64,
+            experts: package
+                .experts
+                .values()
+                .filter_map(|e| e.deltas.as_ref())
+                .map(|d| d.parameter_count() as u64 * 4)
+                .sum(),
+            mixed: mixed_bytes(config, package),
             cache: config.cache_bytes.saturating_add(expert_bytes),
             requests: config.request_memory_bytes,
             connections: u64::from(config.max_connections) * CONNECTION_BYTES,
@@ -455,10 +464,33 @@ impl MemoryPlan {
     pub fn total(&self) -> u64 {
         self.base
             .saturating_add(self.package)
+            .saturating_add(self.experts)
+            .saturating_add(self.mixed)
             .saturating_add(self.cache)
             .saturating_add(self.requests)
             .saturating_add(self.connections)
     }
+}
+
+/// The mixed path's memory: its graph as loaded and as ONNX Runtime holds it, plus the banks of a run of
+/// `LORKD_MAX_BATCH_SIZE` images of as many experts (a factor row and a padded head each). 0 when it is off.
+fn mixed_bytes(config: &Config, package: &Package) -> u64 {
+    let Some(eks) = package
+        .eks
+        .as_ref()
+        .filter(|_| config.execution != crate::config::Execution::Merged)
+    else {
+        return 0;
+    };
+    let classes = package
+        .manifest
+        .tasks
+        .iter()
+        .map(|t| t.num_classes)
+        .max()
+        .unwrap_or(1) as u64;
+    let row = eks.layout.width as u64 + classes * (package.manifest.model.feature_dim as u64 + 1);
+    2 * eks.model_bytes.len() as u64 + u64::from(config.max_batch_size) * row * 4
 }
 
 /// The cgroup (v2, then v1) memory limit of this process, when there is one.

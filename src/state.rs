@@ -14,14 +14,15 @@ use crate::{
     auth::ApiKeys,
     budget::{MemoryBudget, Reservation},
     cache::{AssemblyError, CacheOutcome, ExpertCache},
-    config::Config,
+    config::{Config, Execution},
     error::ApiError,
+    expert::Runnable,
     metrics::Metrics,
     overlay::Overlay,
     package::{ExpertEntry, ExpertStatus, Package},
     preprocess::ImageLimits,
     registry::Registry,
-    runtime::{Backend, InferOutput},
+    runtime::{Announced, Backend, InferOutput},
 };
 
 #[derive(Clone)]
@@ -62,6 +63,8 @@ pub struct Shared {
 /// Holds a place in the admission queue until the response is ready.
 pub struct Admission {
     _permit: OwnedSemaphorePermit,
+    /// Tells the batcher this request's work is coming (it may wait for it to fill a batch).
+    _announced: Announced,
     metrics: Metrics,
 }
 
@@ -147,6 +150,7 @@ impl Shared {
                 self.metrics.queue_depth.inc();
                 Ok(Admission {
                     _permit: permit,
+                    _announced: self.backend.announce(),
                     metrics: self.metrics.clone(),
                 })
             }
@@ -187,7 +191,52 @@ impl Shared {
         .map_err(ApiError::internal)
     }
 
-    /// Gets (or assembles) the expert and runs `images` preprocessed images through it.
+    /// The expert in the form the execution mode runs: assembled (`merged`: assembling it now when it is not
+    /// resident), as factors only (`mixed`), or `auto`: assembled when resident, else factors, and a hot expert
+    /// (`LORKD_ASSEMBLE_AFTER` requests within a second) is assembled in the background for later batches.
+    async fn runnable(
+        &self,
+        entry: &Arc<ExpertEntry>,
+    ) -> Result<(Runnable, CacheOutcome), ApiError> {
+        let cold = CacheOutcome {
+            hit: false,
+            assembly_seconds: None,
+        };
+        match self.backend.execution {
+            Execution::Merged => {
+                let (expert, outcome) = self.cache.get(entry).await.map_err(|e| match e {
+                    AssemblyError::MemoryBusy => self.memory_busy(),
+                    AssemblyError::Failed(detail) => ApiError::internal(detail),
+                })?;
+                Ok((Runnable::from_entry(entry, Some(expert)), outcome))
+            }
+            Execution::Mixed => Ok((Runnable::from_entry(entry, None), cold)),
+            Execution::Auto => {
+                if let Some(expert) = self.cache.peek(entry) {
+                    let hit = CacheOutcome {
+                        hit: true,
+                        assembly_seconds: None,
+                    };
+                    return Ok((Runnable::from_entry(entry, Some(expert)), hit));
+                }
+                if self
+                    .cache
+                    .note_demand(&entry.spec.id, self.config.assemble_after)
+                {
+                    let (cache, entry) = (self.cache.clone(), entry.clone());
+                    tokio::spawn(async move {
+                        // Best effort: a spent memory budget or a failure leaves the expert on the mixed path.
+                        if let Err(error) = cache.get(&entry).await {
+                            tracing::debug!(task = %entry.spec.id, %error, "background assembly skipped");
+                        }
+                    });
+                }
+                Ok((Runnable::from_entry(entry, None), cold))
+            }
+        }
+    }
+
+    /// Runs `images` preprocessed images through the expert, in the form the execution mode runs it.
     pub async fn predict(
         &self,
         entry: &Arc<ExpertEntry>,
@@ -197,10 +246,7 @@ impl Shared {
         width: usize,
     ) -> Result<Prediction, ApiError> {
         let started = Instant::now();
-        let (expert, cache) = self.cache.get(entry).await.map_err(|e| match e {
-            AssemblyError::MemoryBusy => self.memory_busy(),
-            AssemblyError::Failed(detail) => ApiError::internal(detail),
-        })?;
+        let (expert, cache) = self.runnable(entry).await?;
         let expert_seconds = started.elapsed().as_secs_f64();
         let version = expert.version.clone();
         let classes = expert.classes;

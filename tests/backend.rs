@@ -6,7 +6,7 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use common::*;
-use lorkd::runtime::{Expert, UNHEALTHY_AFTER_FAILURES};
+use lorkd::{expert::Expert, runtime::UNHEALTHY_AFTER_FAILURES};
 
 /// An expert whose weights have the wrong shapes: ONNX Runtime itself refuses every run with it.
 fn broken_expert(server: &TestServer) -> Arc<Expert> {

@@ -1,4 +1,5 @@
-//! Expert cache against the real server: one assembly per cold expert under concurrency, LRU eviction by bytes.
+//! Expert cache against the real server (`LORKD_EXECUTION=merged`, which assembles on the request path): one assembly
+//! per cold expert under concurrency, LRU eviction by bytes.
 
 mod common;
 
@@ -31,7 +32,7 @@ fn golden_png(task: &str) -> (Vec<u8>, Vec<f32>, f32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_for_cold_experts_assemble_each_once() {
     let tasks: Vec<String> = task_ids(&package_dir()).into_iter().take(3).collect();
-    let server = start(&[]).await;
+    let server = start(&["--execution", "merged"]).await;
     let client = reqwest::Client::new();
     const PER_TASK: usize = 8;
     let mut requests = tokio::task::JoinSet::new();
@@ -93,7 +94,7 @@ async fn small_byte_budget_evicts_least_recently_used() {
     let client = reqwest::Client::new();
 
     // Measure one expert's resident size with an unbounded cache.
-    let probe = start(&[]).await;
+    let probe = start(&["--execution", "merged"]).await;
     predict(&client, &probe, a, &png_a).await;
     let one_expert = metric(&probe.metrics().await, "lorkd_expert_cache_resident_bytes") as u64;
     assert!(one_expert > 0);
@@ -101,7 +102,7 @@ async fn small_byte_budget_evicts_least_recently_used() {
 
     // Room for one and a half experts.
     let budget = (one_expert * 3 / 2).to_string();
-    let server = start(&["--cache-bytes", &budget]).await;
+    let server = start(&["--execution", "merged", "--cache-bytes", &budget]).await;
     predict(&client, &server, a, &png_a).await;
     predict(&client, &server, b, &png_b).await;
     let metrics = server.metrics().await;
@@ -166,7 +167,7 @@ async fn pinned_experts_are_preloaded_and_never_evicted() {
     let (a, b) = (&tasks[0], &tasks[1]);
     let client = reqwest::Client::new();
     // A budget of one byte: everything but the pinned expert is evicted as soon as it is used.
-    let server = start(&["--cache-bytes", "1", "--pin", a]).await;
+    let server = start(&["--execution", "merged", "--cache-bytes", "1", "--pin", a]).await;
     let metrics = server.metrics().await;
     assert_eq!(
         metric(
@@ -202,7 +203,15 @@ async fn promoted_expert_runs_on_a_dedicated_session_with_golden_parity() {
     let golden = golden(&package);
     let tasks = task_ids(&package);
     let (hot, cold) = (&tasks[0], &tasks[1]);
-    let server = start(&["--dedicated-sessions", "1", "--promote-after", "2"]).await;
+    let server = start(&[
+        "--execution",
+        "merged",
+        "--dedicated-sessions",
+        "1",
+        "--promote-after",
+        "2",
+    ])
+    .await;
     let client = reqwest::Client::new();
     let (png, _, _) = golden_png(hot);
     for _ in 0..2 {
@@ -256,7 +265,15 @@ async fn recycled_buffers_give_golden_logits_when_cycling_tasks() {
     let tasks = task_ids(&package);
     assert!(tasks.len() >= 3, "the cycle needs three tasks");
     let (a, b, c) = (&tasks[0], &tasks[1], &tasks[2]);
-    let server = start(&["--cache-bytes", "1", "--dedicated-sessions", "0"]).await;
+    let server = start(&[
+        "--execution",
+        "merged",
+        "--cache-bytes",
+        "1",
+        "--dedicated-sessions",
+        "0",
+    ])
+    .await;
     let client = reqwest::Client::new();
     for (step, task) in [a, b, a, c].into_iter().enumerate() {
         let cases: Vec<_> = golden

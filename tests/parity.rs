@@ -138,7 +138,7 @@ async fn check_golden(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn golden_logits_through_native_and_oip_apis() {
-    let server = start(&["--dedicated-sessions", "0"]).await;
+    let server = start(&["--execution", "merged", "--dedicated-sessions", "0"]).await;
     let report = check_golden(&server, &package_dir(), Some("shared")).await;
     println!(
         "parity on the shared session (max |logit - golden|, tolerance {}):",
@@ -156,7 +156,15 @@ async fn golden_logits_on_dedicated_sessions() {
     let package = package_dir();
     let tasks = task_ids(&package);
     let golden = golden(&package);
-    let server = start(&["--promote-after", "1", "--dedicated-sessions", "64"]).await;
+    let server = start(&[
+        "--execution",
+        "merged",
+        "--promote-after",
+        "1",
+        "--dedicated-sessions",
+        "64",
+    ])
+    .await;
     let client = reqwest::Client::new();
     for task in &tasks {
         let case = golden.cases.iter().find(|c| &c.task == task).unwrap();
@@ -191,13 +199,19 @@ async fn golden_logits_on_dedicated_sessions() {
 async fn second_package_golden_logits() {
     let package =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/medmnist-mbv3s-lorkd");
-    let server = start_with(config(&package, &["--dedicated-sessions", "0"])).await;
-    let report = check_golden(&server, &package, Some("shared")).await;
-    assert_eq!(report.len(), 3);
-    for (task, native, oip) in &report {
-        println!("  mbv3s {task:<12} native {native:.3e}  oip {oip:.3e}");
+    for (execution, session) in [("merged", "shared"), ("mixed", "mixed")] {
+        let server = start_with(config(
+            &package,
+            &["--execution", execution, "--dedicated-sessions", "0"],
+        ))
+        .await;
+        let report = check_golden(&server, &package, Some(session)).await;
+        assert_eq!(report.len(), 3);
+        for (task, native, oip) in &report {
+            println!("  mbv3s {execution:<6} {task:<12} native {native:.3e}  oip {oip:.3e}");
+        }
+        server.stop().await.unwrap();
     }
-    server.stop().await.unwrap();
 }
 
 /// End to end at 64 px: a synthetic folder-of-images dataset -> `lorkd-train train` -> `export` -> this server,

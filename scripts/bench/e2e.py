@@ -6,6 +6,7 @@ Sections (all by default; pick with --sections):
   batching  dynamic batching off (--max-batch-size 1) and on (default), same concurrency
   cold      process start to ready; first answer of a not yet assembled expert (shipped and synthetic package)
   scale     synthetic packages of N experts, 16-expert cache budget: single expert vs uniformly random task mix
+  execution issue 8: single expert vs random mix over 3/100/1000 experts for LORKD_EXECUTION auto, merged, mixed
 
 Writes <out>/e2e.json (read by report.py). Needs `wrk` (Debian package) and the release binary.
 """
@@ -100,6 +101,16 @@ class Server:
             name = name_labels.split("{", 1)[0]
             sums[name] = sums.get(name, 0.0) + float(value)
         return sums
+
+    def metrics_by_label(self, name: str) -> dict[str, float]:
+        """One metric's samples by their label set (e.g. `path="mixed"`)."""
+        _, body = self.get("/metrics")
+        out: dict[str, float] = {}
+        for line in body.decode().splitlines():
+            if line.startswith(name + "{"):
+                labels, value = line[len(name):].rsplit(" ", 1)
+                out[labels.strip("{}")] = float(value)
+        return out
 
     def memory(self) -> dict[str, int]:
         return proc_status(self.proc.pid)
@@ -424,6 +435,58 @@ def section_scale(a, results: dict, logs: Path) -> None:
     results["scale"] = rows
 
 
+def section_execution(a, results: dict, logs: Path) -> None:
+    """Issue 8: one expert vs a uniformly random mix over N experts (the shipped package for N = 3, synthetic
+    packages otherwise) for each execution mode, side by side per server; path counts and RSS from the server."""
+    png = a.package / "golden" / a.task / "0.png"
+    rows = []
+    for n in a.execution_counts:
+        pkg = a.package if n <= len(json.loads((a.package / "manifest.json").read_text())["tasks"]) \
+            else a.packages / f"synthetic-{n}"
+        manifest = json.loads((pkg / "manifest.json").read_text())
+        tasks = [t["id"] for t in manifest["tasks"]][:n]
+        tasks_file = a.out / f"exec-tasks-{n}.txt"
+        tasks_file.write_text("\n".join(tasks) + "\n")
+        per_expert = expert_bytes(manifest)
+        budget = 16 * per_expert
+        single_kw = dict(body=png, content_type="image/png", path_fmt=NATIVE, task=tasks[0],
+                         connections=a.scale_concurrency)
+        mix_kw = dict(body=png, content_type="image/png", path_fmt=NATIVE, tasks_file=tasks_file,
+                      connections=a.scale_concurrency)
+        for mode in a.modes:
+            with Server(a.binary, pkg, ["--cache-bytes", str(budget), "--execution", mode], logs,
+                        f"exec-{n}-{mode}") as s:
+                at_ready = s.memory()
+                wrk(s, **single_kw, seconds=a.warmup)
+                wrk(s, **mix_kw, seconds=a.warmup)
+                before = s.metrics_by_label("lorkd_execution_images_total")
+                agg = interleaved([("single", s, dict(single_kw, seconds=a.duration)),
+                                   ("mix", s, dict(mix_kw, seconds=a.duration))], a.repeats)
+                after = s.metrics_by_label("lorkd_execution_images_total")
+                mem = s.memory()
+                _, info = s.get("/v1/info")
+            single, mix = agg["single"], agg["mix"]
+            deltas_bytes = sum((pkg / t["file"]).stat().st_size for t in manifest["tasks"])
+            shared_bytes = (pkg / manifest["model"]["file"]).stat().st_size
+            row = {
+                "experts": n, "execution": mode, "in_effect": json.loads(info)["runtime"]["execution"],
+                "single": single, "mix": mix,
+                "mix_over_single": mix["rps"] / single["rps"] if single["rps"] else None,
+                "mix_p99_over_single": mix["p99_ms"] / single["p99_ms"] if single["p99_ms"] else None,
+                "images_by_path": {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after},
+                "rss_at_ready": at_ready["VmRSS"], "rss_after": mem["VmRSS"], "rss_peak": mem["VmHWM"],
+                "shared_model_bytes": shared_bytes, "deltas_bytes": deltas_bytes,
+                "rss_target_bytes": shared_bytes + deltas_bytes + 150 * 2**20,
+            }
+            rows.append(row)
+            print(f"execution N={n:<5} {mode:<6} single {single['rps']:7.1f} req/s p99 {single['p99_ms']:6.1f} | "
+                  f"mix {mix['rps']:7.1f} req/s p99 {mix['p99_ms']:6.1f} ms batch {mix['mean_batch'] or 0:5.2f} "
+                  f"= {row['mix_over_single'] or 0:.2f}x | paths {row['images_by_path']} | "
+                  f"RSS {mem['VmRSS'] / 2**20:.0f} MiB (peak {mem['VmHWM'] / 2**20:.0f}, "
+                  f"target {row['rss_target_bytes'] / 2**20:.0f})", flush=True)
+    results["execution"] = rows
+
+
 def machine() -> dict:
     cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
     return {"nproc": os.cpu_count(), "cpu": cpu.group(1) if cpu else "?",
@@ -445,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--scale-concurrency", type=int, default=32)
     p.add_argument("--counts", default="10,100,1000")
+    p.add_argument("--execution-counts", default="3,100,1000", help="experts in the mix (execution section)")
+    p.add_argument("--modes", default="auto,merged,mixed", help="execution modes (execution section)")
     p.add_argument("--starts", type=int, default=5)
     p.add_argument("--cold-requests", type=int, default=60)
     p.add_argument("--cold-experts", type=int, default=100)
@@ -453,13 +518,15 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     a.concurrency = [int(c) for c in a.concurrency.split(",")]
     a.counts = [int(c) for c in a.counts.split(",") if c]
+    a.execution_counts = [int(c) for c in a.execution_counts.split(",") if c]
+    a.modes = [m for m in a.modes.split(",") if m]
     a.out.mkdir(parents=True, exist_ok=True)
     logs = a.out / "logs"
     logs.mkdir(exist_ok=True)
     results: dict = {"machine_before": machine(), "binary": str(a.binary), "task": a.task,
                      "duration_s": a.duration, "package": str(a.package)}
     sections = {"warm": section_warm, "batching": section_batching, "cold": section_cold,
-                "scale": section_scale}
+                "scale": section_scale, "execution": section_execution}
     for name in a.sections.split(","):
         started = time.time()
         sections[name](a, results, logs)
@@ -469,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {a.out / 'e2e.json'}")
     if a.check:
         runs = results.get("warm", []) + results.get("batching", [])
-        runs += [r[k] for r in results.get("scale", []) for k in ("single", "mix")]
+        runs += [r[k] for r in results.get("scale", []) + results.get("execution", []) for k in ("single", "mix")]
         failed = [r for r in runs if r["errors"] or not r["requests"]]
         failed += [v for v in results.get("cold", {}).values() if v.get("errors")]
         if failed:

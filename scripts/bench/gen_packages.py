@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Synthetic lorkd packages for the scale benchmarks (issue 5, item 5; models/FORMAT.md v1).
 
-Each package reuses the real shared student (`student.onnx` of a source package, copied byte for byte) and holds
+Each package reuses the real shared student (`student.onnx` of a source package, and its mixed-task graph
+`student_eks.onnx` when it has one, copied byte for byte) and holds
 N synthetic experts: random low-rank factors for every decomposed layer and a random head. Task specs (input
 channels, size, normalisation, classes, labels) are cycled from the source package's tasks, so any image the
 source tasks accept works for every synthetic task. The experts are NOT trained: they exist to measure
@@ -50,7 +51,9 @@ def generate(source: Path, out: Path, count: int, seed: int) -> Path:
     pkg = out / f"synthetic-{count}"
     stamp = pkg / ".generated"
     student_sha = sha256_file(source / src["model"]["file"])
-    key = f"{count}:{seed}:{student_sha}"
+    eks = src["model"].get("eks")
+    eks_sha = sha256_file(source / eks["file"]) if eks else ""
+    key = f"{count}:{seed}:{student_sha}:{eks_sha}"
     if stamp.exists() and stamp.read_text() == key:
         return pkg
     if pkg.exists():
@@ -63,6 +66,10 @@ def generate(source: Path, out: Path, count: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     tasks = []
     files = {"student.onnx": student_sha}
+    if eks:
+        # The mixed-task graph takes banks as inputs: it serves any number of experts unchanged.
+        shutil.copyfile(source / eks["file"], pkg / eks["file"])
+        files[eks["file"]] = eks_sha
     for i in range(count):
         base = src["tasks"][i % len(src["tasks"])]
         task_id = f"syn-{i:05d}"

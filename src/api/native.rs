@@ -15,7 +15,7 @@ use crate::{
     error::ApiError,
     package::{ExpertEntry, ExpertStatus},
     preprocess::{self, InputInfo, PrepareOptions, PreprocessError, VoiFunction, Window},
-    runtime::SessionKind,
+    runtime::{ExecutionPath, SessionKind},
     state::AppState,
 };
 
@@ -103,7 +103,9 @@ pub async fn info(State(state): State<AppState>) -> Json<Value> {
             "provider": state.backend.provider,
             "requested_provider": state.config.provider,
             "onnxruntime_version": crate::runtime::ORT_VERSION,
-            "execution": "one shared ONNX Runtime session fed the assembled weights as graph inputs; when LORKD_DEDICATED_SESSIONS > 0, experts that served LORKD_PROMOTE_AFTER requests get their own session with the weights baked in",
+            "execution": state.backend.execution,
+            "requested_execution": state.config.execution,
+            "mixed_graph": package.eks.as_ref().map(|e| e.spec.file.as_str()),
             "dedicated_sessions": state.metrics.dedicated_sessions.get(),
         },
         "cache": {"budget_bytes": state.cache.budget(), "resident_bytes": state.cache.resident_bytes()},
@@ -150,8 +152,11 @@ pub struct PredictResponse {
     pub results: Option<Vec<ImageResult>>,
     pub cache: &'static str,
     pub batch_size: usize,
-    /// `shared` (weights fed as inputs) or `dedicated` (promoted expert with its own session).
+    /// `shared` (weights fed as inputs), `dedicated` (promoted expert with its own session) or `mixed` (the
+    /// mixed-task graph's session).
     pub session: SessionKind,
+    /// `merged` (this expert assembled) or `mixed` (the batch's experts' factors gathered in one run).
+    pub execution: ExecutionPath,
     pub timings: Timings,
 }
 
@@ -432,6 +437,7 @@ pub async fn predict(
         cache: if prediction.cache.hit { "hit" } else { "miss" },
         batch_size: prediction.output.batch_images,
         session: prediction.output.session,
+        execution: prediction.output.path,
         timings: Timings {
             decode_ms,
             expert_ms: prediction.expert_seconds * 1e3,

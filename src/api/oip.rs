@@ -148,6 +148,9 @@ pub struct InferResponse {
     pub model_version: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// lorkd's own: how the request ran (`execution` = `merged` or `mixed`, `batch_size` = images in its run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Value>,
     pub outputs: Vec<OutputTensor>,
 }
 
@@ -548,6 +551,10 @@ pub async fn infer(
         model_name: task,
         model_version: prediction.version,
         id: parsed.id,
+        parameters: Some(json!({
+            "execution": prediction.output.path.as_str(),
+            "batch_size": prediction.output.batch_images,
+        })),
         outputs: vec![output],
     };
     if !binary {

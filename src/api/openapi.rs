@@ -161,7 +161,8 @@ fn schemas() -> Value {
             "input": {"$ref": "#/components/schemas/InputInfo"},
             "results": {"type": "array", "description": "several images: one result per image in request order (then no top-level predictions/logits/input)", "items": {"$ref": "#/components/schemas/ImageResult"}},
             "cache": {"type": "string", "enum": ["hit", "miss"]}, "batch_size": {"type": "integer"},
-            "session": {"type": "string", "enum": ["shared", "dedicated"], "description": "shared: weights fed to the one shared session; dedicated: promoted expert with its own session"},
+            "session": {"type": "string", "enum": ["shared", "dedicated", "mixed"], "description": "shared: weights fed to the one shared session; dedicated: promoted expert with its own session; mixed: the mixed-task graph's session"},
+            "execution": {"type": "string", "enum": ["merged", "mixed"], "description": "merged: this expert's assembled weights; mixed: each image with its own expert's factors, many experts in one run (LORKD_EXECUTION)"},
             "timings": {"type": "object", "properties": {"decode_ms": {"type": "number"}, "expert_ms": {"type": "number"}, "queue_ms": {"type": "number"}, "inference_ms": {"type": "number"}, "total_ms": {"type": "number"}}}}},
         "Info": {"type": "object", "properties": {"service": {"type": "object"}, "package": {"type": "object"}, "runtime": {"type": "object", "properties": {"provider": {"type": "string", "enum": ["cpu", "cuda"]}}}, "cache": {"type": "object"}, "config": {"type": "object"}}},
         "OipServerMetadata": {"type": "object", "properties": {"name": {"type": "string"}, "version": {"type": "string"}, "extensions": {"type": "array", "items": {"type": "string"}}}},
@@ -185,6 +186,7 @@ fn schemas() -> Value {
         "OipBinaryInferRequest": {"type": "string", "format": "binary", "description": "Binary tensor extension: the JSON request (OipInferRequest) of `Inference-Header-Content-Length` bytes, then each input with `binary_data_size` as little-endian FP32, in input order"},
         "OipInferResponse": {"type": "object", "properties": {
             "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
+            "parameters": {"type": "object", "description": "how the request ran", "properties": {"execution": {"type": "string", "enum": ["merged", "mixed"]}, "batch_size": {"type": "integer"}}},
             "outputs": {"type": "array", "items": {"type": "object", "properties": {
                 "name": {"type": "string"}, "datatype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}}, "data": {"type": "array", "items": {"type": "number"}},
                 "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer"}}}}}}}}
