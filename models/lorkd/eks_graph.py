@@ -29,6 +29,26 @@ class Options:
     static_shapes: bool = True  # replace the exporter's Shape->Gather->Concat reshape targets by constants
     stem_merged: bool = True  # k > 1: one MatMul with W0 + dW_t on im2col patches instead of Conv + delta
     align: int = ALIGN
+    fused: bool = False  # com.microsoft FusedConv(X, W, B, Z=delta, activation) instead of Conv + Add (+ Relu)
+    bridge: str = ""  # "maxpool" | "dwconv": pass the delta through an NCHWc-capable identity op
+    nhwc: bool = False  # side path on channels-last activations (activation = left MatMul operand)
+    merge_min_hw: int = 0  # k = 1 layers with Ho*Wo >= this (0: none) run as per-sample MatMul with W0 + B_t A_t
+    segment_banks: bool = False  # benchmark only: one bank input per factor, one Gather per factor (naive)
+
+
+VARIANTS = {
+    "naive": Options(static_shapes=False, stem_merged=False, segment_banks=True),
+    "row": Options(static_shapes=False, stem_merged=False),
+    "row-static": Options(static_shapes=True, stem_merged=False),
+    "default": Options(),
+    "fused": Options(fused=True),
+    "bridge-maxpool": Options(bridge="maxpool"),
+    "bridge-dwconv": Options(bridge="dwconv"),
+    "nhwc": Options(nhwc=True),
+    "merge196": Options(merge_min_hw=196),
+    "merge49": Options(merge_min_hw=49),
+    "merge16": Options(merge_min_hw=16),
+}
 
 
 # ---------------------------------------------------------------- bank layout
@@ -87,6 +107,27 @@ def make_banks(entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]], classes
         hw[i, : w.shape[0]] = w
         hb[i, : b.shape[0]] = b
     return bank, hw, hb
+
+
+def eks_session_inputs(pkg: Path, manifest: dict, task_ids: list[str], rng: np.random.Generator | None = None,
+                       extra_slots: int = 1) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+    """Bank feeds holding the package's experts `task_ids` in (shuffled, when `rng`) slots plus `extra_slots`
+    random rows that no sample uses; returns ({task: slot}, feeds without input and task_slot)."""
+    eks = manifest["model"]["eks"]
+    layout = {"rank": eks["rank"], "bank_width": eks["bank_width"], "segments": eks["segments"]}
+    spec = {t["id"]: t for t in manifest["tasks"]}
+    entries = [expert_bank_entry(Path(pkg) / spec[t]["file"], layout) for t in task_ids]
+    if extra_slots:
+        g = rng or np.random.default_rng(0)
+        f = entries[0][1].shape[1]
+        for _ in range(extra_slots):
+            entries.append((g.standard_normal(layout["bank_width"]).astype(np.float32),
+                            g.standard_normal((2, f)).astype(np.float32), g.standard_normal(2).astype(np.float32)))
+    order = rng.permutation(len(entries)) if rng is not None else np.arange(len(entries))
+    slots = [entries[i] for i in order]
+    slot_of = {t: int(np.flatnonzero(order == i)[0]) for i, t in enumerate(task_ids)}
+    bank, hw, hb = make_banks(slots)
+    return slot_of, {eks["bank_input"]: bank, eks["head_weight_input"]: hw, eks["head_bias_input"]: hb}
 
 
 # ---------------------------------------------------------------- graph surgery
@@ -235,13 +276,25 @@ def build_eks_model(student: onnx.ModelProto, manifest: dict, layout: dict, opts
     outs = b.op("Split", [row, b.i64("split", sizes)], "seg", n_out=len(sizes), axis=1)
     flat = {p: o for p, o in zip(pieces, outs, strict=True) if p is not None}
     new_nodes: list[onnx.NodeProto] = list(b.nodes)  # the bank's Gather + Split go first
+    if opts.segment_banks:
+        new_nodes = []
 
     def factor(layer: str, f: str) -> str:
         s = seg_by[(layer, f)]
+        if opts.segment_banks:
+            return b.op("Gather", [f"bank/{layer}/{f}", slot], f"{f}", axis=0)[0]
         return b.op("Reshape", [flat[(layer, f)], b.i64("shape", [0, s["rows"], s["cols"]])], f"{f}")[0]
 
     done = set()
+    consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in g.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    graph_outputs = {o.name for o in g.output}
+    skip: set[str] = set()  # Relu nodes fused into a FusedConv
+    for node in g.node:
+        if node.name in skip and node.op_type == "Relu":
+            continue
         if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in layers:
             name = node.input[1]
             L = layers[name]
@@ -256,16 +309,57 @@ def build_eks_model(student: onnx.ModelProto, manifest: dict, layout: dict, opts
             strides = attrs.get("strides", [1, 1])
             pads = attrs.get("pads", [0, 0, 0, 0])
             dil = attrs.get("dilations", [1, 1])
-            if k == 1 and list(strides) == [1, 1] and not any(pads):
-                hf = b.op("Reshape", [h, b.i64("shape", [0, cin, hs[2] * hs[3]])], "h")[0]
-                ah = b.op("MatMul", [a_t, hf], "ah")[0]  # [N, r, HW]
-                d = b.op("MatMul", [b_t, ah], "bah")[0]  # [N, Cout, HW]
-                d4 = b.op("Reshape", [d, b.i64("shape", [0, cout, ys[2], ys[3]])], "delta")[0]
-                conv = helper.make_node("Conv", list(node.input), [b.name("conv0")], name=node.name,
-                                        **attrs)
-                b.nodes.append(conv)
-                b.op("Add", [conv.output[0], d4], "sum")
+            hw = ys[2] * ys[3]
+            if k == 1 and list(strides) == [1, 1] and not any(pads) and opts.merge_min_hw and hw >= opts.merge_min_hw:
+                hf = b.op("Reshape", [h, b.i64("shape", [0, cin, hw])], "h")[0]
+                dw = b.op("MatMul", [b_t, a_t], "dw")[0]  # [N, Cout, Cin]
+                w0 = numpy_helper.to_array(inits[name]).reshape(cout, cin)
+                wt = b.op("Add", [dw, b.const("w0", w0)], "wt")[0]
+                o = b.op("MatMul", [wt, hf], "o")[0]
+                o4 = b.op("Reshape", [o, b.i64("shape", [0, cout, ys[2], ys[3]])], "o4")[0]
+                if len(node.input) > 2 and node.input[2]:
+                    bv = numpy_helper.to_array(inits[node.input[2]]).reshape(1, cout, 1, 1)
+                    b.op("Add", [o4, b.const("bias", bv)], "sum")
+                else:
+                    b.op("Identity", [o4], "sum")
                 b.nodes[-1].output[0] = y
+            elif k == 1 and list(strides) == [1, 1] and not any(pads):
+                if opts.nhwc:
+                    ht = b.op("Transpose", [h], "ht", perm=[0, 2, 3, 1])[0]
+                    hf = b.op("Reshape", [ht, b.i64("shape", [0, hs[2] * hs[3], cin])], "hf")[0]
+                    at = b.op("Transpose", [a_t], "at", perm=[0, 2, 1])[0]
+                    z = b.op("MatMul", [hf, at], "z")[0]  # [N, HW, r]
+                    bt = b.op("Transpose", [b_t], "bt", perm=[0, 2, 1])[0]
+                    dt = b.op("MatMul", [z, bt], "dt")[0]  # [N, HW, Cout]
+                    d3 = b.op("Reshape", [dt, b.i64("shape", [0, ys[2], ys[3], cout])], "d3")[0]
+                    d4 = b.op("Transpose", [d3], "delta", perm=[0, 3, 1, 2])[0]
+                else:
+                    hf = b.op("Reshape", [h, b.i64("shape", [0, cin, hs[2] * hs[3]])], "h")[0]
+                    ah = b.op("MatMul", [a_t, hf], "ah")[0]  # [N, r, HW]
+                    d = b.op("MatMul", [b_t, ah], "bah")[0]  # [N, Cout, HW]
+                    d4 = b.op("Reshape", [d, b.i64("shape", [0, cout, ys[2], ys[3]])], "delta")[0]
+                if opts.bridge == "maxpool":
+                    d4 = b.op("MaxPool", [d4], "bridge", kernel_shape=[1, 1])[0]
+                elif opts.bridge == "dwconv":
+                    d4 = b.op("Conv", [d4, b.const("ones", np.ones((cout, 1, 1, 1), np.float32))], "bridge",
+                              group=cout, kernel_shape=[1, 1])[0]
+                if opts.fused:
+                    cons = consumers.get(y, [])
+                    act = {}
+                    out = y
+                    if len(cons) == 1 and cons[0].op_type == "Relu" and y not in graph_outputs:
+                        act = {"activation": "Relu"}
+                        out = cons[0].output[0]
+                        skip.add(cons[0].name)
+                    ins = list(node.input) + [""] * (3 - len(node.input))
+                    b.nodes.append(helper.make_node("FusedConv", ins + [d4], [out], name=node.name,
+                                                    domain="com.microsoft", **attrs, **act))
+                else:
+                    conv = helper.make_node("Conv", list(node.input), [b.name("conv0")], name=node.name,
+                                            **attrs)
+                    b.nodes.append(conv)
+                    b.op("Add", [conv.output[0], d4], "sum")
+                    b.nodes[-1].output[0] = y
             else:
                 # im2col by a fixed one-hot conv: patch channel m = i*k*k + kh*k + kw (W0's flat order)
                 kk = k * k
@@ -334,10 +428,14 @@ def build_eks_model(student: onnx.ModelProto, manifest: dict, layout: dict, opts
     inp = next(i for i in g.input if i.name == in_name)
     fdim = int(mm["feature_dim"])
     del g.input[:]
+    if opts.segment_banks:
+        g.input.extend(helper.make_tensor_value_info(f"bank/{s['layer']}/{s['factor']}", TensorProto.FLOAT,
+                                                     ["slots", s["rows"], s["cols"]]) for s in layout["segments"])
     g.input.extend([
         inp,
         helper.make_tensor_value_info(TASK_INPUT, TensorProto.INT64, ["batch"]),
-        helper.make_tensor_value_info(BANK_INPUT, TensorProto.FLOAT, ["slots", layout["bank_width"]]),
+        *([] if opts.segment_banks else
+          [helper.make_tensor_value_info(BANK_INPUT, TensorProto.FLOAT, ["slots", layout["bank_width"]])]),
         helper.make_tensor_value_info(HEAD_W_INPUT, TensorProto.FLOAT, ["slots", "classes", fdim]),
         helper.make_tensor_value_info(HEAD_B_INPUT, TensorProto.FLOAT, ["slots", "classes"]),
     ])
@@ -345,7 +443,10 @@ def build_eks_model(student: onnx.ModelProto, manifest: dict, layout: dict, opts
     del g.value_info[:]
     model.doc_string = ("lorkd mixed-task EKS graph: per-sample expert factors gathered from factor_bank by "
                         "task_slot (FORMAT.md section 8)")
-    onnx.checker.check_model(model, full_check=True)
+    if opts.fused:
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    else:
+        onnx.checker.check_model(model, full_check=True)
     return model
 
 
