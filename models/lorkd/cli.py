@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     s.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     s.add_argument("--rounds", type=int, default=15)
-    s.add_argument("--variants", nargs="+", default=None, help="graph variants (default: all)")
+    s.add_argument("--variants", nargs="+", default=None, help="graph variants of lorkd.eks_graph.VARIANTS "
+                   "(default: naive stem interleave fused-all final)")
     s.add_argument("--opt-level", nargs="+", default=["all"], help="ORT graph optimisation levels: all, extended")
     s.add_argument("--out", help="write the JSON result here")
     s.set_defaults(func=cmd_bench_eks)

@@ -29,25 +29,29 @@ class Options:
     static_shapes: bool = True  # replace the exporter's Shape->Gather->Concat reshape targets by constants
     stem_merged: bool = True  # k > 1: one MatMul with W0 + dW_t on im2col patches instead of Conv + delta
     align: int = ALIGN
-    fused: bool = False  # com.microsoft FusedConv(X, W, B, Z=delta, activation) instead of Conv + Add (+ Relu)
+    # com.microsoft FusedConv(X, W, B, Z=delta, activation) instead of Conv + Add (+ Relu): "never", "always", or
+    # "nchw": only for convs that onnxruntime's NCHWc layout would not take anyway (channels not a multiple of 4)
+    fused: str = "nchw"
     bridge: str = ""  # "maxpool" | "dwconv": pass the delta through an NCHWc-capable identity op
     nhwc: bool = False  # side path on channels-last activations (activation = left MatMul operand)
     merge_min_hw: int = 0  # k = 1 layers with Ho*Wo >= this (0: none) run as per-sample MatMul with W0 + B_t A_t
+    interleave: bool = True  # channel shuffles as one interleaving Concat (no Transpose)
     segment_banks: bool = False  # benchmark only: one bank input per factor, one Gather per factor (naive)
 
 
 VARIANTS = {
-    "naive": Options(static_shapes=False, stem_merged=False, segment_banks=True),
-    "row": Options(static_shapes=False, stem_merged=False),
-    "row-static": Options(static_shapes=True, stem_merged=False),
-    "default": Options(),
-    "fused": Options(fused=True),
-    "bridge-maxpool": Options(bridge="maxpool"),
-    "bridge-dwconv": Options(bridge="dwconv"),
-    "nhwc": Options(nhwc=True),
-    "merge196": Options(merge_min_hw=196),
-    "merge49": Options(merge_min_hw=49),
-    "merge16": Options(merge_min_hw=16),
+    # the brief's naive graph: one bank input per factor and per-layer Gathers, exporter's dynamic Shape ops,
+    # stem as Conv(W0) + im2col delta, Conv + Add + Relu everywhere
+    "naive": Options(static_shapes=False, stem_merged=False, interleave=False, fused="never", segment_banks=True),
+    "row": Options(static_shapes=False, stem_merged=False, interleave=False, fused="never"),  # one Gather + Split
+    "static": Options(stem_merged=False, interleave=False, fused="never"),  # + constant Reshape targets
+    "stem": Options(interleave=False, fused="never"),  # + stem as one MatMul with W0 + dW_t on im2col patches
+    "interleave": Options(fused="never"),  # + channel shuffle as one interleaving Concat
+    "fused-all": Options(fused="always"),  # + FusedConv(Z = delta, Relu) for every k = 1 layer
+    "bridge": Options(fused="never", bridge="dwconv"),  # delta made NCHWc by a 1x1 depthwise conv (worse)
+    "nhwc": Options(fused="never", nhwc=True),  # side path channels-last (worse)
+    "merge196": Options(fused="never", merge_min_hw=196),  # per-sample W0 + B A MatMul where HW >= 196 (no gain)
+    "final": Options(),  # what export-eks writes: FusedConv only where NCHWc would not apply anyway
 }
 
 
@@ -222,6 +226,66 @@ def _staticise(g: onnx.GraphProto, v2: dict, v3: dict) -> None:
     g.initializer.extend(new_inits.values())
 
 
+def _interleave_shuffles(g: onnx.GraphProto, v2: dict) -> int:
+    """Channel shuffle Concat(x_1..x_g, axis 1) -> Reshape [N, g, C/g, H, W] -> Transpose [0, 2, 1, 3, 4] ->
+    Reshape [N, C, H, W] becomes one interleaving Concat(Unsqueeze(x_i, 2), axis 2) -> Reshape: the same values
+    with one copy instead of two. Returns the number of shuffles rewritten."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    producer = {o: n for n in g.node for o in n.output}
+    outputs = {o.name for o in g.output}
+    drop: set[int] = set()
+    new: dict[int, list[onnx.NodeProto]] = {}
+    axes = "eks/axes_2"
+    count = 0
+    for tr in g.node:
+        if tr.op_type != "Transpose":
+            continue
+        perm = next((list(a.ints) for a in tr.attribute if a.name == "perm"), None)
+        r1 = producer.get(tr.input[0])
+        if perm != [0, 2, 1, 3, 4] or r1 is None or r1.op_type != "Reshape":
+            continue
+        cat = producer.get(r1.input[0])
+        if cat is None or cat.op_type != "Concat" or tr.output[0] not in v2:
+            continue
+        if next((a.i for a in cat.attribute if a.name == "axis"), None) != 1:
+            continue
+        five = v2[r1.output[0]].shape  # [N, g, C/g, H, W]
+        groups = len(cat.input)
+        if len(five) != 5 or five[1] != groups or any(v2[x].shape[1] != five[2] for x in cat.input if x in v2):
+            continue
+        if any(len(consumers.get(t, [])) != 1 or t in outputs for t in (cat.output[0], r1.output[0], tr.output[0])):
+            continue
+        r2 = consumers[tr.output[0]][0]
+        if r2.op_type != "Reshape":
+            continue
+        nodes = []
+        ups = []
+        for j, x in enumerate(cat.input):
+            u = f"{cat.output[0]}/unsq{j}"
+            nodes.append(helper.make_node("Unsqueeze", [x, axes], [u], name=f"{cat.name}/unsq{j}"))
+            ups.append(u)
+        inter = f"{cat.output[0]}/interleaved"
+        nodes.append(helper.make_node("Concat", ups, [inter], name=f"{cat.name}/interleave", axis=2))
+        r2.input[0] = inter
+        new[id(cat)] = nodes
+        drop.update({id(r1), id(tr)})
+        count += 1
+    if count:
+        kept = []
+        for node in g.node:
+            if id(node) in new:
+                kept.extend(new[id(node)])
+            elif id(node) not in drop:
+                kept.append(node)
+        del g.node[:]
+        g.node.extend(kept)
+        g.initializer.append(numpy_helper.from_array(np.asarray([2], dtype=np.int64), axes))
+    return count
+
+
 def _prune(g: onnx.GraphProto) -> None:
     """Remove nodes and initializers that no graph output depends on."""
     needed = {o.name for o in g.output}
@@ -343,7 +407,8 @@ def build_eks_model(student: onnx.ModelProto, manifest: dict, layout: dict, opts
                 elif opts.bridge == "dwconv":
                     d4 = b.op("Conv", [d4, b.const("ones", np.ones((cout, 1, 1, 1), np.float32))], "bridge",
                               group=cout, kernel_shape=[1, 1])[0]
-                if opts.fused:
+                use_fused = opts.fused == "always" or (opts.fused == "nchw" and (cin % 4 or cout % 4))
+                if use_fused:
                     cons = consumers.get(y, [])
                     act = {}
                     out = y
@@ -423,6 +488,9 @@ def build_eks_model(student: onnx.ModelProto, manifest: dict, layout: dict, opts
 
     if opts.static_shapes:
         _staticise(g, v2, v3)
+    if opts.interleave:
+        _prune(g)  # the exporter's Shape nodes would still count as consumers
+        _interleave_shuffles(g, v2)
 
     # inputs: input, task_slot, banks; W0 and head are plain initializers / gone
     inp = next(i for i in g.input if i.name == in_name)
@@ -443,10 +511,9 @@ def build_eks_model(student: onnx.ModelProto, manifest: dict, layout: dict, opts
     del g.value_info[:]
     model.doc_string = ("lorkd mixed-task EKS graph: per-sample expert factors gathered from factor_bank by "
                         "task_slot (FORMAT.md section 8)")
-    if opts.fused:
+    if any(n.domain == "com.microsoft" for n in g.node):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    else:
-        onnx.checker.check_model(model, full_check=True)
+    onnx.checker.check_model(model, full_check=True)  # (contrib-domain nodes are not schema-checked)
     return model
 
 

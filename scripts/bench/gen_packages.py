@@ -50,7 +50,9 @@ def generate(source: Path, out: Path, count: int, seed: int) -> Path:
     pkg = out / f"synthetic-{count}"
     stamp = pkg / ".generated"
     student_sha = sha256_file(source / src["model"]["file"])
-    key = f"{count}:{seed}:{student_sha}"
+    eks = src["model"].get("eks")  # the optional mixed-task graph (FORMAT.md section 8), copied as is
+    eks_sha = sha256_file(source / eks["file"]) if eks else ""
+    key = f"{count}:{seed}:{student_sha}:{eks_sha}"
     if stamp.exists() and stamp.read_text() == key:
         return pkg
     if pkg.exists():
@@ -63,6 +65,9 @@ def generate(source: Path, out: Path, count: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     tasks = []
     files = {"student.onnx": student_sha}
+    if eks:
+        shutil.copyfile(source / eks["file"], pkg / eks["file"])
+        files[eks["file"]] = eks_sha
     for i in range(count):
         base = src["tasks"][i % len(src["tasks"])]
         task_id = f"syn-{i:05d}"
