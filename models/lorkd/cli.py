@@ -95,6 +95,8 @@ def cmd_parity(args) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
     ok = res["max_abs_err"] <= 1e-4 and res["argmax_agreement"] == 1.0 and res["switch_max_abs_err"] <= 1e-5
+    if "eks" in res:  # the mixed-task graph, tasks alone and shuffled together
+        ok = ok and res["eks"]["max_abs_err"] <= 1e-4 and res["eks"]["argmax_agreement"] == 1.0
     print("PARITY OK" if ok else "PARITY FAILED")
     return 0 if ok else 1
 
@@ -126,6 +128,25 @@ def cmd_export_merged(args) -> int:
 
     merged_expert_onnx(Path(args.package), args.task, Path(args.out))
     print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_export_eks(args) -> int:
+    from .eks_graph import export_eks
+
+    entry = export_eks(Path(args.package), rank=args.rank)
+    print(f"wrote {args.package}/{entry['file']}: rank {entry['rank']}, bank_width {entry['bank_width']}, "
+          f"{len(entry['segments'])} segments")
+    return 0
+
+
+def cmd_bench_eks(args) -> int:
+    from .bench_eks import bench_eks
+
+    res = bench_eks(Path(args.package), experts=args.experts, batches=args.batch, threads=args.threads,
+                    rounds=args.rounds, variants=args.variants, opt_levels=args.opt_level)
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
     return 0
 
 
@@ -274,6 +295,25 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--task", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_export_merged)
+
+    s = sub.add_parser("export-eks", help="add the mixed-task graph student_eks.onnx (+ manifest.model.eks) to a "
+                                         "package (idempotent)")
+    s.add_argument("--package", required=True)
+    s.add_argument("--rank", type=int, help="bank rank (default: the package's lora.rank)")
+    s.set_defaults(func=cmd_export_eks)
+
+    s = sub.add_parser("bench-eks", help="onnxruntime CPU throughput: merged expert vs mixed-task EKS graph, "
+                                        "interleaved rounds, medians")
+    s.add_argument("--package", required=True)
+    s.add_argument("--experts", type=int, default=1000, help="random experts in the bank")
+    s.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    s.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    s.add_argument("--rounds", type=int, default=15)
+    s.add_argument("--variants", nargs="+", default=None, help="graph variants of lorkd.eks_graph.VARIANTS "
+                   "(default: naive stem interleave fused-all final)")
+    s.add_argument("--opt-level", nargs="+", default=["all"], help="ORT graph optimisation levels: all, extended")
+    s.add_argument("--out", help="write the JSON result here")
+    s.set_defaults(func=cmd_bench_eks)
 
     s = sub.add_parser("verify", help="validate a package's manifest and checksums")
     s.add_argument("--package", required=True)

@@ -195,8 +195,10 @@ def export_package(
     provenance: dict | None = None,
     golden_per_task: int = 4,
     readme: str | None = None,
+    eks: bool = True,
 ) -> dict:
-    """Write the package folder; returns the manifest. The student must be a decomposed (lora_tasks > 0) one."""
+    """Write the package folder; returns the manifest. The student must be a decomposed (lora_tasks > 0) one.
+    With `eks`, also the mixed-task graph student_eks.onnx and manifest.model.eks (lorkd.eks_graph)."""
     cfg = student.cfg
     if cfg.lora_tasks != len(tasks):
         raise ValueError("student must have one set of factors per task")
@@ -265,4 +267,9 @@ def export_package(
     }
     with open(out_dir / "manifest.json", "w") as f:
         json.dump(manifest, f, indent=1)
+    if eks:
+        from .eks_graph import export_eks
+
+        export_eks(out_dir)
+        manifest = json.loads((out_dir / "manifest.json").read_text())
     return manifest

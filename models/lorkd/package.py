@@ -105,7 +105,11 @@ def validate_manifest(manifest: dict) -> None:
             if len(need(tin, k, list, f"{where}.input")) != 3:
                 raise PackageError(f"{where}.input.{k} must have 3 values")
     files = need(manifest, "files", dict, "manifest")
-    for f in [model["file"]] + [t["file"] for t in tasks]:
+    extra = []
+    if "eks" in model:
+        validate_eks(need(model, "eks", dict, "model"), layers, r)
+        extra.append(model["eks"]["file"])
+    for f in [model["file"]] + [t["file"] for t in tasks] + extra:
         if f not in files:
             raise PackageError(f"files: {f} is not listed")
     for path, digest in files.items():
@@ -113,6 +117,46 @@ def validate_manifest(manifest: dict) -> None:
             raise PackageError(f"files: bad path {path!r}")
         if not re.fullmatch(r"[0-9a-f]{64}", str(digest)):
             raise PackageError(f"files[{path}]: not a lowercase sha256 hex digest")
+
+
+def validate_eks(eks: dict, layers: list[dict], package_rank: int) -> None:
+    """`model.eks` (FORMAT.md section 8): one A and one B segment per layer, shapes at the bank rank, inside
+    the row and not overlapping."""
+
+    def need(key: str, typ):
+        if not isinstance(eks.get(key), typ) or isinstance(eks.get(key), bool):
+            raise PackageError(f"model.eks.{key}: missing or not {typ.__name__}")
+        return eks[key]
+
+    for k in ("file", "input_name", "task_input", "bank_input", "head_weight_input", "head_bias_input",
+              "output_name"):
+        need(k, str)
+    rank, width = need("rank", int), need("bank_width", int)
+    if rank < package_rank:
+        raise PackageError("model.eks.rank is below lora.rank")
+    want = {}
+    for L in layers:
+        cout, cin, k = L["shape"][0], L["shape"][1], L["kernel"]
+        want[(L["name"], "A")] = [rank * k, cin * k]
+        want[(L["name"], "B")] = [cout * k, rank * k]
+    spans = []
+    seen = set()
+    for i, seg in enumerate(need("segments", list)):
+        if not isinstance(seg, dict):
+            raise PackageError(f"model.eks.segments[{i}]: not an object")
+        key = (seg.get("layer"), seg.get("factor"))
+        vals = [seg.get("offset"), seg.get("rows"), seg.get("cols")]
+        if key not in want or key in seen or not all(isinstance(v, int) and v >= 0 for v in vals):
+            raise PackageError(f"model.eks.segments[{i}]: unknown or duplicate {key} or bad numbers")
+        if vals[1:] != want[key]:
+            raise PackageError(f"model.eks.segments[{i}]: shape {vals[1:]} != {want[key]} at rank {rank}")
+        seen.add(key)
+        spans.append((vals[0], vals[0] + vals[1] * vals[2]))
+    if seen != set(want):
+        raise PackageError("model.eks.segments: every layer needs one A and one B segment")
+    spans.sort()
+    if spans and spans[-1][1] > width or any(a[1] > b[0] for a, b in zip(spans, spans[1:], strict=False)):
+        raise PackageError("model.eks.segments overlap or do not fit bank_width")
 
 
 def verify_checksums(pkg: Path, manifest: dict) -> list[str]:

@@ -13,6 +13,8 @@ from .data import TaskData, task_tensor
 from .models import Student
 from .package import base_weights, delta, expert_feeds, load_package, read_expert, switch
 
+EKS_TOLERANCE = 1e-4
+
 
 def session(path: Path) -> ort.InferenceSession:
     so = ort.SessionOptions()
@@ -87,4 +89,65 @@ def package_parity(pkg: Path, student: Student, tasks: list[TaskData], split: st
     out["switch_max_abs_err"] = sw
     out["max_abs_err"] = max(v["max_abs_err"] for v in out["tasks"].values())
     out["argmax_agreement"] = min(v["argmax_agreement"] for v in out["tasks"].values())
+    if "eks" in manifest["model"]:
+        out["eks"] = eks_parity(pkg, manifest, student, tasks, split, progress=progress)
+    return out
+
+
+@torch.no_grad()
+def eks_parity(pkg: Path, manifest: dict, student: Student, tasks: list[TaskData], split: str = "test",
+               batch_size: int = 64, seed: int = 0, progress: bool = False) -> dict:
+    """The mixed-task graph (student_eks.onnx) on a whole split vs the PyTorch EKS forward: every task alone,
+    then all tasks' images shuffled together into mixed batches. The experts sit in shuffled bank slots next
+    to a random, unused slot row (slots are not task indices; an unused row must not matter)."""
+    from .eks_graph import eks_session_inputs
+
+    eks = manifest["model"]["eks"]
+    sess = session(Path(pkg) / eks["file"])
+    ids = [t["id"] for t in manifest["tasks"]]
+    rng = np.random.default_rng(seed)
+    slot_of, feeds = eks_session_inputs(pkg, manifest, ids, rng)
+    xs, refs, tix = [], [], []
+    for t, td in enumerate(tasks):
+        x = task_tensor(td, split)
+        ref = np.concatenate([student.logits(student(x[s:s + 256], torch.full((len(x[s:s + 256]),), t)), t).numpy()
+                              for s in range(0, len(x), 256)])
+        xs.append(x.numpy())
+        refs.append(ref)
+        tix.append(np.full(len(x), t))
+
+    def run(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        slots = np.array([slot_of[ids[int(i)]] for i in t], dtype=np.int64)
+        return sess.run([eks["output_name"]], {eks["input_name"]: x, eks["task_input"]: slots, **feeds})[0]
+
+    def compare(got: np.ndarray, ref: np.ndarray) -> tuple[float, int]:
+        n = ref.shape[1]
+        err = _finite_or_inf(float(np.abs(got[:, :n] - ref).max()))
+        return err, int((got[:, :n].argmax(1) == ref.argmax(1)).sum())
+
+    out: dict = {"alone": {}, "mixed": {}}
+    for t, td in enumerate(tasks):
+        err, agree = 0.0, 0
+        for s in tqdm(range(0, len(xs[t]), batch_size), desc=f"eks alone {td.spec.id}", disable=not progress,
+                      leave=False):
+            e, a = compare(run(xs[t][s:s + batch_size], tix[t][s:s + batch_size]), refs[t][s:s + batch_size])
+            err, agree = max(err, e), agree + a
+        out["alone"][td.spec.id] = {"n": len(xs[t]), "max_abs_err": err, "argmax_agreement": agree / len(xs[t])}
+    x_all = np.concatenate(xs)
+    t_all = np.concatenate(tix)
+    pos = np.concatenate([np.arange(len(x)) for x in xs])
+    order = rng.permutation(len(x_all))
+    err, agree, mixed_batches = 0.0, 0, 0
+    for s in tqdm(range(0, len(order), batch_size), desc="eks mixed", disable=not progress, leave=False):
+        idx = order[s:s + batch_size]
+        got = run(x_all[idx], t_all[idx])
+        mixed_batches += int(len(set(t_all[idx].tolist())) > 1)
+        for t in set(t_all[idx].tolist()):
+            sel = t_all[idx] == t
+            e, a = compare(got[sel], refs[t][pos[idx][sel]])
+            err, agree = max(err, e), agree + a
+    out["mixed"] = {"n": len(x_all), "batch_size": batch_size, "batches_with_several_tasks": mixed_batches,
+                    "max_abs_err": err, "argmax_agreement": agree / len(x_all)}
+    out["max_abs_err"] = max([err] + [v["max_abs_err"] for v in out["alone"].values()])
+    out["argmax_agreement"] = min([agree / len(x_all)] + [v["argmax_agreement"] for v in out["alone"].values()])
     return out
