@@ -35,6 +35,8 @@ class Options:
     bridge: str = ""  # "maxpool" | "dwconv": pass the delta through an NCHWc-capable identity op
     nhwc: bool = False  # side path on channels-last activations (activation = left MatMul operand)
     merge_min_hw: int = 0  # k = 1 layers with Ho*Wo >= this (0: none) run as per-sample MatMul with W0 + B_t A_t
+    nhwc_after_conv: bool = False  # A-product on channels-last h where h comes from a (NCHWc) conv
+    ew_max_hw: int = 0  # k = 1 layers with Ho*Wo <= this: side path as Mul + ReduceSum instead of tiny GEMMs
     interleave: bool = True  # channel shuffles as one interleaving Concat (no Transpose)
     segment_banks: bool = False  # benchmark only: one bank input per factor, one Gather per factor (naive)
 
@@ -51,6 +53,8 @@ VARIANTS = {
     "bridge": Options(fused="never", bridge="dwconv"),  # delta made NCHWc by a 1x1 depthwise conv (worse)
     "nhwc": Options(fused="never", nhwc=True),  # side path channels-last (worse)
     "merge196": Options(fused="never", merge_min_hw=196),  # per-sample W0 + B A MatMul where HW >= 196 (no gain)
+    "nhwc-free": Options(nhwc_after_conv=True),
+    "ew1": Options(ew_max_hw=1),  # 1x1 maps (SE convs, Linear): Mul + ReduceSum instead of GEMMs (much worse)
     "final": Options(),  # what export-eks writes: FusedConv only where NCHWc would not apply anyway
 }
 
@@ -355,6 +359,7 @@ def build_eks_model(student: onnx.ModelProto, manifest: dict, layout: dict, opts
         for i in node.input:
             consumers.setdefault(i, []).append(node)
     graph_outputs = {o.name for o in g.output}
+    producer = {o: n for n in g.node for o in n.output}
     skip: set[str] = set()  # Relu nodes fused into a FusedConv
     for node in g.node:
         if node.name in skip and node.op_type == "Relu":
@@ -397,6 +402,25 @@ def build_eks_model(student: onnx.ModelProto, manifest: dict, layout: dict, opts
                     dt = b.op("MatMul", [z, bt], "dt")[0]  # [N, HW, Cout]
                     d3 = b.op("Reshape", [dt, b.i64("shape", [0, ys[2], ys[3], cout])], "d3")[0]
                     d4 = b.op("Transpose", [d3], "delta", perm=[0, 3, 1, 2])[0]
+                elif (opts.nhwc_after_conv and h in producer and producer[h].op_type == "Conv"
+                      and not (cin % 4 or cout % 4)):
+                    ht = b.op("Transpose", [h], "ht", perm=[0, 2, 3, 1])[0]  # ORT: ReorderOutput(channels_last)
+                    hf = b.op("Reshape", [ht, b.i64("shape", [0, hs[2] * hs[3], cin])], "hf")[0]
+                    at = b.op("Transpose", [a_t], "at", perm=[0, 2, 1])[0]
+                    zt = b.op("MatMul", [hf, at], "zt")[0]  # [N, HW, r]
+                    z = b.op("Transpose", [zt], "z", perm=[0, 2, 1])[0]
+                    d = b.op("MatMul", [b_t, z], "bz")[0]  # [N, Cout, HW]
+                    d4 = b.op("Reshape", [d, b.i64("shape", [0, cout, ys[2], ys[3]])], "delta")[0]
+                elif hw <= opts.ew_max_hw:  # tiny maps: broadcast Mul + ReduceSum over the whole batch at once
+                    r = seg_by[(name, "A")]["rows"]
+                    ax2 = b.i64("axes", [2])
+                    h4 = b.op("Reshape", [h, b.i64("shape", [0, 1, cin, hw])], "h4")[0]
+                    a4 = b.op("Reshape", [a_t, b.i64("shape", [0, r, cin, 1])], "a4")[0]
+                    z = b.op("ReduceSum", [b.op("Mul", [a4, h4], "ah")[0], ax2], "z", keepdims=0)[0]  # [N, r, HW]
+                    z4 = b.op("Reshape", [z, b.i64("shape", [0, 1, r, hw])], "z4")[0]
+                    b4 = b.op("Reshape", [b_t, b.i64("shape", [0, cout, r, 1])], "b4")[0]
+                    d = b.op("ReduceSum", [b.op("Mul", [b4, z4], "bz")[0], ax2], "d", keepdims=0)[0]
+                    d4 = b.op("Reshape", [d, b.i64("shape", [0, cout, ys[2], ys[3]])], "delta")[0]
                 else:
                     hf = b.op("Reshape", [h, b.i64("shape", [0, cin, hs[2] * hs[3]])], "h")[0]
                     ah = b.op("MatMul", [a_t, hf], "ah")[0]  # [N, r, HW]

@@ -149,3 +149,25 @@ def test_unused_slot_rows_do_not_matter(tiny_pkg):
     for v in poisoned.values():
         v[len(ids):] = np.nan  # the unused rows
     assert np.array_equal(_run(sess, eks, x, slots, poisoned), ref)
+
+
+def test_manifest_eks_entry_is_validated(tiny_pkg):
+    from lorkd.package import PackageError, validate_manifest
+
+    manifest = load_package(tiny_pkg)
+    validate_manifest(manifest)
+    for breaking in (
+        lambda e: e["segments"].pop(),  # a factor without its segment
+        lambda e: e["segments"][1].update(offset=e["segments"][0]["offset"]),  # overlap
+        lambda e: e["segments"][0].update(rows=e["segments"][0]["rows"] + 1),  # wrong shape at the bank rank
+        lambda e: e.update(bank_width=e["segments"][-1]["offset"]),  # does not fit the row
+        lambda e: e.update(rank=1),  # below lora.rank
+    ):
+        bad = json.loads(json.dumps(manifest))
+        breaking(bad["model"]["eks"])
+        with pytest.raises(PackageError):
+            validate_manifest(bad)
+    bad = json.loads(json.dumps(manifest))
+    del bad["files"][EKS_FILE]
+    with pytest.raises(PackageError):
+        validate_manifest(bad)
