@@ -166,11 +166,12 @@ fn main() {
             &dir,
             "--provider",
             "cpu",
-            "--max-batch-wait-ms",
-            "0",
             "--intra-op-threads",
             &threads,
         ];
+        if !extra.contains(&"--max-batch-wait-ms") {
+            args.extend_from_slice(&["--max-batch-wait-ms", "0"]);
+        }
         args.extend_from_slice(extra);
         let config = match Config::from_args(&args) {
             Ok(c) => c,

@@ -65,7 +65,7 @@ if [ $smoke = 1 ]; then
   binary=target/debug/lorkd
   [ -x "$binary" ] || cargo test --locked --no-run >/dev/null
   e2e_args=(--duration 1 --warmup 1 --repeats 1 --concurrency 1,8 --counts 10 --starts 1 --cold-requests 6
-            --cold-experts "$cold_experts" --check)
+            --cold-experts "$cold_experts" --execution-counts 3,10 --modes auto,mixed --check)
 else
   echo "== release build"
   cargo build --release --locked --bin lorkd
@@ -78,7 +78,7 @@ else
   LORKD_BENCH_THREADS=1 LORKD_BENCH_ROUNDS=3 LORKD_BENCH_SECONDS=1 LORKD_BENCH_OUT="$root/$out/ceiling-1thread.json" \
     cargo bench --locked --bench ceiling 2>&1 | tee "$out/ceiling-1thread.log" | tail -18
   e2e_args=(--duration "${LORKD_BENCH_DURATION:-6}" --repeats "${LORKD_BENCH_REPEATS:-3}" --counts "$counts"
-            --cold-experts "$cold_experts")
+            --cold-experts "$cold_experts" --execution-counts "3,${LORKD_BENCH_EXECUTION_COUNTS:-100,1000}")
 fi
 echo "== end to end ($binary)"
 $python scripts/bench/e2e.py --binary "$binary" --package "$package" --task "$task" --out "$out" "${e2e_args[@]}"

@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--packages", type=Path, default=Path("bench-out/packages"))
     p.add_argument("--task", default="retina")
     p.add_argument("--out", type=Path, default=Path("bench-out/results"))
-    p.add_argument("--sections", default="warm,batching,cold,scale")
+    p.add_argument("--sections", default="warm,batching,cold,scale,execution")
     p.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run")
     p.add_argument("--warmup", type=int, default=2, help="seconds of wrk warm-up before measuring")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds per row (medians are reported)")

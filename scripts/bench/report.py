@@ -141,6 +141,22 @@ def scale(rows: list[dict], naive_rss: float | None, merged_bytes: int | None) -
                   "naive: N x merged file MiB", "naive: N x session RSS MiB"], body)
 
 
+def execution(rows: list[dict]) -> str:
+    """Issue 8: single expert vs random mix per execution mode, images by path, RSS against its target."""
+    body = []
+    for r in rows:
+        s, m = r["single"], r["mix"]
+        paths = ", ".join(f"{k.split('=')[1].strip(chr(34))} {v:,.0f}" for k, v in sorted(r["images_by_path"].items()) if v)
+        body.append([r["experts"], r["execution"] + ("" if r["in_effect"] == r["execution"] else f" (ran {r['in_effect']})"),
+                     fmt(s["rps"]), fmt(m["rps"]), f"{r['mix_over_single']:.2f}", fmt(s["p99_ms"]), fmt(m["p99_ms"]),
+                     f"{r['mix_p99_over_single']:.2f}", f"{fmt(s['mean_batch'], 1)} / {fmt(m['mean_batch'], 1)}",
+                     paths or "n/a", f"{r['rss_after'] / MiB:.0f}", f"{r['rss_peak'] / MiB:.0f}",
+                     f"{r['rss_target_bytes'] / MiB:.0f}"])
+    return table(["experts", "execution", "single req/s", "mix req/s", "mix/single", "single p99 ms", "mix p99 ms",
+                  "mix p99/single", "mean batch single / mix", "images by path", "RSS after MiB", "RSS peak MiB",
+                  "RSS target MiB"], body)
+
+
 def targets(c_info: dict | None, e2e: dict) -> str:
     body = []
     warm = e2e.get("warm", [])
@@ -234,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                      + scale(e2e["scale"], naive_rss, merged_bytes))
     if e2e.get("batching"):
         parts.append("## 6. Dynamic batching off vs on\n\n" + batching(e2e["batching"]))
+    if e2e.get("execution"):
+        parts.append("## 7. Execution paths: one expert vs a random mix (issue 8), wrk -c"
+                     f"{e2e['execution'][0]['single']['connections']}, 16-expert cache budget\n\n"
+                     + execution(e2e["execution"]))
     parts.append("## Targets\n\n" + targets(c_info, e2e))
     print("\n".join(parts))
     return 0
