@@ -382,8 +382,20 @@ def section_cold(a, results: dict, logs: Path) -> None:
     results["cold"] = cold
 
 
-def section_scale(a, results: dict, logs: Path) -> None:
+def single_and_mix(a, pkg: Path, n: int, tasks_name: str) -> tuple[dict, int, dict, dict]:
+    """The package's manifest and expert size, and the wrk arguments of the two rows every scale table compares:
+    one expert (the first task), and a uniformly random mix over its first `n` tasks (the `golden/<task>/0.png` of
+    `--task` as the body)."""
     png = a.package / "golden" / a.task / "0.png"
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    tasks = [t["id"] for t in manifest["tasks"]][:n]
+    tasks_file = a.out / tasks_name
+    tasks_file.write_text("\n".join(tasks) + "\n")
+    common = dict(body=png, content_type="image/png", path_fmt=NATIVE, connections=a.scale_concurrency)
+    return manifest, expert_bytes(manifest), dict(common, task=tasks[0]), dict(common, tasks_file=tasks_file)
+
+
+def section_scale(a, results: dict, logs: Path) -> None:
     rows = []
     runs = [(n, "default flags", [], {}) for n in a.counts]
     if a.counts and "--dedicated-sessions" in help_text(a.binary):
@@ -395,16 +407,8 @@ def section_scale(a, results: dict, logs: Path) -> None:
         runs.append((n, "--dedicated-sessions 4", ["--dedicated-sessions", "4"], {}))
     for n, label, extra, env in runs:
         pkg = a.packages / f"synthetic-{n}"
-        manifest = json.loads((pkg / "manifest.json").read_text())
-        tasks = [t["id"] for t in manifest["tasks"]]
-        tasks_file = a.out / f"tasks-{n}.txt"
-        tasks_file.write_text("\n".join(tasks) + "\n")
-        per_expert = expert_bytes(manifest)
+        manifest, per_expert, single_kw, mix_kw = single_and_mix(a, pkg, n, f"tasks-{n}.txt")
         budget = 16 * per_expert
-        single_kw = dict(body=png, content_type="image/png", path_fmt=NATIVE, task=tasks[0],
-                         connections=a.scale_concurrency)
-        mix_kw = dict(body=png, content_type="image/png", path_fmt=NATIVE, tasks_file=tasks_file,
-                      connections=a.scale_concurrency)
         with Server(a.binary, pkg, ["--cache-bytes", str(budget), *extra], logs, f"scale-{n}-{len(runs)}",
                     env=env) as s:
             at_ready = s.memory()
@@ -438,21 +442,12 @@ def section_scale(a, results: dict, logs: Path) -> None:
 def section_execution(a, results: dict, logs: Path) -> None:
     """Issue 8: one expert vs a uniformly random mix over N experts (the shipped package for N = 3, synthetic
     packages otherwise) for each execution mode, side by side per server; path counts and RSS from the server."""
-    png = a.package / "golden" / a.task / "0.png"
     rows = []
     for n in a.execution_counts:
         pkg = a.package if n <= len(json.loads((a.package / "manifest.json").read_text())["tasks"]) \
             else a.packages / f"synthetic-{n}"
-        manifest = json.loads((pkg / "manifest.json").read_text())
-        tasks = [t["id"] for t in manifest["tasks"]][:n]
-        tasks_file = a.out / f"exec-tasks-{n}.txt"
-        tasks_file.write_text("\n".join(tasks) + "\n")
-        per_expert = expert_bytes(manifest)
+        manifest, per_expert, single_kw, mix_kw = single_and_mix(a, pkg, n, f"exec-tasks-{n}.txt")
         budget = 16 * per_expert
-        single_kw = dict(body=png, content_type="image/png", path_fmt=NATIVE, task=tasks[0],
-                         connections=a.scale_concurrency)
-        mix_kw = dict(body=png, content_type="image/png", path_fmt=NATIVE, tasks_file=tasks_file,
-                      connections=a.scale_concurrency)
         for mode in a.modes:
             with Server(a.binary, pkg, ["--cache-bytes", str(budget), "--execution", mode], logs,
                         f"exec-{n}-{mode}") as s:
