@@ -113,10 +113,17 @@ pub fn check_meta_lengths(file: &[u8]) -> Result<(), PreprocessError> {
         bad("cannot parse DICOM file (corrupt or truncated?): file meta element runs past the end")
     };
     let mut pos = 4; // "DICM"
+                     // dicom-object reads the group length (0002,0000) first, then elements of any tag until it has read that many
+                     // bytes (a corrupt tag does not end the group for it); without one it refuses the file.
+    let mut group_length: Option<usize> = None;
+    let mut read_after_length = 0usize;
     while pos + 8 <= file.len() {
         let group = u16::from_le_bytes([file[pos], file[pos + 1]]);
-        if group != 0x0002 {
-            break;
+        let element = u16::from_le_bytes([file[pos + 2], file[pos + 3]]);
+        match group_length {
+            Some(length) if read_after_length >= length => break,
+            None if group != 0x0002 => break,
+            _ => {}
         }
         let vr = &file[pos + 4..pos + 6];
         // The VRs with a 2-byte length; every other one, unknown (corrupt) VRs included, is read by dicom-rs with
@@ -161,10 +168,18 @@ pub fn check_meta_lengths(file: &[u8]) -> Result<(), PreprocessError> {
             )
         };
         let end = pos.checked_add(header).and_then(|p| p.checked_add(length));
-        match end {
-            Some(end) if end <= file.len() => pos = end,
+        let end = match end {
+            Some(end) if end <= file.len() => end,
             _ => return Err(corrupt()),
+        };
+        if group_length.is_none() && (group, element, length) == (0x0002, 0x0000, 4) {
+            let value = &file[pos + header..end];
+            group_length =
+                Some(u32::from_le_bytes([value[0], value[1], value[2], value[3]]) as usize);
+        } else {
+            read_after_length += end - pos;
         }
+        pos = end;
     }
     Ok(())
 }
@@ -909,6 +924,22 @@ mod tests {
             0x02, 0x00, 0x02, 0x00, 0x8d, 0x8d, 0x8d, 0x8d, 0x8d, 0x8d, 0, 0,
         ]);
         assert!(check_meta_lengths(&odd).is_err());
+        // Found by the fuzzer: within the group length, an element with a corrupt group number does not end the
+        // group for dicom-object, which went on to read a later element's 4 GB length (an unknown VR `U1`).
+        let mut corrupt_group = b"DICM".to_vec();
+        corrupt_group.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, b'U', b'L', 4, 0, 36, 0, 0, 0]);
+        corrupt_group.extend_from_slice(&[
+            0x00, 0x03, 0x00, 0x02, b'U', b'I', 4, 0, b'1', b'.', b'2', 0,
+        ]);
+        corrupt_group.extend_from_slice(&[
+            0x02, 0x00, 0x12, 0x00, b'U', b'1', 1, 7, 0x01, 0x04, 0x01, 0xf4,
+        ]);
+        corrupt_group.extend_from_slice(&[0u8; 64]);
+        assert!(check_meta_lengths(&corrupt_group).is_err());
+        let artifact = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/fuzz/dicom_meta_corrupt_group.dcm");
+        let bytes = std::fs::read(&artifact).unwrap();
+        assert!(check_meta_lengths(&bytes[128..]).is_err());
     }
 
     #[test]
