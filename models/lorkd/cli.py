@@ -173,6 +173,31 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_seeds(args) -> int:
+    """Multi-seed experiments (lorkd.seeds): teacher | train | select | report | package | parity."""
+    from . import seeds as S
+
+    spec = S.load_spec(Path(args.config))
+    runs = Path(args.runs)
+    if args.stage == "teacher":
+        S.train_teacher(spec, runs, args.data_dir, progress=not args.no_progress)
+    elif args.stage == "train":
+        for seed in args.seeds or spec["seeds"]:
+            for name in args.names or ["selected", "lorkd_nokd", "mtl", "stl"]:
+                print(f"=== {name} seed {seed}", flush=True)
+                S.train_name(spec, runs, name, seed, args.data_dir, progress=not args.no_progress)
+    elif args.stage == "select":
+        print(json.dumps(S.select_variant(spec, runs), indent=1))
+    elif args.stage == "report":
+        S.write_seeds_report(spec, runs, Path(args.readme), Path(args.figures), Path(args.package), args.data_dir,
+                             resamples=args.resamples)
+    elif args.stage == "package":
+        print(json.dumps(S.package_selected(spec, runs, Path(args.package), args.data_dir), indent=1))
+    elif args.stage == "parity":
+        return 0 if S.parity_selected(runs, Path(args.package), args.data_dir) else 1
+    return 0
+
+
 def cmd_plot(args) -> int:
     from .report import run_curves_png
 
@@ -333,6 +358,22 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--only", nargs="*", help="run only these stages")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_pipeline)
+
+    s = sub.add_parser("seeds", help="multi-seed experiments: teacher | train | select | report | package | parity "
+                                     "(resumable; models/reproduce.sh runs them in order)")
+    s.add_argument("stage", choices=["teacher", "train", "select", "report", "package", "parity"])
+    s.add_argument("--config", default="models/configs/medmnist-seeds.json")
+    s.add_argument("--runs", default="models/runs")
+    s.add_argument("--names", nargs="*", help="train: config block names (selected = the variant chosen on val, "
+                                              "probe_<key> = a probe on top of it; "
+                                              "default: selected lorkd_nokd mtl stl)")
+    s.add_argument("--seeds", nargs="*", type=int, help="train: seeds (default: the config's seeds)")
+    s.add_argument("--readme", default="models/README.md")
+    s.add_argument("--figures", default="models/figures")
+    s.add_argument("--package", default="models/medmnist-lorkd")
+    s.add_argument("--resamples", type=int, default=10_000)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_seeds)
 
     s = sub.add_parser("plot", help="training curves of runs (loss, val, img/s) from their history.json")
     s.add_argument("--run", nargs="+", required=True)

@@ -36,7 +36,8 @@ DEFAULT_DESCRIPTION = (
 
 def export_from_run(run: Path, out: Path, data_dir: Path | None = None, metrics_file: Path | None = None,
                     extra_provenance: dict | None = None, checkpoint_out: Path | None = None,
-                    name: str = "medmnist-lorkd", description: str | None = None) -> dict:
+                    name: str = "medmnist-lorkd", description: str | None = None,
+                    readme_notes: str | None = None) -> dict:
     """Export the best checkpoint of a LoRKD run; test metrics are measured here (or read from metrics_file).
 
     With `checkpoint_out`, the PyTorch checkpoint is copied there and its sha256 recorded in the provenance.
@@ -60,7 +61,7 @@ def export_from_run(run: Path, out: Path, data_dir: Path | None = None, metrics_
     manifest = export_package(
         student, tasks, Path(out), name=name, description=description,
         metrics=metrics, provenance=prov,
-        readme=_package_readme(cfg, metrics, best.get("epoch"), name),
+        readme=_package_readme(cfg, metrics, best.get("epoch"), name, readme_notes),
     )
     for p in Path(out).rglob("*"):
         if p.is_file():
@@ -77,7 +78,7 @@ def describe(cfg: dict, tasks) -> str:
     return (f"LoRKD experts ({arch} at {cfg.get('image_size', 28)} px, rank-{cfg['rank']} EKS layers) for: {names}.")
 
 
-def _package_readme(cfg: dict, metrics: dict, epoch, name: str = "medmnist-lorkd") -> str:
+def _package_readme(cfg: dict, metrics: dict, epoch, name: str = "medmnist-lorkd", notes: str | None = None) -> str:
     lines = [
         f"# {name}",
         "",
@@ -90,6 +91,8 @@ def _package_readme(cfg: dict, metrics: dict, epoch, name: str = "medmnist-lorkd
     ]
     for k, v in metrics.items():
         lines.append(f"| {k} | {v.get('test_acc', float('nan')):.3f} | {v.get('test_auc', float('nan')):.3f} |")
+    if notes:
+        lines += ["", notes]
     lines += ["", "See `models/README.md` for how it was made, baselines and parity figures.", ""]
     return "\n".join(lines)
 

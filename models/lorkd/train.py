@@ -48,6 +48,12 @@ class TrainConfig:
     alpha: float = 16.0
     beta: float = 5.0  # weight of the task knowledge transfer loss (0 = ablation)
     temperature: float = 4.0
+    # transfer loss (issue 13): "teacher_proj" = KL to softmax(P f_teacher / T) with P trained on that same loss
+    # (the original, target can drift); "fitnets" = a student-side projection Q regresses the teacher's fixed,
+    # standardised feature (MSE per dimension); "logits" = KL to the teacher's own task head at temperature T
+    kd_variant: str = "teacher_proj"
+    # training augmentation on top of the flip: "" | "shift" (random translation of up to 2 px, edge padded)
+    augment: str = ""
     width: str = "x1.0"  # x1.0 | tiny (tests)
     # student architecture: "" = the built-in 28-px ShuffleNetV2 (`width`); else any torchvision CNN name,
     # decomposed by lorkd.decompose (tested: shufflenet_v2_x0_5..x2_0, mobilenet_v3_small/large, resnet18)
@@ -178,6 +184,73 @@ class KDProjection(nn.Module):
         return self.proj(f)
 
 
+KD_VARIANTS = ("teacher_proj", "fitnets", "logits")
+
+
+def fitnets_loss(student_proj: torch.Tensor, teacher_std: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean over dimensions of (Q f_s - z_t)^2 against the fixed standardised teacher feature, summed."""
+    return (student_proj - teacher_std).pow(2).mean(dim=1).sum()
+
+
+def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton KD: per-sample T^2 * KL(softmax(teacher/T) || softmax(student/T)) over the classes, summed."""
+    return transfer_loss(student_logits, teacher_logits, temperature)
+
+
+@torch.no_grad()
+def softmax_stats(z: torch.Tensor, temperature: float) -> tuple[float, float]:
+    """(mean entropy of softmax(z/T) relative to log D, mean KL(softmax(z/T) || uniform) in nats)."""
+    logp = F.log_softmax(z.float() / temperature, dim=1)
+    ent = -(logp.exp() * logp).sum(dim=1)
+    logd = math.log(z.shape[1])
+    return float((ent / logd).mean()), float((logd - ent).mean())
+
+
+@torch.no_grad()
+def kd_diagnostics(model: nn.Module, kd_proj: KDProjection | None, train, tfeat: torch.Tensor, idx: torch.Tensor,
+                   cfg: TrainConfig, device) -> dict:
+    """Is the transfer target collapsing? On a fixed sample of training images (no flip):
+
+    teacher_proj: entropy of the target softmax(P f_t / T) relative to log D (1 = uniform), its KL to uniform,
+    its spread over samples (mean total variation to the mean target; 0 = one target for every image), the same
+    entropy for the student's softmax(f_s / T) and the cosine between P f_t and f_s. fitnets: cosine and MSE
+    between Q f_s and the standardised teacher feature. logits: agreement of teacher and student argmax and
+    the KL at temperature T."""
+    was_training = model.training
+    model.eval()
+    x, t = train.x[idx], train.t[idx]
+    fs = torch.cat([model(x[s:s + 256].to(device), t[s:s + 256].to(device)).float().cpu()
+                    for s in range(0, len(idx), 256)])
+    tf = tfeat[idx, 0]
+    out: dict = {}
+    if cfg.kd_variant == "teacher_proj" and kd_proj is not None:
+        z = kd_proj(tf.to(device)).float().cpu()
+        out["target_entropy_rel"], out["target_kl_uniform"] = softmax_stats(z, cfg.temperature)
+        p = F.softmax(z / cfg.temperature, dim=1)
+        out["target_spread_tv"] = float(0.5 * (p - p.mean(0)).abs().sum(1).mean())
+        out["student_entropy_rel"], out["student_kl_uniform"] = softmax_stats(fs, cfg.temperature)
+        out["cos_target_student"] = float(F.cosine_similarity(z, fs, dim=1).mean())
+        out["teacher_raw_entropy_rel"], _ = softmax_stats(tf, cfg.temperature)
+    elif cfg.kd_variant == "fitnets" and kd_proj is not None:
+        q = kd_proj(fs.to(device)).float().cpu()
+        out["cos_student_teacher"] = float(F.cosine_similarity(q, tf, dim=1).mean())
+        out["mse"] = float((q - tf).pow(2).mean())
+    elif cfg.kd_variant == "logits":
+        agree, kl = [], []
+        for k in range(int(t.max()) + 1):
+            sel = t == k
+            if sel.any():
+                sl = model.logits(fs[sel].to(device), k).float().cpu()
+                tl = tf[sel, :sl.shape[1]]
+                agree.append((sl.argmax(1) == tl.argmax(1)).float())
+                kl.append(F.kl_div(F.log_softmax(sl / cfg.temperature, 1), F.log_softmax(tl / cfg.temperature, 1),
+                                   log_target=True, reduction="none").sum(1))
+        out["argmax_agreement"] = float(torch.cat(agree).mean())
+        out["kl_T"] = float(torch.cat(kl).mean())
+    model.train(was_training)
+    return out
+
+
 def transfer_loss(student_feat: torch.Tensor, teacher_proj: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-sample T^2 * KL(softmax(teacher/T) || softmax(student/T)) over the feature dimension, summed."""
     log_s = F.log_softmax(student_feat / temperature, dim=1)
@@ -191,26 +264,50 @@ class StepLoss(nn.Module):
     (heads and the KD projection run outside the student's forward otherwise)."""
 
     def __init__(self, model: nn.Module, kd_proj: KDProjection | None, class_weights: list[torch.Tensor],
-                 beta: float, temperature: float):
+                 beta: float, temperature: float, kd_variant: str = "teacher_proj"):
         super().__init__()
         self.model, self.kd_proj = model, kd_proj
         self.cw = class_weights
         self.beta, self.temperature = beta, temperature
+        self.kd_variant = kd_variant
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, tf: torch.Tensor | None,
                 denom: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, ce, kd): per-sample sums divided by `denom` (the global batch size)."""
         feats = self.model(x, t)
         ce = feats.new_zeros(())
+        kd = feats.new_zeros(())
+        logit_kd = self.kd_variant == "logits" and tf is not None and self.beta > 0
         for k in range(len(self.cw)):
             sel = t == k
             if sel.any():
-                ce = ce + F.cross_entropy(self.model.logits(feats[sel], k), y[sel], weight=self.cw[k], reduction="sum")
+                logits = self.model.logits(feats[sel], k)
+                ce = ce + F.cross_entropy(logits, y[sel], weight=self.cw[k], reduction="sum")
+                if logit_kd:  # tf: the teacher's own head of the sample's task, padded to the widest task
+                    kd = kd + logit_kd_loss(logits, tf[sel, :logits.shape[1]], self.temperature)
         ce = ce / denom
-        kd = feats.new_zeros(())
-        if self.kd_proj is not None and tf is not None:
-            kd = self.beta * transfer_loss(feats, self.kd_proj(tf), self.temperature) / denom
+        if logit_kd:
+            kd = self.beta * kd / denom
+        elif self.kd_proj is not None and tf is not None:
+            if self.kd_variant == "fitnets":
+                kd = self.beta * fitnets_loss(self.kd_proj(feats), tf) / denom
+            else:
+                kd = self.beta * transfer_loss(feats, self.kd_proj(tf), self.temperature) / denom
         return ce + kd, ce, kd
+
+
+def random_shift(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Translate every image by its (dy, dx) in pixels, edges replicated (the teacher's features are not
+    recomputed for the shifted image: its pooled feature is close to shift-invariant)."""
+    m = int(shifts.abs().max()) if len(shifts) else 0
+    if m == 0:
+        return x
+    n, _, h, w = x.shape
+    pad = F.pad(x, (m, m, m, m), mode="replicate")
+    rows = (m - shifts[:, 0])[:, None] + torch.arange(h)
+    cols = (m - shifts[:, 1])[:, None] + torch.arange(w)
+    return pad[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
+               rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def dist_info() -> tuple[int, int]:
@@ -273,6 +370,9 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
     use_kd = cfg.mode == "lorkd" and cfg.beta > 0
     kd_proj = None
     tfeat = None
+    diag_idx = None
+    if cfg.kd_variant not in KD_VARIANTS:
+        raise ValueError(f"unknown kd_variant {cfg.kd_variant!r} (one of {KD_VARIANTS})")
     if use_kd:
         if not cfg.teacher_features:
             raise ValueError("lorkd with beta > 0 needs teacher_features (run the teacher-features command)")
@@ -282,7 +382,21 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
         tfeat = blob["features"].float()  # (N_train, 2, D): [original, horizontally flipped]
         if tfeat.shape[0] != len(train):
             raise ValueError("teacher features do not match the training set size")
-        kd_proj = KDProjection(tfeat.shape[2], model.cfg.feature_dim).to(device)
+        feature_dim = model.cfg.feature_dim
+        if cfg.kd_variant == "teacher_proj":
+            kd_proj = KDProjection(tfeat.shape[2], feature_dim).to(device)
+        elif cfg.kd_variant == "fitnets":
+            # fixed target: the teacher's feature standardised per dimension with training-set statistics
+            flat = tfeat.reshape(-1, tfeat.shape[2])
+            tfeat = (tfeat - flat.mean(0)) / (flat.std(0) + 1e-5)
+            kd_proj = KDProjection(feature_dim, tfeat.shape[2]).to(device)
+        else:  # logits of the teacher's own task heads
+            if "logits" not in blob:
+                raise ValueError("kd_variant=logits needs teacher logits in the features file "
+                                 "(recompute it with teacher-features from a toolkit teacher)")
+            tfeat = blob["logits"].float()  # (N_train, 2, C_max)
+        # a fixed sample of training images for the per-epoch diagnostics of the transfer target
+        diag_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(1234))[:1024]
 
     params = [p for p in model.parameters() if p.requires_grad] + (list(kd_proj.parameters()) if kd_proj else [])
     if cfg.optimizer == "sgd":
@@ -296,7 +410,7 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
     chunks = cfg.micro_batches or world
     if chunks % world:
         raise ValueError(f"micro_batches={chunks} must be a multiple of the world size {world}")
-    step_loss = StepLoss(model, kd_proj, cw, cfg.beta, cfg.temperature)
+    step_loss = StepLoss(model, kd_proj, cw, cfg.beta, cfg.temperature, cfg.kd_variant)
     runner: nn.Module = step_loss
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -328,6 +442,9 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
         with open(out / "config.json", "w") as f:
             json.dump(cfg.to_dict(), f, indent=1)
 
+    diag_init = None
+    if diag_idx is not None and start_epoch == 0 and rank == 0:
+        diag_init = kd_diagnostics(model, kd_proj, train, tfeat, diag_idx, cfg, device)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         model.train()
@@ -339,6 +456,8 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         order = torch.multinomial(weights, steps_per_epoch * cfg.batch_size, replacement=True, generator=g)
         flips = torch.rand(len(order), generator=g) < 0.5 if cfg.hflip else torch.zeros(len(order), dtype=torch.bool)
+        # drawn only with the augmentation on, so that every other config keeps its exact data order
+        shifts = torch.randint(-2, 3, (len(order), 2), generator=g) if cfg.augment == "shift" else None
         sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, kd (times samples), samples
         bar = tqdm(range(steps_per_epoch), desc=f"{out.name} ep{epoch + 1}/{cfg.epochs}",
                    disable=not progress or rank != 0, leave=False, mininterval=5)
@@ -353,7 +472,10 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
                 part = idx.tensor_split(chunks)[c]
                 pfl = fl.tensor_split(chunks)[c]
                 x = train.x[part]
-                x = torch.where(pfl[:, None, None, None], x.flip(3), x).to(device)
+                x = torch.where(pfl[:, None, None, None], x.flip(3), x)
+                if cfg.augment == "shift":
+                    x = random_shift(x, shifts[s * cfg.batch_size:(s + 1) * cfg.batch_size].tensor_split(chunks)[c])
+                x = x.to(device)
                 y, t = train.y[part].to(device), train.t[part].to(device)
                 tf = tfeat[part, pfl.long()].to(device) if use_kd else None
                 sync = contextlib.nullcontext() if world == 1 or j == len(mine) - 1 else runner.no_sync()
@@ -384,6 +506,11 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
                 "val_score": score, "epoch_seconds": time.time() - t0, "train_seconds": train_time,
                 "images_per_second": float(sums[3]) / train_time, "world_size": world,
             }
+            if diag_idx is not None:
+                rec["kd_diag"] = kd_diagnostics(model, kd_proj, train, tfeat, diag_idx, cfg, device)
+                if diag_init is not None:
+                    rec["kd_diag_init"] = diag_init
+                    diag_init = None
             history.append(rec)
             vs = " ".join(f"{k}:{v['acc']:.3f}/{v['auc']:.3f}" for k, v in val.items())
             print(f"[{out.name}] epoch {epoch + 1}/{cfg.epochs} loss {rec['train_loss']:.4f} "
@@ -439,12 +566,22 @@ def load_trained(run: Path, tasks: list[TaskData], which: str = "best.pt", devic
 @torch.no_grad()
 def teacher_features(teacher: Teacher, tasks: list[TaskData], out: Path, batch_size: int = 256,
                      progress: bool = True) -> None:
-    """Pooled teacher features of every training image and of its horizontal flip: (N, 2, D), float16."""
+    """Pooled teacher features of every training image and of its horizontal flip: (N, 2, D), float16; and
+    the logits of the teacher's own head of each image's task (N, 2, C_max), float32, zero-padded to the
+    widest task (for `kd_variant = "logits"`)."""
     teacher.eval()
     train = MultiTaskDataset(tasks, "train")
     feats = torch.zeros(len(train), 2, teacher.feature_dim, dtype=torch.float16)
+    cmax = max(td.spec.num_classes for td in tasks)
+    logits = torch.zeros(len(train), 2, cmax, dtype=torch.float32)
     for s in tqdm(range(0, len(train), batch_size), desc="teacher features", disable=not progress, mininterval=5):
         x = train.x[s:s + batch_size]
-        feats[s:s + batch_size, 0] = teacher(x).half()
-        feats[s:s + batch_size, 1] = teacher(x.flip(3)).half()
-    torch.save({"tasks": [td.spec.id for td in tasks], "features": feats}, out)
+        t = train.t[s:s + batch_size]
+        for j, xx in enumerate((x, x.flip(3))):
+            f = teacher(xx)
+            feats[s:s + batch_size, j] = f.half()
+            for k in t.unique().tolist():
+                sel = t == k
+                lk = teacher.logits(f[sel], k)
+                logits[s:s + batch_size, j][sel, :lk.shape[1]] = lk
+    torch.save({"tasks": [td.spec.id for td in tasks], "features": feats, "logits": logits}, out)

@@ -1,0 +1,761 @@
+"""Multi-seed experiments (issue 13, "accuracy you can trust"): several seeds of LoRKD, its transfer-loss variants,
+LoRKD without transfer, MTL and STL at one budget; selection of the transfer variant on validation; Breast/Retina
+probes; mean +- std tables, paired bootstrap intervals, spread figures; the shipped package from the chosen run.
+
+Layout under a runs folder R: R/teacher (seed 0), R/teacher_features.pt (features + logits),
+R/seeds/<name>/seed<k> (STL: R/seeds/stl/seed<k>/<task>), R/seeds/selection.json, R/seeds/evaluation.json.
+The config is a pipeline config (`common` + one block per name) with three extra keys: `variants` (the
+transfer-loss variants selected among on seed 0's val score), `probes` ({name: overrides} trained on top of
+the selected variant, seed 0, for the Breast/Retina questions) and `seeds`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import TaskData, load_config_tasks, task_tensor
+from .metrics import evaluate, predict, selection_score, task_metrics
+from .train import MODES, TrainConfig, load_trained, teacher_features, train_run
+
+SPEC_KEYS = ("common", "variants", "probes", "seeds", "labels")
+
+
+def load_spec(config: Path) -> dict:
+    return json.loads(Path(config).read_text())
+
+
+def run_dir(runs: Path, name: str, seed: int) -> Path:
+    return Path(runs) / "seeds" / name / f"seed{seed}"
+
+
+def selected(runs: Path) -> str | None:
+    p = Path(runs) / "seeds" / "selection.json"
+    return json.loads(p.read_text())["selected"] if p.exists() else None
+
+
+def block(spec: dict, name: str, runs: Path) -> dict:
+    """The config block of a run name; `selected` is the variant chosen on val, `probe_<key>` a probe on top of it."""
+    if name == "selected":
+        sel = selected(runs)
+        if sel is None:
+            raise SystemExit("no selection yet: run the `select` stage after seed 0 of the variants")
+        return block(spec, sel, runs)
+    if name.startswith("probe_"):
+        key = name[len("probe_"):]
+        base = selected(runs) or spec["variants"][0]
+        return {**block(spec, base, runs), **spec.get("probes", {})[key]}
+    if name not in spec and name not in MODES:
+        raise SystemExit(f"no config block {name!r}")
+    return dict(spec.get(name, {}))
+
+
+def run_config(spec: dict, name: str, seed: int, runs: Path) -> TrainConfig:
+    d = {**spec.get("common", {}), **block(spec, name, runs), "seed": seed}
+    d.setdefault("mode", name if name in MODES else "lorkd")
+    if d["mode"] == "lorkd" and d.get("beta", 0) > 0:
+        d["teacher_features"] = str(Path(runs) / "teacher_features.pt")
+    return TrainConfig.from_dict(d)
+
+
+def resolve(names: list[str], runs: Path) -> list[str]:
+    return [selected(runs) if n == "selected" else n for n in names]
+
+
+def _done(run: Path, cfg: TrainConfig) -> bool:
+    s = run / "summary.json"
+    return s.exists() and json.loads(s.read_text()).get("epochs") == cfg.epochs
+
+
+def train_name(spec: dict, runs: Path, name: str, seed: int, data_dir: Path | None = None,
+               progress: bool = False) -> None:
+    """Train (or resume, or skip when finished) one name at one seed. STL: one member per task, each with its
+    task's share of the multi-task draws (same budget per task as the multi-task runs)."""
+    name = resolve([name], runs)[0]
+    cfg = run_config(spec, name, seed, runs)
+    tasks = load_config_tasks(cfg, data_dir)
+    out = run_dir(runs, name, seed)
+    if cfg.mode == "stl":
+        sizes = torch.tensor([float(len(td.labels["train"])) for td in tasks])
+        shares = sizes.pow(cfg.task_power) / sizes.pow(cfg.task_power).sum()
+        for td, share in zip(tasks, shares.tolist(), strict=True):
+            mcfg = TrainConfig.from_dict({**cfg.to_dict(), "epoch_draws": round(share * float(sizes.sum()))})
+            if not _done(out / td.spec.id, mcfg):
+                train_run(mcfg, [td], out / td.spec.id, progress)
+    elif not _done(out, cfg):
+        train_run(cfg, tasks, out, progress)
+
+
+def train_teacher(spec: dict, runs: Path, data_dir: Path | None = None, progress: bool = False) -> None:
+    cfg = TrainConfig.from_dict({**spec.get("common", {}), **spec.get("teacher", {}), "mode": "teacher", "seed": 0})
+    tasks = load_config_tasks(cfg, data_dir)
+    if not _done(Path(runs) / "teacher", cfg):
+        train_run(cfg, tasks, Path(runs) / "teacher", progress)
+    feats = Path(runs) / "teacher_features.pt"
+    if not feats.exists() or "logits" not in torch.load(feats, map_location="cpu"):
+        torch.set_num_threads(cfg.num_threads)
+        teacher_features(load_trained(Path(runs) / "teacher", tasks), tasks, feats, progress=progress)
+
+
+def _val_score(run: Path) -> float | None:
+    s = run / "summary.json"
+    if s.exists():
+        return json.loads(s.read_text())["best_val_score"]
+    members = sorted(run.glob("*/summary.json"))
+    return float(np.mean([json.loads(m.read_text())["best_val_score"] for m in members])) if members else None
+
+
+def select_variant(spec: dict, runs: Path, seeds: tuple[int, ...] = (0,)) -> dict:
+    """Choose the transfer variant with the best mean val score (seeds given; never test) and record it."""
+    scores = {}
+    for v in spec["variants"]:
+        vals = [_val_score(run_dir(runs, v, s)) for s in seeds]
+        if any(x is None for x in vals):
+            raise SystemExit(f"variant {v} has no finished run for seeds {seeds}")
+        scores[v] = float(np.mean(vals))
+    sel = max(scores, key=scores.get)
+    rec = {"selected": sel, "val_scores": scores, "seeds": list(seeds),
+           "rule": "best mean over tasks of (val ACC + val AUC) / 2 at the val-selected epoch"}
+    (Path(runs) / "seeds").mkdir(parents=True, exist_ok=True)
+    (Path(runs) / "seeds" / "selection.json").write_text(json.dumps(rec, indent=1))
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(logits).float(), dim=1).numpy()
+
+
+def eval_run(run: Path, data_dir: Path | None = None, cache: bool = True) -> dict:
+    """Val and test metrics of a run's best checkpoint and its test softmax outputs (cached in the run folder).
+
+    A run is a multi-task run folder or an STL seed folder of per-task members."""
+    run = Path(run)
+    members = [run] if (run / "best.pt").exists() else sorted(p for p in run.iterdir() if (p / "best.pt").exists())
+    if not members:
+        raise FileNotFoundError(f"no finished run in {run}")
+    cache_file = run / "eval_cache.pt"
+    newest = max((m / "best.pt").stat().st_mtime for m in members)
+    if cache and cache_file.exists() and cache_file.stat().st_mtime > newest:
+        return torch.load(cache_file, weights_only=False)
+    rec: dict = {"val": {}, "test": {}, "probs": {}, "best_epoch": {}, "wall_seconds": 0.0, "history": {}}
+    for m in members:
+        cfg = json.loads((m / "config.json").read_text())
+        if cfg["mode"] == "stl":  # an STL member is trained on its own task (the folder name)
+            cfg = {**cfg, "tasks": [m.name]}
+        tasks = load_config_tasks(cfg, data_dir)
+        model = load_trained(m, tasks)
+        for t, td in enumerate(tasks):
+            logits = predict(model, td, t, "test")
+            rec["test"][td.spec.id] = {**task_metrics(td.labels["test"], logits), "labels": td.labels["test"]}
+            rec["probs"][td.spec.id] = _softmax(logits)
+        rec["val"].update(evaluate(model, tasks, "val"))
+        s = json.loads((m / "summary.json").read_text()) if (m / "summary.json").exists() else {}
+        rec["best_epoch"][m.name] = s.get("best_epoch")
+        rec["wall_seconds"] += s.get("wall_seconds") or 0.0
+        h = m / "history.json"
+        rec["history"][m.name] = json.loads(h.read_text()) if h.exists() else []
+    rec["val_score"] = selection_score(rec["val"])
+    if cache:
+        torch.save(rec, cache_file)
+    return rec
+
+
+@torch.no_grad()
+def per_task_bn(model: nn.Module, td: TaskData, t: int, batch_size: int = 256) -> nn.Module:
+    """A copy of `model` whose BatchNorm running statistics are re-estimated on task t's training images only
+    (cumulative average over one pass, the task's own routing), i.e. what per-task BN statistics would give."""
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.reset_running_stats()
+            mod.momentum = None
+    m.train()
+    x = task_tensor(td, "train")
+    for s in range(0, len(x), batch_size):
+        xb = x[s:s + batch_size]
+        if len(xb) < 2:
+            continue
+        m(xb, torch.full((len(xb),), t, dtype=torch.long))
+    return m.eval()
+
+
+@torch.no_grad()
+def mixed_bn(model: nn.Module, tasks: list[TaskData], task_power: float, seed: int = 0,
+             batch_size: int = 128) -> nn.Module:
+    """Control for `per_task_bn`: the same one-pass re-estimation on mixed-task batches drawn as in training
+    (task share ~ n_t ** task_power, one epoch of draws, each sample through its own expert)."""
+    from .data import MultiTaskDataset, task_balanced_weights
+
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.reset_running_stats()
+            mod.momentum = None
+    m.train()
+    train = MultiTaskDataset(tasks, "train")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.multinomial(task_balanced_weights(train.t, task_power), len(train), replacement=True, generator=g)
+    for s in range(0, len(order) - 1, batch_size):
+        idx = order[s:s + batch_size]
+        m(train.x[idx], train.t[idx])
+    return m.eval()
+
+
+def bn_probe(run: Path, data_dir: Path | None = None, control: bool = False) -> dict:
+    """Shared vs per-task BN statistics for every task of a multi-task run: {task: {split: {shared, per_task}}};
+    with `control`, also the shared statistics re-estimated the same way on mixed batches (`mixed`)."""
+    cfg = json.loads((Path(run) / "config.json").read_text())
+    tasks = load_config_tasks(cfg, data_dir)
+    model = load_trained(Path(run), tasks)
+    mixed = mixed_bn(model, tasks, cfg["task_power"]) if control else None
+    out = {}
+    for t, td in enumerate(tasks):
+        m2 = per_task_bn(model, td, t)
+        out[td.spec.id] = {}
+        for split in ("val", "test"):
+            a = task_metrics(td.labels[split], predict(model, td, t, split))
+            b = task_metrics(td.labels[split], predict(m2, td, t, split))
+            out[td.spec.id][split] = {"shared": {"acc": a["acc"], "auc": a["auc"]},
+                                      "per_task": {"acc": b["acc"], "auc": b["auc"]}}
+            if mixed is not None:
+                c = task_metrics(td.labels[split], predict(mixed, td, t, split))
+                out[td.spec.id][split]["mixed"] = {"acc": c["acc"], "auc": c["auc"]}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+# Published anchors (test split, 28 px, %): MedMNIST+ ResNet-18 end to end (3 seeds, mean, std), the best 28-px
+# model per task in MedMNIST+, and MedMNIST v2's ResNet-18 (28).
+ANCHORS = {
+    "MedMNIST+ ResNet-18 (28), 3 seeds": {"breast": (83.97, 1.81, 87.61, 1.16), "pneumonia": (83.12, 1.10, 95.01, 0.30),
+                                          "retina": (52.33, 2.37, 70.41, 0.55)},
+    "MedMNIST+ best 28-px model per task": {"breast": (86.54, None, 89.08, None),
+                                            "pneumonia": (86.59, None, 97.29, None),
+                                            "retina": (54.25, None, 75.35, None)},
+    "MedMNIST v2 ResNet-18 (28)": {"breast": (86.3, None, 90.1, None), "pneumonia": (85.4, None, 94.4, None),
+                                   "retina": (52.4, None, 71.7, None)},
+}
+TARGET_ANCHOR = "MedMNIST+ ResNet-18 (28), 3 seeds"
+LABELS = {"lorkd": "LoRKD, teacher-side projection (a)", "lorkd_fitnets": "LoRKD, FitNets student-side projection (b)",
+          "lorkd_logits": "LoRKD, teacher-head logit KD (c)", "lorkd_nokd": "LoRKD w/o transfer loss",
+          "mtl": "MTL (shared ShuffleNetV2, per-task heads)", "stl": "STL (one ShuffleNetV2 per task)",
+          "teacher": "Teacher ResNet-18 (multi-task, seed 0)"}
+SEEDS_FIGURE = "seeds_spread.png"
+COLLAPSE_FIGURE = "kd_collapse.png"
+
+
+def _label(name: str, spec: dict) -> str:
+    return spec.get("labels", {}).get(name) or LABELS.get(name) or name
+
+
+def collect(spec: dict, runs: Path, data_dir: Path | None = None) -> dict:
+    """{name: {seed: eval_run record}} for every finished run under R/seeds, plus the teacher (seed 0)."""
+    out: dict = {}
+    root = Path(runs) / "seeds"
+    for ndir in sorted(p for p in root.glob("*") if p.is_dir()):
+        for sdir in sorted(ndir.glob("seed*")):
+            finished = (sdir / "summary.json").exists() or (
+                any(sdir.glob("*/summary.json")) and len(list(sdir.glob("*/summary.json"))) == len(
+                    [p for p in sdir.iterdir() if p.is_dir()]))
+            if finished:
+                out.setdefault(ndir.name, {})[int(sdir.name[4:])] = eval_run(sdir, data_dir)
+    if (Path(runs) / "teacher" / "best.pt").exists():
+        out["teacher"] = {0: eval_run(Path(runs) / "teacher", data_dir)}
+    return out
+
+
+def _stats(recs: dict, task: str | None, metric: str) -> tuple[float, float, list[float]]:
+    """(mean, sample std, per-seed values) over seeds; task None = mean over tasks per seed."""
+    vals = []
+    for r in recs.values():
+        if task is None:
+            vals.append(float(np.mean([m[metric] for m in r["test"].values()])))
+        else:
+            vals.append(float(r["test"][task][metric]))
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan"), vals
+
+
+def _pm(mean: float, std: float | None) -> str:
+    if std is None or std != std:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def main_names(spec: dict, runs: Path) -> list[str]:
+    sel = selected(runs) or spec["variants"][0]
+    return [sel, "lorkd_nokd", "mtl", "stl"]
+
+
+def seed_table(ev: dict, names: list[str], tasks: list[str], spec: dict, sel: str) -> list[str]:
+    head = "| method | seeds | " + " | ".join(f"{t} ACC | {t} AUC" for t in tasks) + " | mean ACC | mean AUC |"
+    rows = [head, "| --- " * (2 * len(tasks) + 4) + "|"]
+    for name in names:
+        if name not in ev:
+            continue
+        recs = ev[name]
+        cells = []
+        for t in tasks:
+            for m in ("acc", "auc"):
+                mu, sd, _ = _stats(recs, t, m)
+                cells.append(_pm(100 * mu, 100 * sd))
+        for m in ("acc", "auc"):
+            mu, sd, _ = _stats(recs, None, m)
+            cells.append(_pm(100 * mu, 100 * sd))
+        lab = _label(name, spec)
+        rows.append(f"| {'**' + lab + '**' if name == sel else lab} | {len(recs)} | "
+                    + " | ".join(cells) + " |")
+    for aname, a in ANCHORS.items():
+        if not all(t in a for t in tasks):
+            continue
+        cells = []
+        for t in tasks:
+            acc, accs, auc, aucs = a[t]
+            cells += [_pm(acc, accs), _pm(auc, aucs)]
+        cells += [f"{np.mean([a[t][0] for t in tasks]):.2f}", f"{np.mean([a[t][2] for t in tasks]):.2f}"]
+        rows.append(f"| {aname} (published) | {3 if '3 seeds' in aname else '–'} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def targets(ev: dict, sel: str, tasks: list[str]) -> list[str]:
+    a = ANCHORS[TARGET_ANCHOR]
+    lines = []
+    for t in [t for t in tasks if t in a]:
+        for m, k in (("acc", 0), ("auc", 2)):
+            mu = 100 * _stats(ev[sel], t, m)[0]
+            ok = mu >= a[t][k]
+            lines.append(f"- {t} {m.upper()}: LoRKD {mu:.2f} vs {a[t][k]:.2f} -> {'met' if ok else 'MISSED'} "
+                         f"({mu - a[t][k]:+.2f} points)")
+    lm = 100 * _stats(ev[sel], None, "acc")[0]
+    for b in ("stl", "mtl"):
+        if b in ev:
+            bm = 100 * _stats(ev[b], None, "acc")[0]
+            lines.append(f"- mean ACC over tasks above {b.upper()}: {lm:.2f} vs {bm:.2f} -> "
+                         f"{'met' if lm > bm else 'MISSED'} ({lm - bm:+.2f} points)")
+    return lines
+
+
+def per_seed_rows(ev: dict, names: list[str], tasks: list[str]) -> list[str]:
+    rows = ["| run | seed | " + " | ".join(f"{t} ACC/AUC" for t in tasks) + " | mean ACC | mean AUC | val score | "
+            "best epoch |", "| --- " * (len(tasks) + 6) + "|"]
+    for name in names:
+        for seed, r in sorted(ev.get(name, {}).items()):
+            cells = [f"{100 * r['test'][t]['acc']:.1f} / {100 * r['test'][t]['auc']:.1f}" for t in tasks]
+            ma = 100 * np.mean([r["test"][t]["acc"] for t in tasks])
+            mu = 100 * np.mean([r["test"][t]["auc"] for t in tasks])
+            be = r["best_epoch"]
+            be = next(iter(be.values())) if len(be) == 1 else ", ".join(f"{k} {v}" for k, v in be.items())
+            rows.append(f"| {name} | {seed} | " + " | ".join(cells) + f" | {ma:.1f} | {mu:.1f} | "
+                        f"{r['val_score']:.4f} | {be} |")
+    return rows
+
+
+def _diag_series(rec: dict) -> list[dict]:
+    h = next(iter(rec["history"].values()), [])
+    return [e["kd_diag"] for e in h if "kd_diag" in e]
+
+
+def _diag_init(rec: dict) -> dict | None:
+    h = next(iter(rec["history"].values()), [])
+    return h[0].get("kd_diag_init") if h else None
+
+
+def collapse_rows(ev: dict, spec: dict) -> list[str]:
+    rows = []
+    for name in spec["variants"]:
+        for seed, r in sorted(ev.get(name, {}).items()):
+            series = _diag_series(r)
+            if not series:
+                continue
+            init = _diag_init(r) or {}
+            be = next(iter(r["best_epoch"].values()))
+            best = series[be - 1] if be and be <= len(series) else series[-1]
+            keys = list(series[-1])
+            fmt = "; ".join(f"{k} {init.get(k, float('nan')):.3f} -> {best[k]:.3f} (best epoch) -> "
+                            f"{series[-1][k]:.3f} (last)" for k in keys)
+            rows.append(f"- {name} seed {seed}: {fmt}")
+    return rows
+
+
+def collapse_png(ev: dict, spec: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), dpi=80)
+    for seed, r in sorted(ev.get("lorkd", {}).items()):
+        series = _diag_series(r)
+        init = _diag_init(r)
+        if not series:
+            continue
+        xs = list(range(0 if init else 1, len(series) + 1))
+        pts = ([init] if init else []) + series
+        axes[0].plot(xs, [d["target_entropy_rel"] for d in pts], "o-", label=f"target, seed {seed}")
+        axes[0].plot(xs, [d["student_entropy_rel"] for d in pts], "x--", label=f"student, seed {seed}")
+        axes[1].plot(xs, [d["target_spread_tv"] for d in pts], "o-", label=f"seed {seed}")
+        axes[2].plot(xs, [d["cos_target_student"] for d in pts], "o-", label=f"seed {seed}")
+    titles = ("entropy of softmax(./T) / log D (1 = uniform)", "target spread over images (TV to mean)",
+              "cosine(P f_t, f_s)")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch (0 = init)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle("variant (a): teacher-side trainable projection P, diagnostics on 1,024 fixed training images",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def spread_png(ev: dict, names: list[str], tasks: list[str], spec: dict, path: Path) -> None:
+    """Per-seed test points (and their mean) per method, task and metric, with the MedMNIST+ ResNet-18 band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in names if n in ev]
+    cols = tasks + ["mean"]
+    fig, axes = plt.subplots(2, len(cols), figsize=(3.3 * len(cols), 6), dpi=80)
+    a = ANCHORS[TARGET_ANCHOR]
+    for i, m in enumerate(("acc", "auc")):
+        for j, t in enumerate(cols):
+            ax = axes[i, j]
+            for k, name in enumerate(names):
+                _, _, vals = _stats(ev[name], None if t == "mean" else t, m)
+                vals = [100 * v for v in vals]
+                ax.scatter([k] * len(vals), vals, s=22, alpha=0.8)
+                ax.hlines(np.mean(vals), k - 0.3, k + 0.3, color="black", lw=1.5)
+            if all(x in a for x in tasks):
+                if t != "mean":
+                    mu, sd = a[t][0 if m == "acc" else 2], a[t][1 if m == "acc" else 3]
+                else:
+                    mu = float(np.mean([a[x][0 if m == "acc" else 2] for x in tasks]))
+                    sd = None
+                ax.axhline(mu, color="tab:red", ls="--", lw=1, label="MedMNIST+ ResNet-18 mean")
+                if sd:
+                    ax.axhspan(mu - sd, mu + sd, color="tab:red", alpha=0.08)
+            ax.set_xticks(range(len(names)))
+            ax.set_xticklabels([n.replace("lorkd_", "") for n in names], fontsize=7, rotation=20)
+            ax.set_title(f"{t} test {m.upper()} (%)", fontsize=9)
+            ax.grid(alpha=0.3)
+    if axes[0, 0].get_legend_handles_labels()[0]:
+        axes[0, 0].legend(fontsize=6)
+    fig.suptitle("per-seed test points (dots), mean over seeds (bar)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def bootstrap_rows(ev: dict, sel: str, tasks: list[str], resamples: int = 10_000) -> tuple[list[str], dict]:
+    from .bootstrap import paired_bootstrap
+
+    labels = {t: next(iter(ev[sel].values()))["test"][t]["labels"] for t in tasks}
+    probs = {n: {t: np.stack([r["probs"][t] for _, r in sorted(ev[n].items())]) for t in tasks}
+             for n in ev if n != "teacher" and all(t in next(iter(ev[n].values()))["probs"] for t in tasks)}
+    rows = ["| comparison | " + " | ".join(f"{t} ACC | {t} AUC" for t in tasks) + " | mean ACC | mean AUC |",
+            "| --- " * (2 * len(tasks) + 3) + "|"]
+    res_all = {}
+    for other in ("stl", "mtl", "lorkd_nokd"):
+        if other not in probs or sel not in probs:
+            continue
+        res = paired_bootstrap(labels, probs[sel], probs[other], resamples=resamples, seed=13)
+        res_all[other] = res
+        cells = []
+        for t in tasks + ["mean"]:
+            for m in ("acc", "auc"):
+                r = res[t][m]
+                cells.append(f"{100 * r['diff']:+.2f} [{100 * r['lo']:+.2f}, {100 * r['hi']:+.2f}]")
+        rows.append(f"| LoRKD minus {other} | " + " | ".join(cells) + " |")
+    return rows, res_all
+
+
+def bn_rows(spec: dict, runs: Path, ev: dict, names: list[str], data_dir: Path | None,
+            seeds: tuple[int, ...] = (0,)) -> tuple[list[str], dict]:
+    """Shared vs per-task re-estimated BN statistics (and the mixed-batch re-estimation as the control), per task,
+    val and test, mean over `seeds` (seed 0 by default: each probe is a few forward passes over the training set)."""
+    res: dict = {}
+    for name in names:
+        for seed in [s for s in sorted(ev.get(name, {})) if s in seeds]:
+            run = run_dir(runs, name, seed)
+            if not (run / "best.pt").exists():
+                continue
+            cache = run / "bn_probe.json"
+            stale = not cache.exists() or cache.stat().st_mtime < (run / "best.pt").stat().st_mtime
+            if stale or "mixed" not in next(iter(json.loads(cache.read_text()).values()))["val"]:
+                cache.write_text(json.dumps(bn_probe(run, data_dir, control=True), indent=1))
+            res.setdefault(name, {})[seed] = json.loads(cache.read_text())
+    rows = ["| run (seeds) | task | split | ACC: shared / mixed re-estimated / per-task | "
+            "AUC: shared / mixed re-estimated / per-task |", "| --- | --- | --- | --- | --- |"]
+    for name, by_seed in res.items():
+        tasks = list(next(iter(by_seed.values())))
+        for t in tasks:
+            for split in ("val", "test"):
+                cells = []
+                for m in ("acc", "auc"):
+                    v = [100 * np.mean([r[t][split][k][m] for r in by_seed.values()])
+                         for k in ("shared", "mixed", "per_task")]
+                    cells.append(f"{v[0]:.1f} / {v[1]:.1f} / {v[2]:.1f}")
+                rows.append(f"| {name} ({', '.join(map(str, by_seed))}) | {t} | {split} | " + " | ".join(cells) + " |")
+    return rows, res
+
+
+def probe_rows(spec: dict, ev: dict, tasks: list[str], sel: str) -> list[str]:
+    rows = ["| run (seed 0) | change vs the selected variant | val score | " + " | ".join(
+        f"val {t} ACC/AUC" for t in tasks) + " | " + " | ".join(f"test {t} ACC/AUC" for t in tasks) + " |",
+        "| --- " * (3 + 2 * len(tasks)) + "|"]
+    items = [(sel, "—")] + [(f"probe_{k}", json.dumps(v)) for k, v in spec.get("probes", {}).items()]
+    for name, change in items:
+        r = ev.get(name, {}).get(0)
+        if r is None:
+            continue
+        vc = [f"{100 * r['val'][t]['acc']:.1f} / {100 * r['val'][t]['auc']:.1f}" for t in tasks]
+        tc = [f"{100 * r['test'][t]['acc']:.1f} / {100 * r['test'][t]['auc']:.1f}" for t in tasks]
+        rows.append(f"| {name} | `{change}` | {r['val_score']:.4f} | " + " | ".join(vc + tc) + " |")
+    return rows
+
+
+def recall_rows(ev: dict, names: list[str], tasks: list[str]) -> list[str]:
+    rows = ["| run | task | per-class recall on test (confusion summed over seeds) | predicted share per class |",
+            "| --- | --- | --- | --- |"]
+    for name in names:
+        if name not in ev:
+            continue
+        for t in tasks:
+            cm = np.sum([np.array(r["test"][t]["confusion"]) for r in ev[name].values()], axis=0)
+            rec = cm.diagonal() / np.maximum(cm.sum(1), 1)
+            pred = cm.sum(0) / cm.sum()
+            rows.append(f"| {name} | {t} | " + ", ".join(f"{c}: {v:.2f}" for c, v in enumerate(rec)) + " | "
+                        + ", ".join(f"{v:.2f}" for v in pred) + " |")
+    return rows
+
+
+def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, package: Path | None,
+                       data_dir: Path | None = None, resamples: int = 10_000) -> dict:
+    from .report import END, START, confusion_png, run_curves_png
+
+    t0 = time.time()
+    runs, figures = Path(runs), Path(figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    ev = collect(spec, runs, data_dir)
+    sel = selected(runs) or spec["variants"][0]
+    if sel not in ev:
+        raise SystemExit(f"no finished run of {sel}")
+    tasks = list(next(iter(ev[sel].values()))["test"])
+    names = main_names(spec, runs)
+    lines = ["### Multi-seed test results (official test split, %, mean ± sample std over seeds; "
+             "checkpoint chosen on val)", ""]
+    lines += [f"Schedule: students {spec['common'].get('epochs')} epochs, teacher "
+              f"{spec.get('teacher', {}).get('epochs')} epochs (seed 0); seeds {spec.get('seeds')}. "
+              f"Transfer variant: **{sel}** (chosen on seed-0 val score, see the ablation).", ""]
+    lines += seed_table(ev, names + ["teacher"], tasks, spec, sel)
+    lines += ["", f"Targets (LoRKD mean over seeds vs {TARGET_ANCHOR}; mean ACC over tasks vs STL and MTL):", ""]
+    lines += targets(ev, sel, tasks)
+    lines += ["", "![per-seed spread](figures/" + SEEDS_FIGURE + ")", ""]
+    spread_png(ev, names + ["teacher"], tasks, spec, figures / SEEDS_FIGURE)
+
+    rows, boot = bootstrap_rows(ev, sel, tasks, resamples)
+    lines += ["### Paired bootstrap, LoRKD minus baseline (test, percentage points, 95 % interval)", "",
+              f"{resamples:,} resamples of the test images with replacement (numpy default_rng(13)), the same "
+              "resample for both methods (paired); each method's seeds are averaged per resample (ACC: per-image "
+              "correctness averaged over seeds; AUC: mean of the per-seed AUCs). Tasks are resampled "
+              "independently; the mean column is the mean of the three tasks' differences. The interval covers "
+              "test-set sampling with the trained seeds held fixed, not training noise beyond these seeds.", ""]
+    lines += rows + [""]
+
+    ablation = [v for v in spec["variants"]] + ["lorkd_nokd"]
+    lines += ["### Transfer-loss ablation (seed 0; selection on val score, never test)", ""]
+    lines += ["| variant | settings | val score | val mean ACC | test " + " | test ".join(
+        f"{t} ACC/AUC" for t in tasks) + " | test mean ACC / AUC |", "| --- " * (5 + len(tasks)) + "|"]
+    for name in ablation:
+        r = ev.get(name, {}).get(0)
+        if r is None:
+            continue
+        b = {**spec.get(name, {})}
+        setting = ", ".join(f"{k}={v}" for k, v in b.items()) or "defaults"
+        vm = 100 * np.mean([r["val"][t]["acc"] for t in tasks])
+        tc = [f"{100 * r['test'][t]['acc']:.1f} / {100 * r['test'][t]['auc']:.1f}" for t in tasks]
+        ma = 100 * np.mean([r["test"][t]["acc"] for t in tasks])
+        mu = 100 * np.mean([r["test"][t]["auc"] for t in tasks])
+        star = " (selected)" if name == sel else ""
+        lines.append(f"| {name}{star} | {setting} | {r['val_score']:.4f} | {vm:.1f} | " + " | ".join(tc)
+                     + f" | {ma:.1f} / {mu:.1f} |")
+    sp = runs / "seeds" / "selection.json"
+    if sp.exists():
+        s = json.loads(sp.read_text())
+        lines += ["", f"Selection record: {json.dumps(s['val_scores'])} -> `{s['selected']}`."]
+    lines += ["", "Transfer-target diagnostics (1,024 fixed training images, no flip; init -> best epoch -> last "
+              "epoch). `target_entropy_rel` = entropy of softmax(P f_t / T) / log 1024 (1 = uniform), "
+              "`target_kl_uniform` = KL to uniform (nats), `target_spread_tv` = mean total variation between an "
+              "image's target and the mean target (0 = the same target for every image), `student_entropy_rel` the "
+              "same entropy for softmax(f_s / T), `cos_target_student` the cosine of P f_t and f_s; FitNets: cosine "
+              "and MSE of Q f_s to the standardised teacher feature; logits: argmax agreement and KL at T:", ""]
+    lines += collapse_rows(ev, spec) + ["", "![collapse diagnostics](figures/" + COLLAPSE_FIGURE + ")", ""]
+    collapse_png(ev, spec, figures / COLLAPSE_FIGURE)
+
+    lines += ["### Breast and Retina probes", "",
+              "Per-task BatchNorm statistics, measured post hoc without retraining: the running statistics of a "
+              "trained run are re-estimated on one task's training images only (one pass, cumulative average, "
+              "that task's expert), then that task is evaluated (`per-task`); the control re-estimates them the "
+              "same way on mixed-task batches drawn as in training (`mixed`); `shared` = the trained running "
+              "statistics. The package format is unchanged by this probe.", ""]
+    rows, _ = bn_rows(spec, runs, ev, [sel], data_dir)
+    lines += rows + ["", "Training probes (seed 0, on top of the selected variant; compared on val):", ""]
+    lines += probe_rows(spec, ev, tasks, sel) + ["", "Class balance of the errors:", ""]
+    lines += recall_rows(ev, [sel, "stl", "mtl"], [t for t in tasks if t in ("breast", "retina")]) + [""]
+
+    lines += ["### Every run", ""] + per_seed_rows(ev, names + [v for v in spec["variants"] if v not in names]
+                                                   + [f"probe_{k}" for k in spec.get("probes", {})] + ["teacher"],
+                                                   tasks) + [""]
+
+    costs = expert_costs(run_dir(runs, sel, next(iter(ev[sel]))), data_dir)
+    s, t = costs["student"], costs["teacher"]
+    lines += ["### Cost per deployed expert", "", "| model | parameters | MACs per 28x28 image |",
+              "| --- | --- | --- |",
+              f"| LoRKD / MTL / STL expert (ShuffleNetV2 x1.0, 28 px, 2-class head) | {s['params']:,} | "
+              f"{s['macs'] / 1e6:.1f} M |", f"| Teacher (ResNet-18, 2-class head) | {t['params']:,} | "
+              f"{t['macs'] / 1e6:.1f} M |", ""]
+    shipped = runs / "seeds" / "shipped.json"
+    if shipped.exists():
+        sh = json.loads(shipped.read_text())
+        lines += ["### Shipped package", "", sh["note"], ""]
+    if package and Path(package).exists():
+        pkg = Path(package)
+        experts = sorted((pkg / "experts").glob("*.safetensors"))
+        size = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file())
+        lines += [f"Package `{pkg.as_posix()}`: {size / 1e6:.2f} MB in all; `student.onnx` "
+                  f"{(pkg / 'student.onnx').stat().st_size / 1e6:.2f} MB; per expert file "
+                  + ", ".join(f"{e.stem} {e.stat().st_size / 1e3:.0f} kB" for e in experts) + " (factors + head).", ""]
+    parity = runs / "seeds" / "parity.json"
+    if parity.exists():
+        p = json.loads(parity.read_text())
+        lines += ["Parity of the shipped package (full test split, onnxruntime CPU vs PyTorch EKS):", "",
+                  "| task | images | max abs logit error | argmax agreement | base network (W0) max error |",
+                  "| --- | --- | --- | --- | --- |"]
+        for tid, r in p["tasks"].items():
+            lines.append(f"| {tid} | {r['n']} | {r['max_abs_err']:.2e} | {r['argmax_agreement']:.4f} | "
+                         f"{r['base_max_abs_err']:.2e} |")
+        lines += ["", f"Task switch `W_b = W_a - dW_a + dW_b` vs direct merge, max abs error over all task pairs and "
+                  f"layers: {p['switch_max_abs_err']:.2e}.", ""]
+
+    lines += ["### Wall times (this 2-core CPU shared with Rust builds; one torch thread, one run at a time)", "",
+              "| run | seeds | seconds per seed (training + per-epoch val), mean |", "| --- | --- | --- |"]
+    for name, recs in ev.items():
+        lines.append(f"| {name} | {len(recs)} | {np.mean([r['wall_seconds'] for r in recs.values()]):.0f} |")
+    lines.append("")
+
+    # figures: curves of seed 0, confusion matrices of the shipped run and of seed 0 of the others
+    curve_runs = [run_dir(runs, n, 0) for n in [sel, "lorkd_nokd", "mtl"]
+                  if (run_dir(runs, n, 0) / "history.json").exists()]
+    if curve_runs:
+        run_curves_png(curve_runs, figures / "training_curves.png")
+        lines += ["![training curves, seed 0](figures/training_curves.png)", ""]
+    ship_seed = json.loads(shipped.read_text())["seed"] if shipped.exists() else 0
+    if ship_seed in ev.get(sel, {}):
+        confusion_png(ev[sel][ship_seed]["test"], f"LoRKD ({sel}, seed {ship_seed}, shipped): test confusion",
+                      figures / "confusion_lorkd.png")
+        lines += ["![LoRKD confusion matrices](figures/confusion_lorkd.png)", ""]
+    for name in ("lorkd_nokd", "mtl", "stl", "teacher"):
+        if 0 in ev.get(name, {}):
+            confusion_png(ev[name][0]["test"], f"{name} (seed 0): test confusion", figures / f"confusion_{name}.png")
+            lines.append(f"Confusion matrices for {name} (seed 0): `figures/confusion_{name}.png`.")
+    lines.append("")
+    section = "\n".join(lines)
+    text = Path(readme).read_text() if Path(readme).exists() else f"# lorkd toolkit\n\n{START}\n{END}\n"
+    if START not in text:
+        text += f"\n{START}\n{END}\n"
+    pre, rest = text.split(START, 1)
+    post = rest.split(END, 1)[1] if END in rest else ""
+    Path(readme).write_text(pre + START + "\n" + section + END + post)
+    summary = {name: {str(seed): {"val": {t: {k: r["val"][t][k] for k in ("acc", "auc")} for t in r["val"]},
+                                  "test": {t: {k: r["test"][t][k] for k in ("acc", "auc")} for t in r["test"]},
+                                  "val_score": r["val_score"], "best_epoch": r["best_epoch"]}
+                      for seed, r in recs.items()} for name, recs in ev.items()}
+    (runs / "seeds" / "evaluation.json").write_text(json.dumps(
+        {"runs": summary, "bootstrap": boot, "selected": sel}, indent=1))
+    print(section)
+    print(f"report took {time.time() - t0:.0f}s")
+    return ev
+
+
+def expert_costs(run: Path, data_dir: Path | None = None) -> dict:
+    """Parameters and MACs of one deployed expert (backbone + a 2-class head) and of the teacher."""
+    from .models import DeployStudent, Teacher, count_params_macs
+    from .train import build_model
+
+    cfg = TrainConfig.from_dict(json.loads((Path(run) / "config.json").read_text()))
+    student = build_model(cfg.with_overrides(["mode=mtl"]), load_config_tasks(cfg, data_dir))
+    p, macs = count_params_macs(DeployStudent(student.cfg).eval().net)
+    f = student.cfg.feature_dim
+    teacher = Teacher((2,), cfg.teacher_arch, cfg.teacher_stem_stride).eval()
+    tp, tmacs = count_params_macs(teacher)
+    return {"student": {"params": p + 2 * f + 2, "macs": macs + 2 * f},
+            "teacher": {"params": tp + 2 * teacher.feature_dim + 2, "macs": tmacs + 2 * teacher.feature_dim}}
+
+
+def best_seed(runs: Path, name: str) -> tuple[int, dict]:
+    scores = {}
+    for sdir in sorted((Path(runs) / "seeds" / name).glob("seed*")):
+        v = _val_score(sdir)
+        if v is not None:
+            scores[int(sdir.name[4:])] = v
+    return max(scores, key=scores.get), scores
+
+
+def package_selected(spec: dict, runs: Path, package: Path, data_dir: Path | None = None,
+                     checkpoints: Path = Path("models/checkpoints")) -> dict:
+    """Export the seed with the best val score of the selected variant (its test metrics measured here)."""
+    from .pipeline import export_from_run
+
+    sel = selected(runs) or spec["variants"][0]
+    seed, scores = best_seed(runs, sel)
+    run = run_dir(runs, sel, seed)
+    rec = eval_run(run, data_dir)
+    metrics = {t: {"test_acc": m["acc"], "test_auc": m["auc"]} for t, m in rec["test"].items()}
+    mfile = runs / "seeds" / "shipped_metrics.json"
+    mfile.write_text(json.dumps(metrics, indent=1))
+    sel_rec = json.loads((runs / "seeds" / "selection.json").read_text()) if (
+        runs / "seeds" / "selection.json").exists() else {}
+    vs = ", ".join(f"{k} {v:.4f}" for k, v in sel_rec.get("val_scores", {}).items())
+    note = (f"`{Path(package).as_posix()}` is `{run.as_posix()}`: the transfer variant `{sel}` was chosen on seed 0's "
+            f"val score among {spec['variants']} ({vs}); "
+            f"of its seeds the one with the best val score was exported (val scores "
+            f"{', '.join(f'seed {k} {v:.4f}' for k, v in sorted(scores.items()))} -> seed {seed}). Its test "
+            f"ACC/AUC: " + ", ".join(f"{t} {m['test_acc']:.3f}/{m['test_auc']:.3f}" for t, m in metrics.items())
+            + ". No test number was used for any choice.")
+    extra = {"selection": {**sel_rec, "shipped_seed": seed, "seed_val_scores": scores,
+                           "rule": "variant: best seed-0 val score; seed: best val score of that variant"}}
+    export_from_run(run, Path(package), data_dir, mfile, extra,
+                    checkpoint_out=Path(checkpoints) / Path(package).name,
+                    readme_notes=note.replace(f"`{run.as_posix()}`", f"run `{sel}` seed {seed}"))
+    shipped = {"run": run.as_posix(), "variant": sel, "seed": seed, "val_scores": scores, "note": note}
+    (runs / "seeds" / "shipped.json").write_text(json.dumps(shipped, indent=1))
+    return shipped
+
+
+def parity_selected(runs: Path, package: Path, data_dir: Path | None = None) -> bool:
+    from .parity import package_parity
+
+    sh = json.loads((Path(runs) / "seeds" / "shipped.json").read_text())
+    run = Path(sh["run"])
+    cfg = json.loads((run / "config.json").read_text())
+    tasks = load_config_tasks(cfg, data_dir)
+    student = load_trained(run, tasks)
+    res = package_parity(Path(package), student, tasks, "test", progress=False)
+    (Path(runs) / "seeds" / "parity.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+    ok = res["max_abs_err"] <= 1e-4 and res["argmax_agreement"] == 1.0 and res["switch_max_abs_err"] <= 1e-5
+    print("PARITY OK" if ok else "PARITY FAILED")
+    return ok
+

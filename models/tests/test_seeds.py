@@ -1,0 +1,103 @@
+"""Issue 13: transfer-loss variants, target diagnostics, the multi-seed flow (select on val, report with paired
+bootstrap, package, parity) on tiny synthetic tasks; the vectorised bootstrap AUC against sklearn."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from lorkd import seeds as S
+from lorkd.bootstrap import paired_bootstrap, weighted_auc
+from lorkd.train import TrainConfig, random_shift, train_run
+
+SOURCES = {"alpha": {"path": "alpha.npz", "labels": ["no", "yes"], "channels": 1},
+           "beta": {"path": "beta.npz", "labels": ["a", "b", "c"], "channels": 3}}
+TINY = dict(tasks=["alpha", "beta"], task_sources=SOURCES, width="tiny", epochs=2, batch_size=8,
+            max_batches_per_epoch=2, lr=0.01, num_threads=1, beta=1.0, temperature=4.0)
+
+
+def test_weighted_auc_matches_sklearn_with_ties_and_resamples():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 80)
+    s = np.round(rng.random(80), 1)  # ties
+    probs = np.stack([1 - s, s], 1)
+    assert weighted_auc(y, probs, np.ones((1, 80)))[0] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    y5, p5 = rng.integers(0, 5, 120), rng.dirichlet(np.ones(5), 120)
+    idx = rng.integers(0, 120, 120)
+    w = np.bincount(idx, minlength=120)[None].astype(float)
+    assert weighted_auc(y5, p5, w)[0] == pytest.approx(roc_auc_score(y5[idx], p5[idx], multi_class="ovr"), abs=1e-12)
+
+
+def test_paired_bootstrap_is_zero_for_identical_methods_and_signs_a_better_one():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 60)
+    good = np.stack([1 - y, y], 1) * 0.8 + 0.1
+    noise = rng.dirichlet(np.ones(2), 60)
+    same = paired_bootstrap({"t": y}, {"t": noise[None]}, {"t": noise[None]}, resamples=300)
+    assert same["t"]["acc"]["lo"] == same["t"]["acc"]["hi"] == 0.0
+    res = paired_bootstrap({"t": y}, {"t": good[None]}, {"t": np.stack([noise, noise])}, resamples=300)
+    assert res["t"]["acc"]["lo"] > 0 and res["mean"]["auc"]["diff"] > 0
+
+
+def test_random_shift_translates_each_image():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
+    y = random_shift(x, torch.tensor([[0, 0], [1, -1]]))
+    assert torch.equal(y[0], x[0])
+    assert torch.equal(y[1, :, 1:, :4], x[1, :, :4, 1:])
+
+
+@pytest.mark.parametrize("variant", ["teacher_proj", "fitnets", "logits"])
+def test_kd_variants_train_and_log_diagnostics(tmp_path, data_dir, tasks, variant):
+    n = sum(len(td.labels["train"]) for td in tasks)
+    path = tmp_path / "tf.pt"
+    torch.save({"tasks": [td.spec.id for td in tasks], "features": torch.randn(n, 2, 32).half(),
+                "logits": torch.randn(n, 2, 3)}, path)
+    cfg = TrainConfig(mode="lorkd", width="tiny", epochs=2, batch_size=8, max_batches_per_epoch=2, lr=0.01,
+                      beta=1.0, teacher_features=str(path), kd_variant=variant, augment="shift")
+    train_run(cfg, tasks, tmp_path / variant, progress=False)
+    hist = json.loads((tmp_path / variant / "history.json").read_text())
+    assert all(h["train_kd"] > 0 for h in hist)
+    diag = hist[-1]["kd_diag"]
+    assert hist[0]["kd_diag_init"].keys() == diag.keys()
+    if variant == "teacher_proj":
+        assert 0 < diag["target_entropy_rel"] <= 1 and diag["target_kl_uniform"] >= 0
+        assert -1 <= diag["cos_target_student"] <= 1 and diag["target_spread_tv"] >= 0
+    elif variant == "fitnets":
+        assert diag["mse"] > 0
+    else:
+        assert 0 <= diag["argmax_agreement"] <= 1
+
+
+def test_seeds_flow_selects_on_val_reports_and_ships(tmp_path, data_dir):
+    spec = {"common": TINY, "teacher": {"epochs": 1, "max_batches_per_epoch": 1},
+            "lorkd": {"kd_variant": "teacher_proj"}, "lorkd_logits": {"kd_variant": "logits"},
+            "lorkd_nokd": {"beta": 0.0}, "mtl": {}, "stl": {}, "variants": ["lorkd", "lorkd_logits"],
+            "probes": {"cw1": {"class_weight_power": 1.0}}, "seeds": [0, 1]}
+    runs = tmp_path / "runs"
+    S.train_teacher(spec, runs, data_dir)
+    blob = torch.load(runs / "teacher_features.pt")
+    assert blob["logits"].shape[:2] == blob["features"].shape[:2] and blob["logits"].shape[2] == 3
+    for name in ("lorkd", "lorkd_logits", "lorkd_nokd", "mtl", "stl"):
+        S.train_name(spec, runs, name, 0, data_dir)
+    sel = S.select_variant(spec, runs)
+    assert sel["selected"] == max(sel["val_scores"], key=sel["val_scores"].get)
+    for name in ("selected", "lorkd_nokd", "mtl", "stl"):
+        S.train_name(spec, runs, name, 1, data_dir)
+    S.train_name(spec, runs, "probe_cw1", 0, data_dir)
+    assert json.loads((S.run_dir(runs, "probe_cw1", 0) / "config.json").read_text())["class_weight_power"] == 1.0
+    assert (S.run_dir(runs, "stl", 1) / "beta" / "best.pt").exists()
+    pkg = tmp_path / "pkg"
+    shipped = S.package_selected(spec, runs, pkg, data_dir, checkpoints=tmp_path / "ck")
+    assert shipped["variant"] == sel["selected"] and (pkg / "manifest.json").exists()
+    assert S.parity_selected(runs, pkg, data_dir)
+    readme, figs = tmp_path / "README.md", tmp_path / "figs"
+    S.write_seeds_report(spec, runs, readme, figs, pkg, data_dir, resamples=200)
+    text = readme.read_text()
+    assert "LoRKD minus stl" in text and "Transfer-loss ablation" in text and "per-task" in text
+    assert (figs / S.SEEDS_FIGURE).exists() and (figs / S.COLLAPSE_FIGURE).exists()
+    ev = json.loads((runs / "seeds" / "evaluation.json").read_text())
+    assert set(ev["runs"]["mtl"]) == {"0", "1"} and "stl" in ev["bootstrap"]
