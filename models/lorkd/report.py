@@ -34,6 +34,18 @@ def _run_summary(run: Path) -> dict:
     return json.loads(s.read_text()) if s.exists() else {}
 
 
+def parity_lines(p: dict) -> list[str]:
+    """The parity report (`lorkd-train parity --out`) as a markdown table and the task-switch line."""
+    lines = ["| task | images | max abs logit error | argmax agreement | base network (W0) max error |",
+             "| --- | --- | --- | --- | --- |"]
+    for tid, r in p["tasks"].items():
+        lines.append(f"| {tid} | {r['n']} | {r['max_abs_err']:.2e} | {r['argmax_agreement']:.4f} | "
+                     f"{r['base_max_abs_err']:.2e} |")
+    lines += ["", f"Task switch `W_b = W_a - dW_a + dW_b` vs direct merge, max abs error over all task pairs and "
+              f"layers: {p['switch_max_abs_err']:.2e}.", ""]
+    return lines
+
+
 def evaluate_runs(runs: Path, data_dir: Path | None) -> dict:
     """{run name: {"test": {task: metrics}, "val": ..., "best_epoch": .., "wall_seconds": ..}}."""
     torch.set_num_threads(1)
@@ -226,16 +238,8 @@ def render(ev: dict, costs: dict, runs: Path, package: Path | None) -> str:
     parity = runs / "parity.json"
     if parity.exists():
         p = json.loads(parity.read_text())
-        lines += ["### Parity of the shipped package (full test split, onnxruntime CPU vs PyTorch EKS)", "",
-                  "| task | images | max abs logit error | argmax agreement | base network (W0) max error |",
-                  "| --- | --- | --- | --- | --- |"]
-        for tid, r in p["tasks"].items():
-            lines.append(f"| {tid} | {r['n']} | {r['max_abs_err']:.2e} | {r['argmax_agreement']:.4f} | "
-                         f"{r['base_max_abs_err']:.2e} |")
-        lines.append("")
-        lines.append(f"Task switch `W_b = W_a - dW_a + dW_b` vs direct merge, max abs error over all task pairs "
-                     f"and layers: {p['switch_max_abs_err']:.2e}.")
-        lines.append("")
+        lines += ["### Parity of the shipped package (full test split, onnxruntime CPU vs PyTorch EKS)", ""]
+        lines += parity_lines(p)
     lines += ["![training curves](figures/training_curves.png)", "",
               "![LoRKD confusion matrices](figures/confusion_lorkd.png)", ""]
     for name in ORDER:
