@@ -29,10 +29,6 @@ fn broken_expert(server: &TestServer) -> Arc<Expert> {
     )
 }
 
-async fn status(url: String) -> u16 {
-    reqwest::get(url).await.unwrap().status().as_u16()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_runs_turn_readiness_off_until_one_succeeds() {
     let server = start(&[]).await;
@@ -40,7 +36,7 @@ async fn failing_runs_turn_readiness_off_until_one_succeeds() {
         server.state.package.manifest.input.height,
         server.state.package.manifest.input.width,
     );
-    assert_eq!(status(server.url("/v2/health/ready")).await, 200);
+    assert_eq!(get_status(server.url("/v2/health/ready")).await, 200);
     let broken = broken_expert(&server);
     for _ in 0..UNHEALTHY_AFTER_FAILURES {
         let result = server
@@ -50,9 +46,9 @@ async fn failing_runs_turn_readiness_off_until_one_succeeds() {
             .await;
         assert!(result.is_err(), "ONNX Runtime must refuse the wrong shapes");
     }
-    assert_eq!(status(server.url("/v2/health/ready")).await, 503);
+    assert_eq!(get_status(server.url("/v2/health/ready")).await, 503);
     assert_eq!(
-        status(server.url("/v2/health/live")).await,
+        get_status(server.url("/v2/health/live")).await,
         200,
         "failing runs are not a dead process"
     );
@@ -75,7 +71,7 @@ async fn failing_runs_turn_readiness_off_until_one_succeeds() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(status(server.url("/v2/health/ready")).await, 200);
+    assert_eq!(get_status(server.url("/v2/health/ready")).await, 200);
     server.stop().await.unwrap();
 }
 

@@ -116,14 +116,7 @@ async fn small_byte_budget_evicts_least_recently_used() {
     );
     assert_eq!(metric(&metrics, "lorkd_expert_cache_resident_experts"), 1.0);
     assert!(metric(&metrics, "lorkd_expert_cache_resident_bytes") <= (one_expert * 3 / 2) as f64);
-    let experts: Value = client
-        .get(server.url("/v1/experts"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let experts: Value = get_json(server.url("/v1/experts")).await;
     let state = |task: &str| {
         experts["experts"]
             .as_array()
@@ -182,14 +175,7 @@ async fn pinned_experts_are_preloaded_and_never_evicted() {
     let (png_a, _, _) = golden_png(a);
     let body = predict(&client, &server, a, &png_a).await;
     assert_eq!(body["cache"], "hit");
-    let expert: Value = client
-        .get(server.url(&format!("/v1/experts/{a}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let expert: Value = get_json(server.url(&format!("/v1/experts/{a}"))).await;
     assert_eq!(expert["cache"]["pinned"], true);
     assert_eq!(expert["cache"]["state"], "resident");
     server.stop().await.unwrap();

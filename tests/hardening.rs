@@ -82,14 +82,7 @@ async fn one_huge_request_cannot_grow_memory() {
     ])
     .await;
     let client = Client::new();
-    let info: Value = client
-        .get(server.url("/v1/info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = get_json(server.url("/v1/info")).await;
     let plan = info["memory_plan"]["total"].as_u64().unwrap();
     let infer = server.url(&format!("/v2/models/{}/infer", case.task));
 
@@ -448,29 +441,14 @@ async fn ops_port_and_no_private_details() {
             .unwrap()
             .status();
         assert_eq!(status, 404, "{path} on the public port");
-        let status = client
-            .get(format!("{ops}{path}"))
-            .send()
-            .await
-            .unwrap()
-            .status();
+        let status = get_status(format!("{ops}{path}")).await;
         assert_eq!(status, 200, "{path} on the ops port");
     }
     for path in ["/v2/health/live", "/v2/health/ready"] {
-        let status = client
-            .get(format!("{ops}{path}"))
-            .send()
-            .await
-            .unwrap()
-            .status();
+        let status = get_status(format!("{ops}{path}")).await;
         assert_eq!(status, 200, "{path} on the ops port");
     }
-    let status = client
-        .get(format!("{ops}/v1/experts"))
-        .send()
-        .await
-        .unwrap()
-        .status();
+    let status = get_status(format!("{ops}/v1/experts")).await;
     assert_eq!(status, 404, "the API is not on the ops port");
 
     let info = client

@@ -71,7 +71,7 @@ fn prepared(source: &str, as_task: &str) -> multipart::Form {
 }
 
 /// GET `path` with the API key, as JSON.
-async fn get_json(client: &Client, server: &TestServer, path: &str) -> Value {
+async fn get_keyed_json(client: &Client, server: &TestServer, path: &str) -> Value {
     client
         .get(server.url(path))
         .bearer_auth(API_KEY)
@@ -341,7 +341,7 @@ async fn add_replace_remove_while_serving_and_survive_a_restart() {
     assert_eq!(status, 403, "an API key has no admin scope");
     let (status, _) = put(&client, &server, "added", prepared(&first, "added"), None).await;
     assert_eq!(status, 401);
-    let current: Value = get_json(&client, &server, "/v1/experts/added").await;
+    let current: Value = get_keyed_json(&client, &server, "/v1/experts/added").await;
     assert_eq!(
         current["version"],
         replaced_version.as_str(),
@@ -399,7 +399,7 @@ async fn add_replace_remove_while_serving_and_survive_a_restart() {
 
     // Restart on the same overlay: the removals and the kept expert are still there.
     let server = start(&args).await;
-    let listing: Value = get_json(&client, &server, "/v1/experts").await;
+    let listing: Value = get_keyed_json(&client, &server, "/v1/experts").await;
     let ids: Vec<&str> = listing["experts"]
         .as_array()
         .unwrap()
@@ -411,7 +411,7 @@ async fn add_replace_remove_while_serving_and_survive_a_restart() {
         "{ids:?}"
     );
     assert!(ids.contains(&"kept"), "{ids:?}");
-    let kept: Value = get_json(&client, &server, "/v2/models/kept").await;
+    let kept: Value = get_keyed_json(&client, &server, "/v2/models/kept").await;
     assert_eq!(kept["versions"][0], kept_version.as_str());
     assert_golden_through(&client, &server, &third, "kept").await;
 
@@ -458,14 +458,7 @@ async fn admin_api_is_off_without_admin_keys() {
         .unwrap();
     assert_eq!(response.status(), 403);
     // nothing changed
-    let listing: Value = client
-        .get(server.url("/v1/experts"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listing: Value = get_json(server.url("/v1/experts")).await;
     assert!(listing["experts"]
         .as_array()
         .unwrap()

@@ -43,14 +43,7 @@ async fn bad_expert_file_disables_only_that_expert() {
 
     let server = start_with(config(dir.path(), &[])).await;
     let client = reqwest::Client::new();
-    let expert: Value = client
-        .get(server.url(&format!("/v1/experts/{corrupted}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let expert: Value = get_json(server.url(&format!("/v1/experts/{corrupted}"))).await;
     assert_eq!(expert["status"], "disabled");
     assert!(
         expert["disabled_reason"]
@@ -85,23 +78,11 @@ async fn bad_expert_file_disables_only_that_expert() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "unavailable");
     assert_eq!(
-        client
-            .get(server.url(&format!("/v2/models/{corrupted}/ready")))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        get_status(server.url(&format!("/v2/models/{corrupted}/ready"))).await,
         503
     );
     if let Some(task) = &removed {
-        let expert: Value = client
-            .get(server.url(&format!("/v1/experts/{task}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let expert: Value = get_json(server.url(&format!("/v1/experts/{task}"))).await;
         assert_eq!(expert["status"], "disabled");
         assert!(
             expert["disabled_reason"]
@@ -122,12 +103,7 @@ async fn bad_expert_file_disables_only_that_expert() {
     let got: Vec<f32> = serde_json::from_value(body["logits"].clone()).unwrap();
     assert!(max_abs_diff(&got, &logits) <= tolerance);
     assert_eq!(
-        client
-            .get(server.url(&format!("/v2/models/{healthy}/ready")))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        get_status(server.url(&format!("/v2/models/{healthy}/ready"))).await,
         200
     );
     let metrics = server.metrics().await;
@@ -139,14 +115,7 @@ async fn bad_expert_file_disables_only_that_expert() {
         metric(&metrics, "lorkd_experts{status=\"available\"}"),
         (tasks.len() - 1 - removed.iter().count()) as f64
     );
-    let info: Value = client
-        .get(server.url("/v1/info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = get_json(server.url("/v1/info")).await;
     assert_eq!(
         info["package"]["experts"]["disabled"],
         1 + removed.iter().count()

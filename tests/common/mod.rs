@@ -121,6 +121,16 @@ impl TestServer {
     }
 }
 
+/// Status of an unauthenticated GET of `url` (probes, ops port, refusals).
+pub async fn get_status(url: impl reqwest::IntoUrl) -> reqwest::StatusCode {
+    reqwest::get(url).await.unwrap().status()
+}
+
+/// JSON body of an unauthenticated GET of `url` (listings, `/v1/info`).
+pub async fn get_json(url: impl reqwest::IntoUrl) -> serde_json::Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
 /// The Prometheus text at `url` (`.../metrics`), with a bearer key when the server wants one.
 pub async fn scrape(url: String, key: Option<&str>) -> String {
     let mut request = reqwest::Client::new().get(url);
