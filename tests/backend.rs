@@ -63,14 +63,13 @@ async fn failing_runs_turn_readiness_off_until_one_succeeds() {
     let package = package_dir();
     let case = golden(&package).cases[0].clone();
     let png = std::fs::read(package.join(&case.file)).unwrap();
-    let response = reqwest::Client::new()
-        .post(server.url(&format!("/v1/experts/{}/predict", case.task)))
-        .header("content-type", "image/png")
-        .body(png)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    // predict_png asserts the 200.
+    predict_png(
+        &reqwest::Client::new(),
+        server.url(&format!("/v1/experts/{}/predict", case.task)),
+        png,
+    )
+    .await;
     assert_eq!(get_status(server.url("/v2/health/ready")).await, 200);
     server.stop().await.unwrap();
 }
