@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
-# Reproduce the shipped package from the data (resumable: rerun after an interruption).
-# Lane A: teacher -> teacher features -> LoRKD -> STL.  Lane B: LoRKD w/o transfer -> MTL -> STL (in parallel,
-# the lanes split the STL members between them;
-# one torch thread each: the best use of this 2-core machine). Then evaluation/report, package, parity, and
-# the report again (so the README quotes the parity of the package just written).
+# Reproduce the shipped package from the data (resumable: rerun after an interruption skips finished runs).
+# The multi-seed flow of issue 13 (lorkd/seeds.py, configs/medmnist-seeds.json), in two single-threaded lanes
+# (one torch thread each: the best use of this 2-core machine):
+#   lane A: teacher + its features -> seed 0 of the transfer-loss variants (a, b, c and c at beta 0.25) -> select on val ->
+#           seeds 1-2 of the selected variant -> the task-share and shift probes (seed 0)
+#   lane B: MTL, STL, LoRKD without transfer, seeds 0-2 (none of them needs the teacher)
+# Then the report (models/README.md Results), the package from the selected variant's best-val seed, its parity on
+# the full test split, and the report again (so the README quotes the parity of the package just written).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-models/runs}
 PKG=${PKG:-models/medmnist-lorkd}
-CONFIG=${CONFIG:-models/configs/medmnist.json}
+CONFIG=${CONFIG:-models/configs/medmnist-seeds.json}
 T=.venv/bin/lorkd-train
+S="$T seeds --config $CONFIG --runs $RUNS --package $PKG"
 mkdir -p "$RUNS"
 start=$(date +%s)
-$T pipeline --config "$CONFIG" --runs "$RUNS" --package "$PKG" --only teacher features lorkd stl > "$RUNS/laneA.log" 2>&1 &
+(
+  $S teacher --no-progress
+  $S train --names lorkd lorkd_fitnets lorkd_logits lorkd_logits_b025 --seeds 0 --no-progress
+  $S select
+  $S train --names selected --seeds 1 2 --no-progress
+  $S train --names probe_share probe_shift --seeds 0 --no-progress
+) > "$RUNS/laneA.log" 2>&1 &
 a=$!
-$T pipeline --config "$CONFIG" --runs "$RUNS" --package "$PKG" --only lorkd_nokd mtl stl > "$RUNS/laneB.log" 2>&1 &
+$S train --names mtl stl lorkd_nokd --seeds 0 1 2 --no-progress > "$RUNS/laneB.log" 2>&1 &
 b=$!
 echo "reproduce: lanes running (logs: $RUNS/laneA.log, $RUNS/laneB.log)"
 wait $a
@@ -22,7 +32,8 @@ wait $b
 if [ ! -f "$RUNS/wall.json" ]; then
   echo "{\"training_wall_seconds\": $(( $(date +%s) - start ))}" > "$RUNS/wall.json"
 fi
-$T pipeline --config "$CONFIG" --runs "$RUNS" --package "$PKG" --only report package
-$T parity --run "$RUNS/lorkd" --package "$PKG" --out "$RUNS/parity.json"
-$T pipeline --config "$CONFIG" --runs "$RUNS" --package "$PKG" --only report
+$S report
+$S package
+$S parity
+$S report
 echo "reproduce: done in $(( $(date +%s) - start ))s"

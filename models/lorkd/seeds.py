@@ -155,7 +155,9 @@ def eval_run(run: Path, data_dir: Path | None = None, cache: bool = True) -> dic
         model = load_trained(m, tasks)
         for t, td in enumerate(tasks):
             logits = predict(model, td, t, "test")
-            rec["test"][td.spec.id] = {**task_metrics(td.labels["test"], logits), "labels": td.labels["test"]}
+            # logit_std: spread of the answers over images (0 = the expert answers every image alike: collapsed)
+            rec["test"][td.spec.id] = {**task_metrics(td.labels["test"], logits), "labels": td.labels["test"],
+                                       "logit_std": float(logits.std(0).mean())}
             rec["probs"][td.spec.id] = _softmax(logits)
         rec["val"].update(evaluate(model, tasks, "val"))
         s = json.loads((m / "summary.json").read_text()) if (m / "summary.json").exists() else {}
@@ -383,6 +385,12 @@ def collapse_rows(ev: dict, spec: dict) -> list[str]:
             fmt = "; ".join(f"{k} {init.get(k, float('nan')):.3f} -> {best[k]:.3f} (best epoch) -> "
                             f"{series[-1][k]:.3f} (last)" for k in keys)
             rows.append(f"- {name} seed {seed}: {fmt}")
+    rows += ["", "Student-side collapse: spread of each expert's test logits over images (std, mean over classes; "
+             "about 0 = one constant answer for every image), seed 0:", ""]
+    for name in [*spec["variants"], "lorkd_nokd"]:
+        r = ev.get(name, {}).get(0)
+        if r is not None and all("logit_std" in m for m in r["test"].values()):
+            rows.append(f"- {name}: " + ", ".join(f"{t} {m['logit_std']:.3g}" for t, m in r["test"].items()))
     return rows
 
 
@@ -643,7 +651,7 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
         lines += ["Parity of the shipped package (full test split, onnxruntime CPU vs PyTorch EKS):", ""]
         lines += parity_lines(p)
 
-    lines += ["### Wall times (this 2-core CPU shared with Rust builds; one torch thread, one run at a time)", "",
+    lines += ["### Wall times (2-core CPU; one torch thread per run, two runs in parallel as in `reproduce.sh`)", "",
               "| run | seeds | seconds per seed (training + per-epoch val), mean |", "| --- | --- | --- |"]
     for name, recs in ev.items():
         lines.append(f"| {name} | {len(recs)} | {np.mean([r['wall_seconds'] for r in recs.values()]):.0f} |")
