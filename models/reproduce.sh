@@ -3,8 +3,9 @@
 # The multi-seed flow of issue 13 (lorkd/seeds.py, configs/medmnist-seeds.json), in two single-threaded lanes
 # (one torch thread each: the best use of this 2-core machine):
 #   lane A: teacher + its features -> seed 0 of the transfer-loss variants (a, b, c and c at beta 0.25) -> select on val ->
-#           seeds 1-2 of the selected variant -> the task-share and shift probes (seed 0)
-#   lane B: MTL, STL, LoRKD without transfer, seeds 0-2 (none of them needs the teacher)
+#           seeds 1-2 of the selected variant -> the two task-share probes (seed 0)
+#   lane B: MTL, STL, LoRKD without transfer, seeds 0-2 (none of them needs the teacher) -> the shift and
+#           class-weighting probes (seed 0)
 # Then the report (models/README.md Results), the package from the selected variant's best-val seed, its parity on
 # the full test split, and the report again (so the README quotes the parity of the package just written).
 set -euo pipefail
@@ -21,10 +22,15 @@ start=$(date +%s)
   $S train --names lorkd lorkd_fitnets lorkd_logits lorkd_logits_b025 --seeds 0 --no-progress
   $S select
   $S train --names selected --seeds 1 2 --no-progress
-  $S train --names probe_share probe_shift --seeds 0 --no-progress
+  $S train --names probe_share probe_share25 --seeds 0 --no-progress
 ) > "$RUNS/laneA.log" 2>&1 &
 a=$!
-$S train --names mtl stl lorkd_nokd --seeds 0 1 2 --no-progress > "$RUNS/laneB.log" 2>&1 &
+(
+  $S train --names mtl stl lorkd_nokd --seeds 0 1 2 --no-progress
+  # the probes build on the variant lane A selects (long done by now on this machine; wait if not)
+  while [ ! -f "$RUNS/seeds/selection.json" ]; do sleep 30; done
+  $S train --names probe_shift probe_cw1 --seeds 0 --no-progress
+) > "$RUNS/laneB.log" 2>&1 &
 b=$!
 echo "reproduce: lanes running (logs: $RUNS/laneA.log, $RUNS/laneB.log)"
 wait $a
