@@ -567,7 +567,9 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
     lines += [f"Schedule: students {spec['common'].get('epochs')} epochs, teacher "
               f"{spec.get('teacher', {}).get('epochs')} epochs (seed 0); seeds {spec.get('seeds')}. "
               f"Transfer variant: **{sel}** (chosen on seed-0 val score, see the ablation).", ""]
-    lines += seed_table(ev, names + ["teacher"], tasks, spec, sel)
+    # a probe trained on several seeds (because it beat the selected variant on seed-0 val) gets its own row
+    seeded_probes = [f"probe_{k}" for k in spec.get("probes", {}) if len(ev.get(f"probe_{k}", {})) > 1]
+    lines += seed_table(ev, names + seeded_probes + ["teacher"], tasks, spec, sel)
     lines += ["", f"Targets (LoRKD mean over seeds vs {TARGET_ANCHOR}; mean ACC over tasks vs STL and MTL):", ""]
     lines += targets(ev, sel, tasks)
     lines += ["", "![per-seed spread](figures/" + SEEDS_FIGURE + ")", ""]

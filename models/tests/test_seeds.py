@@ -88,6 +88,7 @@ def test_seeds_flow_selects_on_val_reports_and_ships(tmp_path, data_dir):
     for name in ("selected", "lorkd_nokd", "mtl", "stl"):
         S.train_name(spec, runs, name, 1, data_dir)
     S.train_name(spec, runs, "probe_cw1", 0, data_dir)
+    S.train_name(spec, runs, "probe_cw1", 1, data_dir)  # a probe on several seeds gets a row in the seed table
     assert json.loads((S.run_dir(runs, "probe_cw1", 0) / "config.json").read_text())["class_weight_power"] == 1.0
     assert (S.run_dir(runs, "stl", 1) / "beta" / "best.pt").exists()
     pkg = tmp_path / "pkg"
@@ -99,6 +100,7 @@ def test_seeds_flow_selects_on_val_reports_and_ships(tmp_path, data_dir):
     text = readme.read_text()
     assert "LoRKD minus stl" in text and "Transfer-loss ablation" in text and "per-task" in text
     assert "Student-side collapse" in text and "- lorkd_logits: " in text
+    assert "| probe_cw1 | 2 | " in text
     assert (figs / S.SEEDS_FIGURE).exists() and (figs / S.COLLAPSE_FIGURE).exists()
     ev = json.loads((runs / "seeds" / "evaluation.json").read_text())
     assert set(ev["runs"]["mtl"]) == {"0", "1"} and "stl" in ev["bootstrap"]
