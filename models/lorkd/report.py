@@ -43,7 +43,19 @@ def parity_lines(p: dict) -> list[str]:
                      f"{r['base_max_abs_err']:.2e} |")
     lines += ["", f"Task switch `W_b = W_a - dW_a + dW_b` vs direct merge, max abs error over all task pairs and "
               f"layers: {p['switch_max_abs_err']:.2e}.", ""]
+    mixed = p.get("eks", {}).get("mixed")
+    if mixed:
+        lines += [f"Mixed-task graph (`student_eks.onnx`), the {mixed['n']:,} test images with tasks shuffled into "
+                  f"batches of {mixed['batch_size']}: max abs logit error {mixed['max_abs_err']:.2e}, argmax "
+                  f"agreement {mixed['argmax_agreement']:.4f}.", ""]
     return lines
+
+
+def parity_section(path: Path, heading: str) -> list[str]:
+    """`heading` and the parity table of a parity report file; nothing when the file is absent."""
+    if not path.exists():
+        return []
+    return [heading, ""] + parity_lines(json.loads(path.read_text()))
 
 
 def evaluate_runs(runs: Path, data_dir: Path | None) -> dict:
@@ -235,11 +247,8 @@ def render(ev: dict, costs: dict, runs: Path, package: Path | None) -> str:
         if w.get("note"):
             lines += ["", w["note"]]
     lines.append("")
-    parity = runs / "parity.json"
-    if parity.exists():
-        p = json.loads(parity.read_text())
-        lines += ["### Parity of the shipped package (full test split, onnxruntime CPU vs PyTorch EKS)", ""]
-        lines += parity_lines(p)
+    lines += parity_section(runs / "parity.json",
+                            "### Parity of the shipped package (full test split, onnxruntime CPU vs PyTorch EKS)")
     lines += ["![training curves](figures/training_curves.png)", "",
               "![LoRKD confusion matrices](figures/confusion_lorkd.png)", ""]
     for name in ORDER:

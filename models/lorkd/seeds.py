@@ -551,7 +551,7 @@ def recall_rows(ev: dict, names: list[str], tasks: list[str]) -> list[str]:
 
 def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, package: Path | None,
                        data_dir: Path | None = None, resamples: int = 10_000) -> dict:
-    from .report import END, START, confusion_png, parity_lines, run_curves_png
+    from .report import END, START, confusion_png, parity_section, run_curves_png
 
     t0 = time.time()
     runs, figures = Path(runs), Path(figures)
@@ -647,16 +647,17 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
         lines += [f"Package `{pkg.as_posix()}`: {size / 1e6:.2f} MB in all; `student.onnx` "
                   f"{(pkg / 'student.onnx').stat().st_size / 1e6:.2f} MB; per expert file "
                   + ", ".join(f"{e.stem} {e.stat().st_size / 1e3:.0f} kB" for e in experts) + " (factors + head).", ""]
-    parity = runs / "seeds" / "parity.json"
-    if parity.exists():
-        p = json.loads(parity.read_text())
-        lines += ["Parity of the shipped package (full test split, onnxruntime CPU vs PyTorch EKS):", ""]
-        lines += parity_lines(p)
+    lines += parity_section(runs / "seeds" / "parity.json",
+                            "Parity of the shipped package (full test split, onnxruntime CPU vs PyTorch EKS):")
 
     lines += ["### Wall times (2-core CPU; one torch thread per run, two runs in parallel as in `reproduce.sh`)", "",
               "| run | seeds | seconds per seed (training + per-epoch val), mean |", "| --- | --- | --- |"]
     for name, recs in ev.items():
         lines.append(f"| {name} | {len(recs)} | {np.mean([r['wall_seconds'] for r in recs.values()]):.0f} |")
+    wall = runs / "wall.json"  # written by models/reproduce.sh when its two training lanes end
+    if wall.exists():
+        lines.append(f"| all training, two lanes in parallel (wall clock) | – | "
+                     f"{json.loads(wall.read_text())['training_wall_seconds']:.0f} |")
     lines.append("")
 
     # figures: curves of seed 0, confusion matrices of the shipped run and of seed 0 of the others

@@ -101,6 +101,7 @@ def test_seeds_flow_selects_on_val_reports_and_ships(tmp_path, data_dir):
     assert "LoRKD minus stl" in text and "Transfer-loss ablation" in text and "per-task" in text
     assert "Student-side collapse" in text and "- lorkd_logits: " in text
     assert "| probe_cw1 | 2 | " in text
+    assert "Parity of the shipped package" in text and "Mixed-task graph (`student_eks.onnx`)" in text
     assert (figs / S.SEEDS_FIGURE).exists() and (figs / S.COLLAPSE_FIGURE).exists()
     ev = json.loads((runs / "seeds" / "evaluation.json").read_text())
     assert set(ev["runs"]["mtl"]) == {"0", "1"} and "stl" in ev["bootstrap"]
