@@ -51,6 +51,16 @@ def parity_lines(p: dict) -> list[str]:
     return lines
 
 
+def write_results_section(readme: Path, section: str) -> None:
+    """Replace the text between the results markers of `readme` (created, or the markers appended, if missing)."""
+    text = readme.read_text() if readme.exists() else f"# lorkd toolkit\n\n{START}\n{END}\n"
+    if START not in text:
+        text += f"\n{START}\n{END}\n"
+    pre, rest = text.split(START, 1)
+    post = rest.split(END, 1)[1] if END in rest else ""
+    readme.write_text(pre + START + "\n" + section + END + post)
+
+
 def parity_section(path: Path, heading: str) -> list[str]:
     """`heading` and the parity table of a parity report file; nothing when the file is absent."""
     if not path.exists():
@@ -271,11 +281,6 @@ def write_report(runs: Path, readme: Path, figures: Path, data_dir: Path | None 
     for name, rec in ev.items():
         confusion_png(rec["test"], f"{name}: test confusion matrices", figures / f"confusion_{name}.png")
     section = render(ev, costs, runs, Path(package) if package else None)
-    text = Path(readme).read_text() if Path(readme).exists() else f"# lorkd toolkit\n\n{START}\n{END}\n"
-    if START not in text:
-        text += f"\n{START}\n{END}\n"
-    pre, rest = text.split(START, 1)
-    post = rest.split(END, 1)[1] if END in rest else ""
-    Path(readme).write_text(pre + START + "\n" + section + END + post)
+    write_results_section(Path(readme), section)
     print(section)
     return ev

@@ -551,7 +551,7 @@ def recall_rows(ev: dict, names: list[str], tasks: list[str]) -> list[str]:
 
 def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, package: Path | None,
                        data_dir: Path | None = None, resamples: int = 10_000) -> dict:
-    from .report import END, START, confusion_png, parity_section, run_curves_png
+    from .report import confusion_png, parity_section, run_curves_png, write_results_section
 
     t0 = time.time()
     runs, figures = Path(runs), Path(figures)
@@ -677,12 +677,7 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
             lines.append(f"Confusion matrices for {name} (seed 0): `figures/confusion_{name}.png`.")
     lines.append("")
     section = "\n".join(lines)
-    text = Path(readme).read_text() if Path(readme).exists() else f"# lorkd toolkit\n\n{START}\n{END}\n"
-    if START not in text:
-        text += f"\n{START}\n{END}\n"
-    pre, rest = text.split(START, 1)
-    post = rest.split(END, 1)[1] if END in rest else ""
-    Path(readme).write_text(pre + START + "\n" + section + END + post)
+    write_results_section(Path(readme), section)
     summary = {name: {str(seed): {"val": {t: {k: r["val"][t][k] for k in ("acc", "auc")} for t in r["val"]},
                                   "test": {t: {k: r["test"][t][k] for k in ("acc", "auc")} for t in r["test"]},
                                   "val_score": r["val_score"], "best_epoch": r["best_epoch"]}
