@@ -3,11 +3,13 @@
 # The multi-seed flow of issue 13 (lorkd/seeds.py, configs/medmnist-seeds.json), in two single-threaded lanes
 # (one torch thread each: the best use of this 2-core machine):
 #   lane A: teacher + its features -> seed 0 of the transfer-loss variants (a, b, c and c at beta 0.25) -> select on val ->
-#           seeds 1-2 of the selected variant -> the two task-share probes (seed 0)
-#   lane B: MTL, STL, LoRKD without transfer, seeds 0-2 (none of them needs the teacher) -> the shift and
-#           class-weighting probes (seed 0)
-# Then the report (models/README.md Results), the package from the selected variant's best-val seed, its parity on
-# the full test split, and the report again (so the README quotes the parity of the package just written).
+#           seeds 1-2 of the selected variant -> the equal-task-share probe and equal shares with unweighted CE, on
+#           seeds 0-2 -> the task-share 0.25 probe
+#   lane B: MTL, STL, LoRKD without transfer, seeds 0-2 (none of them needs the teacher) -> the unweighted-CE probe on
+#           seeds 0-2 -> the shift and class-weighting probes
+# Then `adopt` (the selected variant or a probe trained on every seed, by mean val score), the report
+# (models/README.md Results; every run's outputs kept in models/results/seeds), the package from the adopted recipe's
+# best-val seed, its parity on the full test split, and the report again (so the README quotes the package's parity).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-models/runs}
@@ -22,13 +24,16 @@ start=$(date +%s)
   $S train --names lorkd lorkd_fitnets lorkd_logits lorkd_logits_b025 --seeds 0 --no-progress
   $S select
   $S train --names selected --seeds 1 2 --no-progress
-  $S train --names probe_share probe_share25 --seeds 0 --no-progress
+  $S train --names probe_share --seeds 0 1 2 --no-progress
+  $S train --names probe_share_cw0 --seeds 0 1 2 --no-progress
+  $S train --names probe_share25 --seeds 0 --no-progress
 ) > "$RUNS/laneA.log" 2>&1 &
 a=$!
 (
   $S train --names mtl stl lorkd_nokd --seeds 0 1 2 --no-progress
   # the probes build on the variant lane A selects (long done by now on this machine; wait if not)
   while [ ! -f "$RUNS/seeds/selection.json" ]; do sleep 30; done
+  $S train --names probe_cw0 --seeds 0 1 2 --no-progress
   $S train --names probe_shift probe_cw1 --seeds 0 --no-progress
   # the class-weighting probe had the best seed-0 val score here, so models/README.md quotes it on three seeds
   $S train --names probe_cw1 --seeds 1 2 --no-progress
@@ -40,6 +45,7 @@ wait $b
 if [ ! -f "$RUNS/wall.json" ]; then
   echo "{\"training_wall_seconds\": $(( $(date +%s) - start ))}" > "$RUNS/wall.json"
 fi
+$S adopt
 $S report
 $S package
 $S parity

@@ -174,7 +174,7 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_seeds(args) -> int:
-    """Multi-seed experiments (lorkd.seeds): teacher | train | select | report | package | parity."""
+    """Multi-seed experiments (lorkd.seeds): teacher | train | select | adopt | report | package | parity."""
     from . import seeds as S
 
     spec = S.load_spec(Path(args.config))
@@ -188,9 +188,11 @@ def cmd_seeds(args) -> int:
                 S.train_name(spec, runs, name, seed, args.data_dir, progress=not args.no_progress)
     elif args.stage == "select":
         print(json.dumps(S.select_variant(spec, runs), indent=1))
+    elif args.stage == "adopt":
+        print(json.dumps(S.select_recipe(spec, runs), indent=1))
     elif args.stage == "report":
         S.write_seeds_report(spec, runs, Path(args.readme), Path(args.figures), Path(args.package), args.data_dir,
-                             resamples=args.resamples)
+                             resamples=args.resamples, records=Path(args.records) if args.records else None)
     elif args.stage == "package":
         print(json.dumps(S.package_selected(spec, runs, Path(args.package), args.data_dir), indent=1))
     elif args.stage == "parity":
@@ -359,9 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_pipeline)
 
-    s = sub.add_parser("seeds", help="multi-seed experiments: teacher | train | select | report | package | parity "
-                                     "(resumable; models/reproduce.sh runs them in order)")
-    s.add_argument("stage", choices=["teacher", "train", "select", "report", "package", "parity"])
+    s = sub.add_parser("seeds", help="multi-seed experiments: teacher | train | select | adopt | report | package | "
+                                     "parity (resumable; models/reproduce.sh runs them in order)")
+    s.add_argument("stage", choices=["teacher", "train", "select", "adopt", "report", "package", "parity"])
     s.add_argument("--config", default="models/configs/medmnist-seeds.json")
     s.add_argument("--runs", default="models/runs")
     s.add_argument("--names", nargs="*", help="train: config block names (selected = the variant chosen on val, "
@@ -372,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--figures", default="models/figures")
     s.add_argument("--package", default="models/medmnist-lorkd")
     s.add_argument("--resamples", type=int, default=10_000)
+    s.add_argument("--records", default="models/results/seeds",
+                   help="report: committed folder that keeps what was measured of every run (and reports the runs "
+                        "that are not on this machine from it); '' = none")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_seeds)
 

@@ -4,6 +4,9 @@ probes; mean +- std tables, paired bootstrap intervals, spread figures; the ship
 
 Layout under a runs folder R: R/teacher (seed 0), R/teacher_features.pt (features + logits),
 R/seeds/<name>/seed<k> (STL: R/seeds/stl/seed<k>/<task>), R/seeds/selection.json, R/seeds/evaluation.json.
+The runs folder is not committed; the report keeps what it measured of every run (metrics, test softmax outputs,
+histories, BN probes) as records under a committed folder (models/results/seeds/runs/<name>/seed<k>.json) and
+builds from those records every run that is not on this machine, so a fresh clone can rebuild the report.
 The config is a pipeline config (`common` + one block per name) with three extra keys: `variants` (the
 transfer-loss variants selected among on seed 0's val score), `probes` ({name: overrides} trained on top of
 the selected variant, seed 0, for the Breast/Retina questions) and `seeds`.
@@ -11,6 +14,7 @@ the selected variant, seed 0, for the Breast/Retina questions) and `seeds`.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import time
@@ -38,6 +42,11 @@ def run_dir(runs: Path, name: str, seed: int) -> Path:
 def selected(runs: Path) -> str | None:
     p = Path(runs) / "seeds" / "selection.json"
     return json.loads(p.read_text())["selected"] if p.exists() else None
+
+
+def recipe(selection: dict) -> str:
+    """The shipped recipe of a selection record: the probe adopted on top of the variant, else the variant."""
+    return selection.get("recipe") or selection["selected"]
 
 
 def block(spec: dict, name: str, runs: Path) -> dict:
@@ -127,6 +136,28 @@ def select_variant(spec: dict, runs: Path, seeds: tuple[int, ...] = (0,)) -> dic
     return rec
 
 
+def select_recipe(spec: dict, runs: Path) -> dict:
+    """Second choice on val (never test): keep the selected variant or adopt a probe on top of it, whichever has the
+    best mean val score over all the config's seeds (only names trained on every seed compete); recorded in the
+    selection file, so that the report's main row and the package follow it."""
+    path = Path(runs) / "seeds" / "selection.json"
+    if not path.exists():
+        raise SystemExit("no selection yet: run the `select` stage first")
+    rec = json.loads(path.read_text())
+    seeds = spec["seeds"]
+    scores = {}
+    for name in [rec["selected"]] + [f"probe_{k}" for k in spec.get("probes", {})]:
+        vals = [_val_score(run_dir(runs, name, s)) for s in seeds]
+        if all(v is not None for v in vals):
+            scores[name] = float(np.mean(vals))
+    if rec["selected"] not in scores:
+        raise SystemExit(f"{rec['selected']} is not trained on every seed {seeds}")
+    rec.update({"recipe": max(scores, key=scores.get), "recipe_val_scores": scores, "recipe_seeds": list(seeds),
+                "recipe_rule": "the variant or a probe on top of it: best mean val score over the seeds"})
+    path.write_text(json.dumps(rec, indent=1))
+    return rec
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
@@ -149,6 +180,7 @@ def eval_run(run: Path, data_dir: Path | None = None, cache: bool = True) -> dic
     rec: dict = {"val": {}, "test": {}, "probs": {}, "best_epoch": {}, "wall_seconds": 0.0, "history": {}}
     for m in members:
         cfg = json.loads((m / "config.json").read_text())
+        rec.setdefault("config", cfg)
         if cfg["mode"] == "stl":  # an STL member is trained on its own task (the folder name)
             cfg = {**cfg, "tasks": [m.name]}
         tasks = load_config_tasks(cfg, data_dir)
@@ -260,8 +292,70 @@ def _label(name: str, spec: dict) -> str:
     return spec.get("labels", {}).get(name) or LABELS.get(name) or name
 
 
-def collect(spec: dict, runs: Path, data_dir: Path | None = None) -> dict:
-    """{name: {seed: eval_run record}} for every finished run under R/seeds, plus the teacher (seed 0)."""
+RECORDS = Path("models/results/seeds")
+# the files of a runs folder's seeds/ that the records folder keeps a copy of (the report falls back to them)
+KEPT_FILES = ("selection.json", "shipped.json", "parity.json")
+
+
+def record_path(records: Path, name: str, seed: int, kind: str = "") -> Path:
+    return Path(records) / "runs" / name / f"seed{seed}{kind}.json"
+
+
+def save_record(rec: dict, path: Path) -> None:
+    """An eval_run record as JSON; float arrays (the softmax outputs) exactly, as base64 float32 (~19 kB a run)."""
+
+    def plain(o):
+        if isinstance(o, np.ndarray):
+            if o.dtype.kind == "f":
+                a = np.ascontiguousarray(o, dtype="<f4")
+                return {"float32_b64": base64.b64encode(a.tobytes()).decode(), "shape": list(a.shape)}
+            return o.tolist()
+        if isinstance(o, dict):
+            return {k: plain(v) for k, v in o.items()}
+        if isinstance(o, list | tuple):
+            return [plain(v) for v in o]
+        if isinstance(o, np.generic):
+            return o.item()
+        return o
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plain(rec), separators=(",", ":")))
+
+
+def load_record(path: Path) -> dict:
+    rec = json.loads(Path(path).read_text())
+    rec["probs"] = {t: np.frombuffer(base64.b64decode(v["float32_b64"]), dtype="<f4").reshape(v["shape"])
+                    for t, v in rec.get("probs", {}).items()}
+    for m in rec["test"].values():
+        if "labels" in m:
+            m["labels"] = np.asarray(m["labels"], dtype=np.int64)
+    return rec
+
+
+def metrics_only_records(records: Path) -> dict:
+    """{name: {seed: record}} from a committed evaluation.json: test/val ACC and AUC, val score and best epoch of
+    runs whose outputs were not kept (runs of an earlier release of the report); rows only, no bootstrap."""
+    f = Path(records) / "evaluation.json"
+    if not f.exists():
+        return {}
+    out: dict = {}
+    for name, seeds in json.loads(f.read_text())["runs"].items():
+        for seed, r in seeds.items():
+            out.setdefault(name, {})[int(seed)] = {**r, "probs": {}, "history": {}, "outputs_kept": False}
+    return out
+
+
+def seeds_file(runs: Path, records: Path | None, name: str) -> Path:
+    """R/seeds/<name> when this machine has it, else the committed copy in the records folder."""
+    p = Path(runs) / "seeds" / name
+    return p if p.exists() or records is None else Path(records) / name
+
+
+def collect(spec: dict, runs: Path, data_dir: Path | None = None, records: Path | None = None) -> dict:
+    """{name: {seed: eval_run record}} for every finished run under R/seeds, plus the teacher (seed 0).
+
+    With `records`, every run evaluated here is saved there, and runs not on this machine come from the saved
+    records (then, for runs not even recorded, metrics only from the committed evaluation.json)."""
     out: dict = {}
     root = Path(runs) / "seeds"
     for ndir in sorted(p for p in root.glob("*") if p.is_dir()):
@@ -273,7 +367,18 @@ def collect(spec: dict, runs: Path, data_dir: Path | None = None) -> dict:
                 out.setdefault(ndir.name, {})[int(sdir.name[4:])] = eval_run(sdir, data_dir)
     if (Path(runs) / "teacher" / "best.pt").exists():
         out["teacher"] = {0: eval_run(Path(runs) / "teacher", data_dir)}
-    return out
+    if records is None:
+        return out
+    for name, recs in out.items():
+        for seed, rec in recs.items():
+            save_record(rec, record_path(records, name, seed))
+    for f in sorted((Path(records) / "runs").glob("*/seed*.json")):
+        if f.stem[4:].isdigit() and int(f.stem[4:]) not in out.get(f.parent.name, {}):
+            out.setdefault(f.parent.name, {})[int(f.stem[4:])] = load_record(f)
+    for name, recs in metrics_only_records(records).items():
+        for seed, rec in recs.items():
+            out.setdefault(name, {}).setdefault(seed, rec)
+    return {name: dict(sorted(recs.items())) for name, recs in out.items()}
 
 
 def _stats(recs: dict, task: str | None, metric: str) -> tuple[float, float, list[float]]:
@@ -293,8 +398,7 @@ def _pm(mean: float, std: float | None) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
-def main_names(spec: dict, runs: Path) -> list[str]:
-    sel = selected(runs) or spec["variants"][0]
+def main_names(sel: str) -> list[str]:
     return [sel, "lorkd_nokd", "mtl", "stl"]
 
 
@@ -356,8 +460,12 @@ def per_seed_rows(ev: dict, names: list[str], tasks: list[str]) -> list[str]:
             mu = 100 * np.mean([r["test"][t]["auc"] for t in tasks])
             be = r["best_epoch"]
             be = next(iter(be.values())) if len(be) == 1 else ", ".join(f"{k} {v}" for k, v in be.items())
-            rows.append(f"| {name} | {seed} | " + " | ".join(cells) + f" | {ma:.1f} | {mu:.1f} | "
+            mark = " †" if r.get("outputs_kept") is False else ""
+            rows.append(f"| {name}{mark} | {seed} | " + " | ".join(cells) + f" | {ma:.1f} | {mu:.1f} | "
                         f"{r['val_score']:.4f} | {be} |")
+    if any(r.get("outputs_kept") is False for recs in ev.values() for r in recs.values()):
+        rows += ["", "† metrics kept from an earlier run of this report whose test outputs and histories were not "
+                 "kept (no bootstrap, recall or diagnostics for it)."]
     return rows
 
 
@@ -490,19 +598,27 @@ def bootstrap_rows(ev: dict, sel: str, tasks: list[str], resamples: int = 10_000
 
 
 def bn_rows(spec: dict, runs: Path, ev: dict, names: list[str], data_dir: Path | None,
-            seeds: tuple[int, ...] = (0,)) -> tuple[list[str], dict]:
+            seeds: tuple[int, ...] = (0,), records: Path | None = None) -> tuple[list[str], dict]:
     """Shared vs per-task re-estimated BN statistics (and the mixed-batch re-estimation as the control), per task,
-    val and test, mean over `seeds` (seed 0 by default: each probe is a few forward passes over the training set)."""
+    val and test, mean over `seeds` (seed 0 by default: each probe is a few forward passes over the training set).
+    A run not on this machine takes its probe from the records folder."""
     res: dict = {}
     for name in names:
         for seed in [s for s in sorted(ev.get(name, {})) if s in seeds]:
             run = run_dir(runs, name, seed)
-            if not (run / "best.pt").exists():
+            kept = record_path(records, name, seed, ".bn") if records is not None else None
+            if (run / "best.pt").exists():
+                cache = run / "bn_probe.json"
+                stale = not cache.exists() or cache.stat().st_mtime < (run / "best.pt").stat().st_mtime
+                if stale or "mixed" not in next(iter(json.loads(cache.read_text()).values()))["val"]:
+                    cache.write_text(json.dumps(bn_probe(run, data_dir, control=True), indent=1))
+                if kept is not None:
+                    kept.parent.mkdir(parents=True, exist_ok=True)
+                    kept.write_text(cache.read_text())
+            elif kept is not None and kept.exists():
+                cache = kept
+            else:
                 continue
-            cache = run / "bn_probe.json"
-            stale = not cache.exists() or cache.stat().st_mtime < (run / "best.pt").stat().st_mtime
-            if stale or "mixed" not in next(iter(json.loads(cache.read_text()).values()))["val"]:
-                cache.write_text(json.dumps(bn_probe(run, data_dir, control=True), indent=1))
             res.setdefault(name, {})[seed] = json.loads(cache.read_text())
     rows = ["| run (seeds) | task | split | ACC: shared / mixed re-estimated / per-task | "
             "AUC: shared / mixed re-estimated / per-task |", "| --- | --- | --- | --- | --- |"]
@@ -541,7 +657,10 @@ def recall_rows(ev: dict, names: list[str], tasks: list[str]) -> list[str]:
         if name not in ev:
             continue
         for t in tasks:
-            cm = np.sum([np.array(r["test"][t]["confusion"]) for r in ev[name].values()], axis=0)
+            kept = [r for r in ev[name].values() if "confusion" in r["test"][t]]
+            if not kept:
+                continue
+            cm = np.sum([np.array(r["test"][t]["confusion"]) for r in kept], axis=0)
             rec = cm.diagonal() / np.maximum(cm.sum(1), 1)
             pred = cm.sum(0) / cm.sum()
             rows.append(f"| {name} | {t} | " + ", ".join(f"{c}: {v:.2f}" for c, v in enumerate(rec)) + " | "
@@ -550,32 +669,49 @@ def recall_rows(ev: dict, names: list[str], tasks: list[str]) -> list[str]:
 
 
 def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, package: Path | None,
-                       data_dir: Path | None = None, resamples: int = 10_000) -> dict:
+                       data_dir: Path | None = None, resamples: int = 10_000, records: Path | None = None) -> dict:
+    """The Results section of `readme`, its figures, and R/seeds/evaluation.json. With `records`, what it measured
+    of every run is kept there too (with the selection, shipping and parity files), and runs that are not on this
+    machine are reported from those records."""
     from .report import confusion_png, parity_section, run_curves_png, write_results_section
 
     t0 = time.time()
     runs, figures = Path(runs), Path(figures)
     figures.mkdir(parents=True, exist_ok=True)
-    ev = collect(spec, runs, data_dir)
-    sel = selected(runs) or spec["variants"][0]
-    if sel not in ev:
-        raise SystemExit(f"no finished run of {sel}")
-    tasks = list(next(iter(ev[sel].values()))["test"])
-    names = main_names(spec, runs)
+    (runs / "seeds").mkdir(parents=True, exist_ok=True)
+    if records is not None:
+        Path(records).mkdir(parents=True, exist_ok=True)
+        for name in KEPT_FILES:
+            if (runs / "seeds" / name).exists():
+                (Path(records) / name).write_text((runs / "seeds" / name).read_text())
+    ev = collect(spec, runs, data_dir, records)
+    sp = seeds_file(runs, records, "selection.json")
+    selection = json.loads(sp.read_text()) if sp.exists() else {"selected": spec["variants"][0]}
+    # sel: the transfer variant chosen on seed 0; main: the shipped recipe (sel, or a probe adopted on all seeds)
+    sel, main = selection["selected"], recipe(selection)
+    if main not in ev:
+        raise SystemExit(f"no finished run of {main}")
+    tasks = list(next(iter(ev[main].values()))["test"])
+    names = main_names(main)
     lines = ["### Multi-seed test results (official test split, %, mean ± sample std over seeds; "
              "checkpoint chosen on val)", ""]
     lines += [f"Schedule: students {spec['common'].get('epochs')} epochs, teacher "
               f"{spec.get('teacher', {}).get('epochs')} epochs (seed 0); seeds {spec.get('seeds')}. "
-              f"Transfer variant: **{sel}** (chosen on seed-0 val score, see the ablation).", ""]
-    # a probe trained on several seeds (because it beat the selected variant on seed-0 val) gets its own row
-    seeded_probes = [f"probe_{k}" for k in spec.get("probes", {}) if len(ev.get(f"probe_{k}", {})) > 1]
-    lines += seed_table(ev, names + seeded_probes + ["teacher"], tasks, spec, sel)
+              f"Transfer variant: {sel} (chosen on seed-0 val score, see the ablation); shipped recipe: **{main}**"
+              + (f" (adopted over {sel} on the mean val score over seeds: "
+                 + ", ".join(f"{k} {v:.4f}" for k, v in selection["recipe_val_scores"].items()) + ")"
+                 if main != sel else "") + ".", ""]
+    # a probe trained on several seeds gets its own row, and so does the variant when a probe was adopted over it
+    seeded_probes = [f"probe_{k}" for k in spec.get("probes", {})
+                     if len(ev.get(f"probe_{k}", {})) > 1 and f"probe_{k}" not in names]
+    seeded_probes += [sel] if sel != main else []
+    lines += seed_table(ev, names + seeded_probes + ["teacher"], tasks, spec, main)
     lines += ["", f"Targets (LoRKD mean over seeds vs {TARGET_ANCHOR}; mean ACC over tasks vs STL and MTL):", ""]
-    lines += targets(ev, sel, tasks)
+    lines += targets(ev, main, tasks)
     lines += ["", "![per-seed spread](figures/" + SEEDS_FIGURE + ")", ""]
     spread_png(ev, names + ["teacher"], tasks, spec, figures / SEEDS_FIGURE)
 
-    rows, boot = bootstrap_rows(ev, sel, tasks, resamples)
+    rows, boot = bootstrap_rows(ev, main, tasks, resamples)
     lines += ["### Paired bootstrap, LoRKD minus baseline (test, percentage points, 95 % interval)", "",
               f"{resamples:,} resamples of the test images with replacement (numpy default_rng(13)), the same "
               "resample for both methods (paired); each method's seeds are averaged per resample (ACC: per-image "
@@ -601,7 +737,6 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
         star = " (selected)" if name == sel else ""
         lines.append(f"| {name}{star} | {setting} | {r['val_score']:.4f} | {vm:.1f} | " + " | ".join(tc)
                      + f" | {ma:.1f} / {mu:.1f} |")
-    sp = runs / "seeds" / "selection.json"
     if sp.exists():
         s = json.loads(sp.read_text())
         lines += ["", f"Selection record: {json.dumps(s['val_scores'])} -> `{s['selected']}`."]
@@ -620,23 +755,22 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
               "that task's expert), then that task is evaluated (`per-task`); the control re-estimates them the "
               "same way on mixed-task batches drawn as in training (`mixed`); `shared` = the trained running "
               "statistics. The package format is unchanged by this probe.", ""]
-    rows, _ = bn_rows(spec, runs, ev, [sel], data_dir)
+    rows, _ = bn_rows(spec, runs, ev, [main], data_dir, records=records)
     lines += rows + ["", "Training probes (seed 0, on top of the selected variant; compared on val):", ""]
     lines += probe_rows(spec, ev, tasks, sel) + ["", "Class balance of the errors:", ""]
-    lines += recall_rows(ev, [sel, "stl", "mtl"], [t for t in tasks if t in ("breast", "retina")]) + [""]
+    lines += recall_rows(ev, [main, "stl", "mtl"], [t for t in tasks if t in ("breast", "retina")]) + [""]
 
-    lines += ["### Every run", ""] + per_seed_rows(ev, names + [v for v in spec["variants"] if v not in names]
-                                                   + [f"probe_{k}" for k in spec.get("probes", {})] + ["teacher"],
-                                                   tasks) + [""]
+    every = names + [v for v in spec["variants"]] + [f"probe_{k}" for k in spec.get("probes", {})] + ["teacher"]
+    lines += ["### Every run", ""] + per_seed_rows(ev, list(dict.fromkeys(every)), tasks) + [""]
 
-    costs = expert_costs(run_dir(runs, sel, next(iter(ev[sel]))), data_dir)
+    costs = expert_costs(next(r["config"] for r in ev[sel].values() if "config" in r), data_dir)
     s, t = costs["student"], costs["teacher"]
     lines += ["### Cost per deployed expert", "", "| model | parameters | MACs per 28x28 image |",
               "| --- | --- | --- |",
               f"| LoRKD / MTL / STL expert (ShuffleNetV2 x1.0, 28 px, 2-class head) | {s['params']:,} | "
               f"{s['macs'] / 1e6:.1f} M |", f"| Teacher (ResNet-18, 2-class head) | {t['params']:,} | "
               f"{t['macs'] / 1e6:.1f} M |", ""]
-    shipped = runs / "seeds" / "shipped.json"
+    shipped = seeds_file(runs, records, "shipped.json")
     if shipped.exists():
         sh = json.loads(shipped.read_text())
         lines += ["### Shipped package", "", sh["note"], ""]
@@ -647,13 +781,15 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
         lines += [f"Package `{pkg.as_posix()}`: {size / 1e6:.2f} MB in all; `student.onnx` "
                   f"{(pkg / 'student.onnx').stat().st_size / 1e6:.2f} MB; per expert file "
                   + ", ".join(f"{e.stem} {e.stat().st_size / 1e3:.0f} kB" for e in experts) + " (factors + head).", ""]
-    lines += parity_section(runs / "seeds" / "parity.json",
+    lines += parity_section(seeds_file(runs, records, "parity.json"),
                             "Parity of the shipped package (full test split, onnxruntime CPU vs PyTorch EKS):")
 
     lines += ["### Wall times (2-core CPU; one torch thread per run, two runs in parallel as in `reproduce.sh`)", "",
               "| run | seeds | seconds per seed (training + per-epoch val), mean |", "| --- | --- | --- |"]
     for name, recs in ev.items():
-        lines.append(f"| {name} | {len(recs)} | {np.mean([r['wall_seconds'] for r in recs.values()]):.0f} |")
+        walls = [r["wall_seconds"] for r in recs.values() if r.get("wall_seconds")]
+        if walls:
+            lines.append(f"| {name} | {len(walls)} | {np.mean(walls):.0f} |")
     wall = runs / "wall.json"  # written by models/reproduce.sh when its two training lanes end
     if wall.exists():
         lines.append(f"| all training, two lanes in parallel (wall clock) | – | "
@@ -661,14 +797,14 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
     lines.append("")
 
     # figures: curves of seed 0, confusion matrices of the shipped run and of seed 0 of the others
-    curve_runs = [run_dir(runs, n, 0) for n in [sel, "lorkd_nokd", "mtl"]
+    curve_runs = [run_dir(runs, n, 0) for n in [main, "lorkd_nokd", "mtl"]
                   if (run_dir(runs, n, 0) / "history.json").exists()]
     if curve_runs:
         run_curves_png(curve_runs, figures / "training_curves.png")
         lines += ["![training curves, seed 0](figures/training_curves.png)", ""]
     ship_seed = json.loads(shipped.read_text())["seed"] if shipped.exists() else 0
-    if ship_seed in ev.get(sel, {}):
-        confusion_png(ev[sel][ship_seed]["test"], f"LoRKD ({sel}, seed {ship_seed}, shipped): test confusion",
+    if ship_seed in ev.get(main, {}):
+        confusion_png(ev[main][ship_seed]["test"], f"LoRKD ({main}, seed {ship_seed}, shipped): test confusion",
                       figures / "confusion_lorkd.png")
         lines += ["![LoRKD confusion matrices](figures/confusion_lorkd.png)", ""]
     for name in ("lorkd_nokd", "mtl", "stl", "teacher"):
@@ -680,21 +816,24 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
     write_results_section(Path(readme), section)
     summary = {name: {str(seed): {"val": {t: {k: r["val"][t][k] for k in ("acc", "auc")} for t in r["val"]},
                                   "test": {t: {k: r["test"][t][k] for k in ("acc", "auc")} for t in r["test"]},
-                                  "val_score": r["val_score"], "best_epoch": r["best_epoch"]}
+                                  "val_score": r["val_score"], "best_epoch": r["best_epoch"],
+                                  **({"outputs_kept": False} if r.get("outputs_kept") is False else {})}
                       for seed, r in recs.items()} for name, recs in ev.items()}
-    (runs / "seeds" / "evaluation.json").write_text(json.dumps(
-        {"runs": summary, "bootstrap": boot, "selected": sel}, indent=1))
+    evaluation = json.dumps({"runs": summary, "bootstrap": boot, "selected": sel, "recipe": main}, indent=1)
+    (runs / "seeds" / "evaluation.json").write_text(evaluation)
+    if records is not None:
+        (Path(records) / "evaluation.json").write_text(evaluation)
     print(section)
     print(f"report took {time.time() - t0:.0f}s")
     return ev
 
 
-def expert_costs(run: Path, data_dir: Path | None = None) -> dict:
+def expert_costs(config: dict, data_dir: Path | None = None) -> dict:
     """Parameters and MACs of one deployed expert (backbone + a 2-class head) and of the teacher."""
     from .models import DeployStudent, Teacher, count_params_macs
     from .train import build_model
 
-    cfg = TrainConfig.from_dict(json.loads((Path(run) / "config.json").read_text()))
+    cfg = TrainConfig.from_dict(config)
     student = build_model(cfg.with_overrides(["mode=mtl"]), load_config_tasks(cfg, data_dir))
     p, macs = count_params_macs(DeployStudent(student.cfg).eval().net)
     f = student.cfg.feature_dim
@@ -718,28 +857,35 @@ def package_selected(spec: dict, runs: Path, package: Path, data_dir: Path | Non
     """Export the seed with the best val score of the selected variant (its test metrics measured here)."""
     from .pipeline import export_from_run
 
-    sel = selected(runs) or spec["variants"][0]
+    sel_rec = json.loads((runs / "seeds" / "selection.json").read_text()) if (
+        runs / "seeds" / "selection.json").exists() else {"selected": spec["variants"][0]}
+    sel = recipe(sel_rec)
     seed, scores = best_seed(runs, sel)
     run = run_dir(runs, sel, seed)
     rec = eval_run(run, data_dir)
     metrics = {t: {"test_acc": m["acc"], "test_auc": m["auc"]} for t, m in rec["test"].items()}
     mfile = runs / "seeds" / "shipped_metrics.json"
     mfile.write_text(json.dumps(metrics, indent=1))
-    sel_rec = json.loads((runs / "seeds" / "selection.json").read_text()) if (
-        runs / "seeds" / "selection.json").exists() else {}
     vs = ", ".join(f"{k} {v:.4f}" for k, v in sel_rec.get("val_scores", {}).items())
-    note = (f"`{Path(package).as_posix()}` is `{run.as_posix()}`: the transfer variant `{sel}` was chosen on seed 0's "
-            f"val score among {spec['variants']} ({vs}); "
+    adopted = ""
+    if sel != sel_rec["selected"]:
+        rs = ", ".join(f"{k} {v:.4f}" for k, v in sel_rec["recipe_val_scores"].items())
+        adopted = (f"; on top of it the recipe `{sel}` was adopted on the mean val score over seeds "
+                   f"{sel_rec['recipe_seeds']} ({rs})")
+    note = (f"`{Path(package).as_posix()}` is `{run.as_posix()}`: the transfer variant `{sel_rec['selected']}` was "
+            f"chosen on seed 0's val score among {spec['variants']} ({vs}){adopted}; "
             f"of its seeds the one with the best val score was exported (val scores "
             f"{', '.join(f'seed {k} {v:.4f}' for k, v in sorted(scores.items()))} -> seed {seed}). Its test "
             f"ACC/AUC: " + ", ".join(f"{t} {m['test_acc']:.3f}/{m['test_auc']:.3f}" for t, m in metrics.items())
             + ". No test number was used for any choice.")
     extra = {"selection": {**sel_rec, "shipped_seed": seed, "seed_val_scores": scores,
-                           "rule": "variant: best seed-0 val score; seed: best val score of that variant"}}
+                           "rule": "variant: best seed-0 val score; recipe: the variant or a probe on it, best "
+                                   "mean val score over seeds; seed: best val score of that recipe"}}
     export_from_run(run, Path(package), data_dir, mfile, extra,
                     checkpoint_out=Path(checkpoints) / Path(package).name,
                     readme_notes=note.replace(f"`{run.as_posix()}`", f"run `{sel}` seed {seed}"))
-    shipped = {"run": run.as_posix(), "variant": sel, "seed": seed, "val_scores": scores, "note": note}
+    shipped = {"run": run.as_posix(), "variant": sel_rec["selected"], "recipe": sel, "seed": seed,
+               "val_scores": scores, "note": note}
     (runs / "seeds" / "shipped.json").write_text(json.dumps(shipped, indent=1))
     return shipped
 

@@ -91,17 +91,41 @@ def test_seeds_flow_selects_on_val_reports_and_ships(tmp_path, data_dir):
     S.train_name(spec, runs, "probe_cw1", 1, data_dir)  # a probe on several seeds gets a row in the seed table
     assert json.loads((S.run_dir(runs, "probe_cw1", 0) / "config.json").read_text())["class_weight_power"] == 1.0
     assert (S.run_dir(runs, "stl", 1) / "beta" / "best.pt").exists()
+    adopted = S.select_recipe(spec, runs)  # the variant or a probe trained on every seed, on mean val
+    assert set(adopted["recipe_val_scores"]) == {sel["selected"], "probe_cw1"}
+    assert adopted["recipe"] == max(adopted["recipe_val_scores"], key=adopted["recipe_val_scores"].get)
     pkg = tmp_path / "pkg"
     shipped = S.package_selected(spec, runs, pkg, data_dir, checkpoints=tmp_path / "ck")
-    assert shipped["variant"] == sel["selected"] and (pkg / "manifest.json").exists()
+    assert shipped["variant"] == sel["selected"] and shipped["recipe"] == adopted["recipe"]
+    assert (pkg / "manifest.json").exists()
     assert S.parity_selected(runs, pkg, data_dir)
-    readme, figs = tmp_path / "README.md", tmp_path / "figs"
-    S.write_seeds_report(spec, runs, readme, figs, pkg, data_dir, resamples=200)
+    readme, figs, records = tmp_path / "README.md", tmp_path / "figs", tmp_path / "records"
+    S.write_seeds_report(spec, runs, readme, figs, pkg, data_dir, resamples=200, records=records)
     text = readme.read_text()
     assert "LoRKD minus stl" in text and "Transfer-loss ablation" in text and "per-task" in text
     assert "Student-side collapse" in text and "- lorkd_logits: " in text
-    assert "| probe_cw1 | 2 | " in text
+    assert f"| **{S._label(adopted['recipe'], spec)}** | 2 | " in text  # the shipped recipe is the main row
+    assert "| probe_cw1 | 2 | " in text or adopted["recipe"] == "probe_cw1"
     assert "Parity of the shipped package" in text and "Mixed-task graph (`student_eks.onnx`)" in text
     assert (figs / S.SEEDS_FIGURE).exists() and (figs / S.COLLAPSE_FIGURE).exists()
     ev = json.loads((runs / "seeds" / "evaluation.json").read_text())
     assert set(ev["runs"]["mtl"]) == {"0", "1"} and "stl" in ev["bootstrap"]
+    assert (records / "selection.json").exists() and (records / "evaluation.json").exists()
+    assert S.record_path(records, "stl", 1).exists() and S.record_path(records, sel["selected"], 0, ".bn").exists()
+
+    # a fresh clone has the records but no runs: the report rebuilds the same tables from them
+    (records / "runs" / "lorkd_logits" / "seed0.json").unlink()  # a run whose outputs were not kept: metrics only
+    again = tmp_path / "README-records.md"
+    S.write_seeds_report(spec, tmp_path / "no-runs", again, tmp_path / "figs2", pkg, data_dir, resamples=200,
+                         records=records)
+    text2 = again.read_text()
+    table = text.split("### Paired bootstrap")[0].split("Multi-seed test results")[1]
+    assert table == text2.split("### Paired bootstrap")[0].split("Multi-seed test results")[1]
+    # the bootstrap from the kept softmax outputs matches the one from the checkpoints
+    boot2 = json.loads((records / "evaluation.json").read_text())["bootstrap"]
+    for other, res in ev["bootstrap"].items():
+        for t, by_metric in res.items():
+            for m, r in by_metric.items():
+                assert boot2[other][t][m] == r
+    assert "| lorkd_logits † | 0 |" in text2 and "| lorkd_logits † |" not in text
+    assert "Parity of the shipped package" in text2 and "per-task" in text2
