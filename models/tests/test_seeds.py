@@ -93,7 +93,8 @@ def test_seeds_flow_selects_on_val_reports_and_ships(tmp_path, data_dir):
     assert (S.run_dir(runs, "stl", 1) / "beta" / "best.pt").exists()
     adopted = S.select_recipe(spec, runs)  # the variant or a probe trained on every seed, on mean val
     assert set(adopted["recipe_val_scores"]) == {sel["selected"], "probe_cw1"}
-    assert adopted["recipe"] == max(adopted["recipe_val_scores"], key=adopted["recipe_val_scores"].get)
+    gain = adopted["recipe_val_scores"]["probe_cw1"] - adopted["recipe_val_scores"][sel["selected"]]
+    assert adopted["recipe"] == ("probe_cw1" if gain > adopted["recipe_margin"] else sel["selected"])
     pkg = tmp_path / "pkg"
     shipped = S.package_selected(spec, runs, pkg, data_dir, checkpoints=tmp_path / "ck")
     assert shipped["variant"] == sel["selected"] and shipped["recipe"] == adopted["recipe"]
@@ -129,3 +130,20 @@ def test_seeds_flow_selects_on_val_reports_and_ships(tmp_path, data_dir):
                 assert boot2[other][t][m] == r
     assert "| lorkd_logits † | 0 |" in text2 and "| lorkd_logits † |" not in text
     assert "Parity of the shipped package" in text2 and "per-task" in text2
+
+
+def test_recipe_is_adopted_only_beyond_the_seed_noise(tmp_path, monkeypatch):
+    runs = tmp_path
+    (runs / "seeds").mkdir()
+    (runs / "seeds" / "selection.json").write_text(json.dumps({"selected": "lorkd_fitnets"}))
+    spec = {"seeds": [0, 1, 2], "probes": {"small": {}, "big": {}, "partial": {}}}
+    vals = {"lorkd_fitnets": [0.84, 0.82, 0.83], "probe_small": [0.845, 0.825, 0.835],
+            "probe_big": [0.87, 0.86, 0.865], "probe_partial": [0.99, None, None]}
+    monkeypatch.setattr(S, "_val_score", lambda run: vals[run.parent.name][int(run.name[4:])])
+    rec = S.select_recipe(spec, runs)
+    assert "probe_partial" not in rec["recipe_val_scores"]  # not trained on every seed: does not compete
+    assert rec["recipe"] == "probe_big" and rec["recipe_gain"] > rec["recipe_margin"] > 0
+    vals["probe_big"] = [0.85, 0.81, 0.84]  # best mean, but inside the seed noise: the variant stays
+    rec = S.select_recipe(spec, runs)
+    assert rec["recipe_best_probe"] == "probe_small" and rec["recipe"] == "lorkd_fitnets"
+    assert json.loads((runs / "seeds" / "selection.json").read_text())["recipe"] == "lorkd_fitnets"
