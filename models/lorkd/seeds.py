@@ -7,9 +7,10 @@ R/seeds/<name>/seed<k> (STL: R/seeds/stl/seed<k>/<task>), R/seeds/selection.json
 The runs folder is not committed; the report keeps what it measured of every run (metrics, test softmax outputs,
 histories, BN probes) as records under a committed folder (models/results/seeds/runs/<name>/seed<k>.json) and
 builds from those records every run that is not on this machine, so a fresh clone can rebuild the report.
-The config is a pipeline config (`common` + one block per name) with three extra keys: `variants` (the
+The config is a pipeline config (`common` + one block per name) with extra keys: `variants` (the
 transfer-loss variants selected among on seed 0's val score), `probes` ({name: overrides} trained on top of
-the selected variant, seed 0, for the Breast/Retina questions) and `seeds`.
+the selected variant, for the Breast/Retina questions), `seeds`, `labels` (row names) and `baselines` (more
+baseline blocks, e.g. MTL and STL with a probe's sampling, that get rows and bootstrap comparisons).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .data import TaskData, load_config_tasks, task_tensor
 from .metrics import evaluate, predict, selection_score, task_metrics
 from .train import MODES, TrainConfig, load_trained, teacher_features, train_run
 
-SPEC_KEYS = ("common", "variants", "probes", "seeds", "labels")
+SPEC_KEYS = ("common", "variants", "probes", "seeds", "labels", "baselines")
 
 
 def load_spec(config: Path) -> dict:
@@ -442,7 +443,7 @@ def seed_table(ev: dict, names: list[str], tasks: list[str], spec: dict, sel: st
     return rows
 
 
-def targets(ev: dict, sel: str, tasks: list[str]) -> list[str]:
+def targets(ev: dict, sel: str, tasks: list[str], extra: tuple[str, ...] = ()) -> list[str]:
     a = ANCHORS[TARGET_ANCHOR]
     lines = []
     for t in [t for t in tasks if t in a]:
@@ -452,10 +453,10 @@ def targets(ev: dict, sel: str, tasks: list[str]) -> list[str]:
             lines.append(f"- {t} {m.upper()}: LoRKD {mu:.2f} vs {a[t][k]:.2f} -> {'met' if ok else 'MISSED'} "
                          f"({mu - a[t][k]:+.2f} points)")
     lm = 100 * _stats(ev[sel], None, "acc")[0]
-    for b in ("stl", "mtl"):
+    for b in ("stl", "mtl", *extra):
         if b in ev:
             bm = 100 * _stats(ev[b], None, "acc")[0]
-            lines.append(f"- mean ACC over tasks above {b.upper()}: {lm:.2f} vs {bm:.2f} -> "
+            lines.append(f"- mean ACC over tasks above {b.upper() if b in MODES else b}: {lm:.2f} vs {bm:.2f} -> "
                          f"{'met' if lm > bm else 'MISSED'} ({lm - bm:+.2f} points)")
     return lines
 
@@ -584,7 +585,8 @@ def spread_png(ev: dict, names: list[str], tasks: list[str], spec: dict, path: P
     plt.close(fig)
 
 
-def bootstrap_rows(ev: dict, sel: str, tasks: list[str], resamples: int = 10_000) -> tuple[list[str], dict]:
+def bootstrap_rows(ev: dict, sel: str, tasks: list[str], resamples: int = 10_000,
+                   extra: tuple[str, ...] = ()) -> tuple[list[str], dict]:
     from .bootstrap import paired_bootstrap
 
     labels = {t: next(iter(ev[sel].values()))["test"][t]["labels"] for t in tasks}
@@ -593,7 +595,7 @@ def bootstrap_rows(ev: dict, sel: str, tasks: list[str], resamples: int = 10_000
     rows = ["| comparison | " + " | ".join(f"{t} ACC | {t} AUC" for t in tasks) + " | mean ACC | mean AUC |",
             "| --- " * (2 * len(tasks) + 3) + "|"]
     res_all = {}
-    for other in ("stl", "mtl", "lorkd_nokd"):
+    for other in ("stl", "mtl", "lorkd_nokd", *extra):
         if other not in probs or sel not in probs:
             continue
         res = paired_bootstrap(labels, probs[sel], probs[other], resamples=resamples, seed=13)
@@ -711,7 +713,8 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
     if main not in ev:
         raise SystemExit(f"no finished run of {main}")
     tasks = list(next(iter(ev[main].values()))["test"])
-    names = main_names(main)
+    extra = tuple(spec.get("baselines", []))
+    names = main_names(main) + [n for n in extra if n in ev]
     lines = ["### Multi-seed test results (official test split, %, mean ± sample std over seeds; "
              "checkpoint chosen on val)", ""]
     lines += [f"Schedule: students {spec['common'].get('epochs')} epochs, teacher "
@@ -724,11 +727,11 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
     seeded_probes += [sel] if sel != main else []
     lines += seed_table(ev, names + seeded_probes + ["teacher"], tasks, spec, main)
     lines += ["", f"Targets (LoRKD mean over seeds vs {TARGET_ANCHOR}; mean ACC over tasks vs STL and MTL):", ""]
-    lines += targets(ev, main, tasks)
+    lines += targets(ev, main, tasks, extra)
     lines += ["", "![per-seed spread](figures/" + SEEDS_FIGURE + ")", ""]
     spread_png(ev, names + ["teacher"], tasks, spec, figures / SEEDS_FIGURE)
 
-    rows, boot = bootstrap_rows(ev, main, tasks, resamples)
+    rows, boot = bootstrap_rows(ev, main, tasks, resamples, extra)
     lines += ["### Paired bootstrap, LoRKD minus baseline (test, percentage points, 95 % interval)", "",
               f"{resamples:,} resamples of the test images with replacement (numpy default_rng(13)), the same "
               "resample for both methods (paired); each method's seeds are averaged per resample (ACC: per-image "

@@ -76,7 +76,8 @@ def test_seeds_flow_selects_on_val_reports_and_ships(tmp_path, data_dir):
     spec = {"common": TINY, "teacher": {"epochs": 1, "max_batches_per_epoch": 1},
             "lorkd": {"kd_variant": "teacher_proj"}, "lorkd_logits": {"kd_variant": "logits"},
             "lorkd_nokd": {"beta": 0.0}, "mtl": {}, "stl": {}, "variants": ["lorkd", "lorkd_logits"],
-            "probes": {"cw1": {"class_weight_power": 1.0}}, "seeds": [0, 1]}
+            "probes": {"cw1": {"class_weight_power": 1.0}}, "seeds": [0, 1],
+            "mtl_cw1": {"mode": "mtl", "class_weight_power": 1.0}, "baselines": ["mtl_cw1"]}
     runs = tmp_path / "runs"
     S.train_teacher(spec, runs, data_dir)
     blob = torch.load(runs / "teacher_features.pt")
@@ -87,6 +88,8 @@ def test_seeds_flow_selects_on_val_reports_and_ships(tmp_path, data_dir):
     assert sel["selected"] == max(sel["val_scores"], key=sel["val_scores"].get)
     for name in ("selected", "lorkd_nokd", "mtl", "stl"):
         S.train_name(spec, runs, name, 1, data_dir)
+    for seed in (0, 1):  # a baseline with a probe's settings gets a row and a bootstrap comparison
+        S.train_name(spec, runs, "mtl_cw1", seed, data_dir)
     S.train_name(spec, runs, "probe_cw1", 0, data_dir)
     S.train_name(spec, runs, "probe_cw1", 1, data_dir)  # a probe on several seeds gets a row in the seed table
     assert json.loads((S.run_dir(runs, "probe_cw1", 0) / "config.json").read_text())["class_weight_power"] == 1.0
@@ -104,6 +107,7 @@ def test_seeds_flow_selects_on_val_reports_and_ships(tmp_path, data_dir):
     S.write_seeds_report(spec, runs, readme, figs, pkg, data_dir, resamples=200, records=records)
     text = readme.read_text()
     assert "LoRKD minus stl" in text and "Transfer-loss ablation" in text and "per-task" in text
+    assert "| LoRKD minus mtl_cw1 |" in text and "| mtl_cw1 | 2 |" in text and "above mtl_cw1:" in text
     assert "Student-side collapse" in text and "- lorkd_logits: " in text
     assert f"| **{S._label(adopted['recipe'], spec)}** | 2 | " in text  # the shipped recipe is the main row
     assert "| probe_cw1 | 2 | " in text or adopted["recipe"] == "probe_cw1"
