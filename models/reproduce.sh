@@ -6,7 +6,8 @@
 #           seeds 1-2 of the selected variant -> the equal-task-share probe and equal shares with unweighted CE, on
 #           seeds 0-2 -> the task-share 0.25 probe
 #   lane B: MTL, STL, LoRKD without transfer, seeds 0-2 (none of them needs the teacher) -> the unweighted-CE probe on
-#           seeds 0-2 -> the shift and class-weighting probes
+#           seeds 0-2 -> MTL and STL with equal shares and unweighted CE, seeds 0-2 -> the shift and class-weighting
+#           probes
 # Then `adopt` (the selected variant or a probe trained on every seed, by mean val score), the report
 # (models/README.md Results; every run's outputs kept in models/results/seeds), the package from the adopted recipe's
 # best-val seed, its parity on the full test split, and the report again (so the README quotes the package's parity).
@@ -34,6 +35,8 @@ a=$!
   # the probes build on the variant lane A selects (long done by now on this machine; wait if not)
   while [ ! -f "$RUNS/seeds/selection.json" ]; do sleep 30; done
   $S train --names probe_cw0 --seeds 0 1 2 --no-progress
+  # the baselines with the sampling of the equal-share + unweighted-CE probe (a fair comparison if it is adopted)
+  $S train --names mtl_share_cw0 stl_share_cw0 --seeds 0 1 2 --no-progress
   $S train --names probe_shift probe_cw1 --seeds 0 --no-progress
   # the class-weighting probe had the best seed-0 val score here, so models/README.md quotes it on three seeds
   $S train --names probe_cw1 --seeds 1 2 --no-progress

@@ -496,6 +496,9 @@ def collapse_rows(ev: dict, spec: dict) -> list[str]:
         for seed, r in sorted(ev.get(name, {}).items()):
             series = _diag_series(r)
             if not series:
+                if r.get("outputs_kept") is False:
+                    rows.append(f"- {name} seed {seed}: † (history not kept; its figures are quoted in "
+                                "'Three seeds and a sound transfer loss' below)")
                 continue
             init = _diag_init(r) or {}
             be = next(iter(r["best_epoch"].values()))
@@ -513,7 +516,11 @@ def collapse_rows(ev: dict, spec: dict) -> list[str]:
     return rows
 
 
-def collapse_png(ev: dict, spec: dict, path: Path) -> None:
+def collapse_png(ev: dict, spec: dict, path: Path) -> bool:
+    """The diagnostics of variant (a) per epoch; False (and an existing figure left alone) when no run of (a) here
+    or in the records kept its history."""
+    if not any(_diag_series(r) for r in ev.get("lorkd", {}).values()):
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
@@ -543,6 +550,7 @@ def collapse_png(ev: dict, spec: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return True
 
 
 def spread_png(ev: dict, names: list[str], tasks: list[str], spec: dict, path: Path) -> None:
@@ -766,8 +774,9 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
               "image's target and the mean target (0 = the same target for every image), `student_entropy_rel` the "
               "same entropy for softmax(f_s / T), `cos_target_student` the cosine of P f_t and f_s; FitNets: cosine "
               "and MSE of Q f_s to the standardised teacher feature; logits: argmax agreement and KL at T:", ""]
-    lines += collapse_rows(ev, spec) + ["", "![collapse diagnostics](figures/" + COLLAPSE_FIGURE + ")", ""]
-    collapse_png(ev, spec, figures / COLLAPSE_FIGURE)
+    lines += collapse_rows(ev, spec) + [""]
+    if collapse_png(ev, spec, figures / COLLAPSE_FIGURE):
+        lines += ["![collapse diagnostics](figures/" + COLLAPSE_FIGURE + ")", ""]
 
     lines += ["### Breast and Retina probes", "",
               "Per-task BatchNorm statistics, measured post hoc without retraining: the running statistics of a "
