@@ -8,7 +8,8 @@
 #   lane B: MTL, STL, LoRKD without transfer, seeds 0-2 (none of them needs the teacher) -> the unweighted-CE probe on
 #           seeds 0-2 -> MTL and STL with equal shares and unweighted CE, seeds 0-2 -> the shift and class-weighting
 #           probes
-# Then `adopt` (the selected variant or a probe trained on every seed, by mean val score), the report
+# Then `adopt` (the selected variant, or a probe trained on every seed whose mean val score beats it by more than the
+# standard error of the difference), the report
 # (models/README.md Results; every run's outputs kept in models/results/seeds), the package from the adopted recipe's
 # best-val seed, its parity on the full test split, and the report again (so the README quotes the package's parity).
 set -euo pipefail

@@ -303,7 +303,6 @@ def _label(name: str, spec: dict) -> str:
     return spec.get("labels", {}).get(name) or LABELS.get(name) or name
 
 
-RECORDS = Path("models/results/seeds")
 # the files of a runs folder's seeds/ that the records folder keeps a copy of (the report falls back to them)
 KEPT_FILES = ("selection.json", "shipped.json", "parity.json")
 
@@ -883,7 +882,8 @@ def best_seed(runs: Path, name: str) -> tuple[int, dict]:
 
 def package_selected(spec: dict, runs: Path, package: Path, data_dir: Path | None = None,
                      checkpoints: Path = Path("models/checkpoints")) -> dict:
-    """Export the seed with the best val score of the selected variant (its test metrics measured here)."""
+    """Export the seed with the best val score of the shipped recipe (the selected variant, or the probe `adopt`
+    chose over it), its test metrics measured here."""
     from .pipeline import export_from_run
 
     sel_rec = json.loads((runs / "seeds" / "selection.json").read_text()) if (
