@@ -460,6 +460,11 @@ def targets(ev: dict, sel: str, tasks: list[str], extra: tuple[str, ...] = ()) -
     return lines
 
 
+def _kept_mark(rec: dict) -> str:
+    """' †' for a run reported from metrics only (its outputs were not kept), else ''."""
+    return " †" if rec.get("outputs_kept") is False else ""
+
+
 def per_seed_rows(ev: dict, names: list[str], tasks: list[str]) -> list[str]:
     rows = ["| run | seed | " + " | ".join(f"{t} ACC/AUC" for t in tasks) + " | mean ACC | mean AUC | val score | "
             "best epoch |", "| --- " * (len(tasks) + 6) + "|"]
@@ -470,8 +475,7 @@ def per_seed_rows(ev: dict, names: list[str], tasks: list[str]) -> list[str]:
             mu = 100 * np.mean([r["test"][t]["auc"] for t in tasks])
             be = r["best_epoch"]
             be = next(iter(be.values())) if len(be) == 1 else ", ".join(f"{k} {v}" for k, v in be.items())
-            mark = " †" if r.get("outputs_kept") is False else ""
-            rows.append(f"| {name}{mark} | {seed} | " + " | ".join(cells) + f" | {ma:.1f} | {mu:.1f} | "
+            rows.append(f"| {name}{_kept_mark(r)} | {seed} | " + " | ".join(cells) + f" | {ma:.1f} | {mu:.1f} | "
                         f"{r['val_score']:.4f} | {be} |")
     if any(r.get("outputs_kept") is False for recs in ev.values() for r in recs.values()):
         rows += ["", "† metrics kept from an earlier run of this report whose test outputs and histories were not "
@@ -665,7 +669,7 @@ def probe_rows(spec: dict, ev: dict, tasks: list[str], sel: str) -> list[str]:
             continue
         vc = [f"{100 * r['val'][t]['acc']:.1f} / {100 * r['val'][t]['auc']:.1f}" for t in tasks]
         tc = [f"{100 * r['test'][t]['acc']:.1f} / {100 * r['test'][t]['auc']:.1f}" for t in tasks]
-        rows.append(f"| {name} | `{change}` | {r['val_score']:.4f} | " + " | ".join(vc + tc) + " |")
+        rows.append(f"| {name}{_kept_mark(r)} | `{change}` | {r['val_score']:.4f} | " + " | ".join(vc + tc) + " |")
     return rows
 
 
@@ -762,7 +766,7 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
         ma = 100 * np.mean([r["test"][t]["acc"] for t in tasks])
         mu = 100 * np.mean([r["test"][t]["auc"] for t in tasks])
         star = " (selected)" if name == sel else ""
-        lines.append(f"| {name}{star} | {setting} | {r['val_score']:.4f} | {vm:.1f} | " + " | ".join(tc)
+        lines.append(f"| {name}{_kept_mark(r)}{star} | {setting} | {r['val_score']:.4f} | {vm:.1f} | " + " | ".join(tc)
                      + f" | {ma:.1f} / {mu:.1f} |")
     if sp.exists():
         s = json.loads(sp.read_text())
