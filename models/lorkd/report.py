@@ -141,13 +141,16 @@ def curves_png(runs: Path, path: Path) -> None:
 
 
 def run_curves_png(runs: list[Path], path: Path) -> None:
-    """Curves of one or more runs from their history.json: train loss (CE and transfer), val score, val ACC per
-    task and training throughput per epoch."""
+    """`history_curves_png` of runs from their history.json, each labelled by its folder name."""
+    history_curves_png({Path(run).name: json.loads((Path(run) / "history.json").read_text()) for run in runs}, path)
+
+
+def history_curves_png(histories: dict[str, list[dict]], path: Path) -> None:
+    """Curves per labelled training history: train loss (CE and transfer), val score, val ACC per task and
+    training throughput per epoch."""
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4), dpi=80)
-    for run in runs:
-        h = json.loads((Path(run) / "history.json").read_text())
+    for name, h in histories.items():
         ep = [r["epoch"] for r in h]
-        name = Path(run).name
         axes[0].plot(ep, [r["train_ce"] for r in h], label=f"{name} CE")
         if any(r["train_kd"] for r in h):
             axes[0].plot(ep, [r["train_kd"] for r in h], "--", label=f"{name} transfer")

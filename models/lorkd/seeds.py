@@ -705,7 +705,7 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
     """The Results section of `readme`, its figures, and R/seeds/evaluation.json. With `records`, what it measured
     of every run is kept there too (with the selection, shipping and parity files), and runs that are not on this
     machine are reported from those records."""
-    from .report import confusion_png, parity_section, run_curves_png, write_results_section
+    from .report import confusion_png, history_curves_png, parity_section, write_results_section
 
     t0 = time.time()
     runs, figures = Path(runs), Path(figures)
@@ -829,10 +829,10 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
     lines.append("")
 
     # figures: curves of seed 0, confusion matrices of the shipped run and of seed 0 of the others
-    curve_runs = [run_dir(runs, n, 0) for n in [main, "lorkd_nokd", "mtl"]
-                  if (run_dir(runs, n, 0) / "history.json").exists()]
-    if curve_runs:
-        run_curves_png(curve_runs, figures / "training_curves.png")
+    curves = {n: next(iter(ev[n][0]["history"].values())) for n in [main, "lorkd_nokd", "mtl"]
+              if ev.get(n, {}).get(0, {}).get("history")}
+    if curves:
+        history_curves_png(curves, figures / "training_curves.png")
         lines += ["![training curves, seed 0](figures/training_curves.png)", ""]
     ship_seed = json.loads(shipped.read_text())["seed"] if shipped.exists() else 0
     if ship_seed in ev.get(main, {}):

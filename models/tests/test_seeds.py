@@ -133,6 +133,7 @@ def test_seeds_flow_selects_on_val_reports_and_ships(tmp_path, data_dir):
             for m, r in by_metric.items():
                 assert boot2[other][t][m] == r
     assert "| lorkd_logits † | 0 |" in text2 and "| lorkd_logits † |" not in text
+    assert "training_curves.png" in text2 and (tmp_path / "figs2" / "training_curves.png").exists()
     assert "Parity of the shipped package" in text2 and "per-task" in text2
 
 
