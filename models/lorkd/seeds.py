@@ -29,8 +29,6 @@ from .data import TaskData, load_config_tasks, task_tensor
 from .metrics import evaluate, predict, selection_score, task_metrics
 from .train import MODES, TrainConfig, load_trained, teacher_features, train_run
 
-SPEC_KEYS = ("common", "variants", "probes", "seeds", "labels", "baselines")
-
 
 def load_spec(config: Path) -> dict:
     return json.loads(Path(config).read_text())
