@@ -189,7 +189,7 @@ def cmd_seeds(args) -> int:
     elif args.stage == "select":
         print(json.dumps(S.select_variant(spec, runs), indent=1))
     elif args.stage == "adopt":
-        print(json.dumps(S.select_recipe(spec, runs), indent=1))
+        print(json.dumps(S.select_recipe(spec, runs, Path(args.records) if args.records else None), indent=1))
     elif args.stage == "report":
         S.write_seeds_report(spec, runs, Path(args.readme), Path(args.figures), Path(args.package), args.data_dir,
                              resamples=args.resamples, records=Path(args.records) if args.records else None)

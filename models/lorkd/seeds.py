@@ -57,7 +57,10 @@ def block(spec: dict, name: str, runs: Path) -> dict:
         return block(spec, sel, runs)
     if name.startswith("probe_"):
         key = name[len("probe_"):]
-        base = selected(runs) or spec["variants"][0]
+        base = selected(runs)
+        if base is None:  # never guess the variant a probe is built on
+            raise SystemExit(f"{name} is built on the selected variant, and {runs}/seeds has no selection.json: "
+                             "run the `select` stage, or copy the committed models/results/seeds/selection.json")
         return {**block(spec, base, runs), **spec.get("probes", {})[key]}
     if name not in spec and name not in MODES:
         raise SystemExit(f"no config block {name!r}")
@@ -135,34 +138,70 @@ def select_variant(spec: dict, runs: Path, seeds: tuple[int, ...] = (0,)) -> dic
     return rec
 
 
-def select_recipe(spec: dict, runs: Path) -> dict:
+def _probe_extends(spec: dict, p: str, q: str) -> bool:
+    """Whether probe p is built on probe q: p sets every setting q sets, to the same value, and more."""
+    a, b = spec.get("probes", {}).get(p[len("probe_"):]), spec.get("probes", {}).get(q[len("probe_"):])
+    return a is not None and b is not None and b.items() < a.items()
+
+
+def _recorded_val_score(records: Path | None, name: str, seed: int) -> float | None:
+    """A run's val score from its committed record (a fresh clone has no runs folder)."""
+    if records is None:
+        return None
+    f = record_path(records, name, seed)
+    if f.exists():
+        return json.loads(f.read_text()).get("val_score")
+    return metrics_only_records(records).get(name, {}).get(seed, {}).get("val_score")
+
+
+def _se_of_difference(a: list[float], b: list[float]) -> float:
+    n = len(a)
+    return float(np.sqrt(np.var(a, ddof=1) / n + np.var(b, ddof=1) / n)) if n > 1 else 0.0
+
+
+def select_recipe(spec: dict, runs: Path, records: Path | None = None) -> dict:
     """Second choice on val (never test): keep the selected variant or adopt a probe on top of it. Only names trained
-    on every one of the config's seeds compete; the probe with the best mean val score is adopted only if it beats
-    the variant by more than the standard error of that difference (sqrt(s_a^2/n + s_b^2/n) over the seeds), since
-    on 78 Breast and 120 Retina val images a smaller gain is seed noise. Recorded in the selection file, so that the
-    report's main row and the package follow it."""
+    on every one of the config's seeds compete (val scores from the runs folder, else from the committed records).
+    Probes are tried best mean val score first; one is adopted only if it beats the variant, and every probe it is
+    built on (a probe whose settings it contains), by more than the standard error of each difference
+    (sqrt(s_a^2/n + s_b^2/n) over the seeds), since on 78 Breast and 120 Retina val images a smaller gain is seed
+    noise; an added setting has to pay for itself. Recorded in the selection file, so that the report's main row
+    and the package follow it."""
     path = Path(runs) / "seeds" / "selection.json"
-    if not path.exists():
+    kept = seeds_file(runs, records, "selection.json")  # a fresh clone: the committed copy
+    if not kept.exists():
         raise SystemExit("no selection yet: run the `select` stage first")
-    rec = json.loads(path.read_text())
+    rec = json.loads(kept.read_text())
     seeds = spec["seeds"]
     vals: dict[str, list[float]] = {}
     for name in [rec["selected"]] + [f"probe_{k}" for k in spec.get("probes", {})]:
         v = [_val_score(run_dir(runs, name, s)) for s in seeds]
+        v = [x if x is not None else _recorded_val_score(records, name, s) for x, s in zip(v, seeds, strict=True)]
         if all(x is not None for x in v):
             vals[name] = v
     base = rec["selected"]
     if base not in vals:
         raise SystemExit(f"{base} is not trained on every seed {seeds}")
     scores = {k: float(np.mean(v)) for k, v in vals.items()}
-    best = max((k for k in scores if k != base), key=scores.get, default=base)
-    n = len(seeds)
-    se = float(np.sqrt(np.var(vals[base], ddof=1) / n + np.var(vals[best], ddof=1) / n)) if n > 1 else 0.0
-    gain = scores[best] - scores[base]
-    rec.update({"recipe": best if gain > se else base, "recipe_val_scores": scores, "recipe_seeds": list(seeds),
-                "recipe_best_probe": best, "recipe_gain": gain, "recipe_margin": se,
-                "recipe_rule": "the best probe trained on every seed is adopted if its mean val score beats the "
-                               "variant's by more than the standard error of the difference; else the variant"})
+    probes = sorted((k for k in scores if k != base), key=scores.get, reverse=True)
+    checks: dict[str, list[dict]] = {}
+    adopted = base
+    for p in probes:
+        against = [base] + [q for q in probes if _probe_extends(spec, p, q)]
+        checks[p] = [{"against": q, "gain": scores[p] - scores[q], "margin": _se_of_difference(vals[p], vals[q])}
+                     for q in against]
+        if all(c["gain"] > c["margin"] for c in checks[p]):
+            adopted = p
+            break
+    best = probes[0] if probes else base
+    first = checks.get(best, [{"gain": 0.0, "margin": 0.0}])[0]
+    rec.update({"recipe": adopted, "recipe_val_scores": scores, "recipe_seeds": list(seeds),
+                "recipe_best_probe": best, "recipe_gain": first["gain"], "recipe_margin": first["margin"],
+                "recipe_checks": checks,
+                "recipe_rule": "probes trained on every seed, best mean val score first: the first that beats the "
+                               "variant and every probe it is built on by more than the standard error of each "
+                               "difference is adopted; else the variant"})
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec, indent=1))
     return rec
 
@@ -692,10 +731,19 @@ def recall_rows(ev: dict, names: list[str], tasks: list[str]) -> list[str]:
 def recipe_sentence(selection: dict) -> str:
     """How the shipped recipe was chosen, with the numbers of the `adopt` stage."""
     scores = ", ".join(f"{k} {v:.4f}" for k, v in selection["recipe_val_scores"].items())
-    verdict = "adopted" if selection["recipe"] != selection["selected"] else "not adopted"
-    return (f"mean val score over seeds {selection['recipe_seeds']}: {scores}; best probe "
-            f"{selection['recipe_best_probe']} {selection['recipe_gain']:+.4f} against a margin of "
-            f"{selection['recipe_margin']:.4f} (standard error of the difference) -> {verdict}")
+    checks = selection.get("recipe_checks")
+    if not checks:  # a selection file written before probes could be built on probes
+        verdict = "adopted" if selection["recipe"] != selection["selected"] else "not adopted"
+        return (f"mean val score over seeds {selection['recipe_seeds']}: {scores}; best probe "
+                f"{selection['recipe_best_probe']} {selection['recipe_gain']:+.4f} against a margin of "
+                f"{selection['recipe_margin']:.4f} (standard error of the difference) -> {verdict}")
+    tried = []
+    for p, cs in checks.items():
+        vs = ", ".join(f"{c['gain']:+.4f} vs {c['against']} (margin {c['margin']:.4f})" for c in cs)
+        tried.append(f"{p} {vs} -> {'adopted' if p == selection['recipe'] else 'not adopted'}")
+    return (f"mean val score over seeds {selection['recipe_seeds']}: {scores}; probes in order of val score, each "
+            f"against the variant and the probes it is built on, margin = standard error of the difference: "
+            + "; ".join(tried))
 
 
 def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, package: Path | None,

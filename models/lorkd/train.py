@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import dataclasses
 import json
@@ -54,6 +55,9 @@ class TrainConfig:
     kd_variant: str = "teacher_proj"
     # training augmentation on top of the flip: "" | "shift" (random translation of up to 2 px, edge padded)
     augment: str = ""
+    # weight averaging (issue 13): evaluate, select and export an exponential moving average of the weights and
+    # BatchNorm statistics, decay min(ema_decay, (1 + k) / (10 + k)) at step k; 0 = off (the raw weights)
+    ema_decay: float = 0.0
     width: str = "x1.0"  # x1.0 | tiny (tests)
     # student architecture: "" = the built-in 28-px ShuffleNetV2 (`width`); else any torchvision CNN name,
     # decomposed by lorkd.decompose (tested: shufflenet_v2_x0_5..x2_0, mobilenet_v3_small/large, resnet18)
@@ -342,6 +346,24 @@ def freeze_base(model: nn.Module) -> None:
         p.requires_grad_(any(k in name for k in TRAINABLE_WHEN_FROZEN))
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """Decay of the weight average after `step` optimiser steps: ramps up from 0.1 so that the average forgets the
+    random initialisation within the first few dozen steps instead of dragging it along for 1 / (1 - decay)."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over every floating tensor of the state (parameters and BatchNorm
+    running statistics); integer buffers (batch counters) are copied."""
+    live = model.state_dict()
+    for k, v in ema.state_dict().items():
+        if v.dtype.is_floating_point:
+            v.mul_(decay).add_(live[k].detach(), alpha=1 - decay)
+        else:
+            v.copy_(live[k])
+
+
 def batchnorm_eval(model: nn.Module) -> None:
     """BatchNorm in eval mode: the shared running statistics serve every expert and must not move."""
     for m in model.modules():
@@ -364,6 +386,8 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
     model = (model if model is not None else build_model(cfg, tasks)).to(device)
     if cfg.freeze_base:
         freeze_base(model)
+    # the weight average is what gets evaluated, selected and saved as best.pt (so exported) when it is on
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
     train = MultiTaskDataset(tasks, "train")
     cw = [class_weights(td.labels["train"], td.spec.num_classes, cfg.class_weight_power).to(device) for td in tasks]
 
@@ -434,6 +458,8 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
         opt.load_state_dict(ck["opt"])
         if kd_proj is not None and ck.get("kd_proj"):
             kd_proj.load_state_dict(ck["kd_proj"])
+        if ema is not None:
+            ema.load_state_dict(ck["ema"])
         start_epoch, history, best, elapsed = ck["epoch"] + 1, ck["history"], ck["best"], ck["elapsed"]
         torch.set_rng_state(ck["rng"])
         if rank == 0:
@@ -486,6 +512,8 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
                 sums += torch.tensor([loss.item(), ce.item(), kd.item(), 0.0], dtype=torch.float64) * len(idx)
             sums[3] += len(idx)
             opt.step()
+            if ema is not None:
+                ema_update(ema, model, ema_decay_at(cfg.ema_decay, epoch * steps_per_epoch + s))
             if s % 10 == 0:
                 bar.set_postfix(loss=f"{sums[0] / sums[3]:.3f}")
         if world > 1:
@@ -496,7 +524,8 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
         train_time = time.time() - t0
         rec = None
         if rank == 0:
-            val = evaluate(model, tasks, "val", device, cfg.eval_batch_size)
+            scored = ema if ema is not None else model
+            val = evaluate(scored, tasks, "val", device, cfg.eval_batch_size)
             score = selection_score(val)
             elapsed += time.time() - t0
             rec = {
@@ -518,10 +547,11 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
                   f"({rec['epoch_seconds']:.0f}s, {rec['images_per_second']:.0f} img/s)", flush=True)
             if score > best["score"]:
                 best = {"score": score, "epoch": epoch + 1}
-                _save({"model": model.state_dict(), "epoch": epoch + 1, "config": cfg.to_dict(),
+                _save({"model": scored.state_dict(), "epoch": epoch + 1, "config": cfg.to_dict(),
                        "tasks": [td.spec.id for td in tasks]}, out / "best.pt")
             _save({"model": model.state_dict(), "opt": opt.state_dict(),
-                   "kd_proj": kd_proj.state_dict() if kd_proj else None, "epoch": epoch, "history": history,
+                   "kd_proj": kd_proj.state_dict() if kd_proj else None,
+                   "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "history": history,
                    "best": best, "elapsed": elapsed, "rng": torch.get_rng_state()}, last)
             with open(out / "history.json", "w") as f:
                 json.dump(history, f, indent=1)

@@ -152,3 +152,37 @@ def test_recipe_is_adopted_only_beyond_the_seed_noise(tmp_path, monkeypatch):
     rec = S.select_recipe(spec, runs)
     assert rec["recipe_best_probe"] == "probe_small" and rec["recipe"] == "lorkd_fitnets"
     assert json.loads((runs / "seeds" / "selection.json").read_text())["recipe"] == "lorkd_fitnets"
+
+
+def test_a_probe_built_on_a_probe_must_beat_it_too(tmp_path, monkeypatch):
+    runs = tmp_path
+    (runs / "seeds").mkdir()
+    (runs / "seeds" / "selection.json").write_text(json.dumps({"selected": "lorkd_fitnets"}))
+    spec = {"seeds": [0, 1, 2], "probes": {"a": {"x": 1}, "b": {"y": 0}, "ab": {"x": 1, "y": 0}}}
+    assert S._probe_extends(spec, "probe_ab", "probe_a") and not S._probe_extends(spec, "probe_a", "probe_ab")
+    vals = {"lorkd_fitnets": [0.80, 0.81, 0.82], "probe_a": [0.84, 0.85, 0.86], "probe_b": [0.80, 0.81, 0.83],
+            "probe_ab": [0.845, 0.855, 0.865]}
+    monkeypatch.setattr(S, "_val_score", lambda run: vals[run.parent.name][int(run.name[4:])])
+    rec = S.select_recipe(spec, runs)
+    # ab is best and far above the variant, but only +0.005 over a (margin 0.008): a is adopted instead
+    assert rec["recipe_best_probe"] == "probe_ab" and rec["recipe"] == "probe_a"
+    assert [c["against"] for c in rec["recipe_checks"]["probe_ab"]] == ["lorkd_fitnets", "probe_a", "probe_b"]
+    assert "probe_ab +0.0450 vs lorkd_fitnets" in S.recipe_sentence(rec)
+    vals["probe_ab"] = [0.87, 0.88, 0.89]
+    assert S.select_recipe(spec, runs)["recipe"] == "probe_ab"
+
+
+def test_adopt_on_a_fresh_clone_reads_the_committed_records(tmp_path):
+    records, runs = tmp_path / "records", tmp_path / "runs"
+    records.mkdir()
+    (records / "selection.json").write_text(json.dumps({"selected": "lorkd_fitnets"}))
+    spec = {"seeds": [0, 1], "probes": {"cw0": {"class_weight_power": 0.0}}}
+    for name, scores in {"lorkd_fitnets": [0.80, 0.81], "probe_cw0": [0.90, 0.91]}.items():
+        for seed, v in enumerate(scores):
+            S.record_path(records, name, seed).parent.mkdir(parents=True, exist_ok=True)
+            S.record_path(records, name, seed).write_text(json.dumps({"val_score": v}))
+    rec = S.select_recipe(spec, runs, records)
+    assert rec["recipe"] == "probe_cw0" and rec["recipe_val_scores"]["lorkd_fitnets"] == 0.805
+    assert json.loads((runs / "seeds" / "selection.json").read_text())["recipe"] == "probe_cw0"
+    with pytest.raises(SystemExit):  # a probe is never trained on a guessed variant
+        S.run_config(spec, "probe_cw0", 0, tmp_path / "elsewhere")

@@ -85,3 +85,42 @@ def test_segments_and_mask_routing_train_to_the_same_weights(tmp_path, tasks):
     sa = torch.load(tmp_path / "seg" / "last.pt", weights_only=False)["model"]
     sb = torch.load(tmp_path / "mask" / "last.pt", weights_only=False)["model"]
     assert max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa) < 1e-4
+
+
+def test_ema_decay_ramps_up_from_the_start():
+    from lorkd.train import ema_decay_at
+
+    assert ema_decay_at(0.99, 0) == 0.1
+    assert ema_decay_at(0.99, 10) == 11 / 20
+    assert ema_decay_at(0.99, 5000) == 0.99
+
+
+def test_ema_update_averages_floats_and_copies_counters():
+    from lorkd.train import ema_update
+
+    live, avg = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        live.weight.fill_(2.0)
+        avg.weight.fill_(1.0)
+        live.running_mean.fill_(4.0)
+        live.num_batches_tracked.fill_(7)
+    ema_update(avg, live, 0.75)
+    assert torch.allclose(avg.weight, torch.full((3,), 1.25))  # 0.75 * 1 + 0.25 * 2
+    assert torch.allclose(avg.running_mean, torch.full((3,), 1.0))  # 0.75 * 0 + 0.25 * 4
+    assert int(avg.num_batches_tracked) == 7
+
+
+def test_weight_average_is_what_gets_selected_saved_and_resumed(tmp_path, tasks):
+    cfg = tiny_cfg(ema_decay=0.9, epochs=1)
+    train_run(cfg, tasks, tmp_path / "one", progress=False)
+    best = torch.load(tmp_path / "one" / "best.pt", weights_only=False)["model"]
+    last = torch.load(tmp_path / "one" / "last.pt", weights_only=False)
+    # one epoch: the best checkpoint is the average, not the live weights it was averaged from
+    assert all(torch.equal(best[k], last["ema"][k]) for k in best)
+    assert any(not torch.equal(best[k], last["model"][k]) for k in best if best[k].is_floating_point())
+    # resuming after epoch 1 continues the same average as a run that went straight through
+    train_run(tiny_cfg(ema_decay=0.9, epochs=2), tasks, tmp_path / "one", progress=False)
+    train_run(tiny_cfg(ema_decay=0.9, epochs=2), tasks, tmp_path / "two", progress=False)
+    a = torch.load(tmp_path / "one" / "last.pt", weights_only=False)["ema"]
+    b = torch.load(tmp_path / "two" / "last.pt", weights_only=False)["ema"]
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-5
