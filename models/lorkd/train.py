@@ -458,8 +458,8 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
         opt.load_state_dict(ck["opt"])
         if kd_proj is not None and ck.get("kd_proj"):
             kd_proj.load_state_dict(ck["kd_proj"])
-        if ema is not None:
-            ema.load_state_dict(ck["ema"])
+        if ema is not None:  # a checkpoint from before averaging was switched on starts it from its weights
+            ema.load_state_dict(ck.get("ema") or ck["model"])
         start_epoch, history, best, elapsed = ck["epoch"] + 1, ck["history"], ck["best"], ck["elapsed"]
         torch.set_rng_state(ck["rng"])
         if rank == 0:

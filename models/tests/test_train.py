@@ -124,3 +124,7 @@ def test_weight_average_is_what_gets_selected_saved_and_resumed(tmp_path, tasks)
     a = torch.load(tmp_path / "one" / "last.pt", weights_only=False)["ema"]
     b = torch.load(tmp_path / "two" / "last.pt", weights_only=False)["ema"]
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-5
+    # a run started without averaging resumes with it: the average starts from the checkpoint's weights
+    train_run(tiny_cfg(epochs=1), tasks, tmp_path / "late", progress=False)
+    train_run(tiny_cfg(ema_decay=0.9, epochs=2), tasks, tmp_path / "late", progress=False)
+    assert torch.load(tmp_path / "late" / "last.pt", weights_only=False)["ema"] is not None
