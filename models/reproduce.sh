@@ -7,7 +7,7 @@
 #           seeds 0-2 -> the task-share 0.25 probe -> equal shares with unweighted CE and weight averaging, seeds 0-2
 #   lane B: MTL, STL, LoRKD without transfer, seeds 0-2 (none of them needs the teacher) -> the unweighted-CE probe on
 #           seeds 0-2 -> MTL and STL with equal shares and unweighted CE, seeds 0-2 -> the shift and class-weighting
-#           probes -> MTL with equal shares, unweighted CE and weight averaging, seeds 0-2
+#           probes -> MTL and STL with equal shares, unweighted CE and weight averaging, seeds 0-2
 # Then `adopt` (the selected variant, or the best-val probe trained on every seed whose mean val score beats the
 # variant's, and that of every probe it is built on, by more than the standard error of each difference), the report
 # (models/README.md Results; every run's outputs kept in models/results/seeds), the package from the adopted recipe's
@@ -42,8 +42,8 @@ a=$!
   $S train --names probe_shift probe_cw1 --seeds 0 --no-progress
   # the class-weighting probe had the best seed-0 val score here, so models/README.md quotes it on three seeds
   $S train --names probe_cw1 --seeds 1 2 --no-progress
-  # MTL with the weight averaging of the last probe: does averaging help a plain network as much?
-  $S train --names mtl_share_cw0_ema --seeds 0 1 2 --no-progress
+  # MTL and STL with the weight averaging of the last probe: does averaging help the baselines as much?
+  $S train --names mtl_share_cw0_ema stl_share_cw0_ema --seeds 0 1 2 --no-progress
 ) > "$RUNS/laneB.log" 2>&1 &
 b=$!
 echo "reproduce: lanes running (logs: $RUNS/laneA.log, $RUNS/laneB.log)"

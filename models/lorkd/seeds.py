@@ -602,7 +602,8 @@ def spread_png(ev: dict, names: list[str], tasks: list[str], spec: dict, path: P
 
     names = [n for n in names if n in ev]
     cols = tasks + ["mean"]
-    fig, axes = plt.subplots(2, len(cols), figsize=(3.3 * len(cols), 6), dpi=80)
+    # long run names: the panels widen with the number of methods and the labels slant, so that none overlap
+    fig, axes = plt.subplots(2, len(cols), figsize=(max(3.3, 0.45 * len(names)) * len(cols), 7), dpi=80)
     a = ANCHORS[TARGET_ANCHOR]
     for i, m in enumerate(("acc", "auc")):
         for j, t in enumerate(cols):
@@ -622,7 +623,8 @@ def spread_png(ev: dict, names: list[str], tasks: list[str], spec: dict, path: P
                 if sd:
                     ax.axhspan(mu - sd, mu + sd, color="tab:red", alpha=0.08)
             ax.set_xticks(range(len(names)))
-            ax.set_xticklabels([n.replace("lorkd_", "") for n in names], fontsize=7, rotation=20)
+            ax.set_xticklabels([n.replace("lorkd_", "") for n in names], fontsize=7, rotation=40, ha="right",
+                               rotation_mode="anchor")
             ax.set_title(f"{t} test {m.upper()} (%)", fontsize=9)
             ax.grid(alpha=0.3)
     if axes[0, 0].get_legend_handles_labels()[0]:
