@@ -866,7 +866,7 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
 
     lines += ["### Wall times (2-core CPU; one torch thread per run, two runs in parallel as in `reproduce.sh`)", "",
               "| run | seeds | seconds per seed (training + per-epoch val), mean |", "| --- | --- | --- |"]
-    for name, recs in ev.items():
+    for name, recs in sorted(ev.items()):  # the same order whether a run came from this machine or a record
         walls = [r["wall_seconds"] for r in recs.values() if r.get("wall_seconds")]
         if walls:
             lines.append(f"| {name} | {len(walls)} | {np.mean(walls):.0f} |")
