@@ -144,14 +144,15 @@ def _probe_extends(spec: dict, p: str, q: str) -> bool:
     return a is not None and b is not None and b.items() < a.items()
 
 
-def _recorded_val_score(records: Path | None, name: str, seed: int) -> float | None:
-    """A run's val score from its committed record (a fresh clone has no runs folder)."""
+def _recorded_val_score(records: Path | None, metrics_only: dict, name: str, seed: int) -> float | None:
+    """A run's val score from its committed record, else from `metrics_only_records` (loaded once by the caller);
+    a fresh clone has no runs folder."""
     if records is None:
         return None
     f = record_path(records, name, seed)
     if f.exists():
         return json.loads(f.read_text()).get("val_score")
-    return metrics_only_records(records).get(name, {}).get(seed, {}).get("val_score")
+    return metrics_only.get(name, {}).get(seed, {}).get("val_score")
 
 
 def _se_of_difference(a: list[float], b: list[float]) -> float:
@@ -174,9 +175,11 @@ def select_recipe(spec: dict, runs: Path, records: Path | None = None) -> dict:
     rec = json.loads(kept.read_text())
     seeds = spec["seeds"]
     vals: dict[str, list[float]] = {}
+    metrics_only = metrics_only_records(records) if records is not None else {}
     for name in [rec["selected"]] + [f"probe_{k}" for k in spec.get("probes", {})]:
         v = [_val_score(run_dir(runs, name, s)) for s in seeds]
-        v = [x if x is not None else _recorded_val_score(records, name, s) for x, s in zip(v, seeds, strict=True)]
+        v = [x if x is not None else _recorded_val_score(records, metrics_only, name, s)
+             for x, s in zip(v, seeds, strict=True)]
         if all(x is not None for x in v):
             vals[name] = v
     base = rec["selected"]
@@ -193,11 +196,9 @@ def select_recipe(spec: dict, runs: Path, records: Path | None = None) -> dict:
         if all(c["gain"] > c["margin"] for c in checks[p]):
             adopted = p
             break
-    best = probes[0] if probes else base
-    first = checks.get(best, [{"gain": 0.0, "margin": 0.0}])[0]
-    rec.update({"recipe": adopted, "recipe_val_scores": scores, "recipe_seeds": list(seeds),
-                "recipe_best_probe": best, "recipe_gain": first["gain"], "recipe_margin": first["margin"],
-                "recipe_checks": checks,
+    for stale in ("recipe_best_probe", "recipe_gain", "recipe_margin"):  # an older rule's fields, now in checks
+        rec.pop(stale, None)
+    rec.update({"recipe": adopted, "recipe_val_scores": scores, "recipe_seeds": list(seeds), "recipe_checks": checks,
                 "recipe_rule": "probes trained on every seed, best mean val score first: the first that beats the "
                                "variant and every probe it is built on by more than the standard error of each "
                                "difference is adopted; else the variant"})
@@ -733,12 +734,9 @@ def recall_rows(ev: dict, names: list[str], tasks: list[str]) -> list[str]:
 def recipe_sentence(selection: dict) -> str:
     """How the shipped recipe was chosen, with the numbers of the `adopt` stage."""
     scores = ", ".join(f"{k} {v:.4f}" for k, v in selection["recipe_val_scores"].items())
-    checks = selection.get("recipe_checks")
-    if not checks:  # a selection file written before probes could be built on probes
-        verdict = "adopted" if selection["recipe"] != selection["selected"] else "not adopted"
-        return (f"mean val score over seeds {selection['recipe_seeds']}: {scores}; best probe "
-                f"{selection['recipe_best_probe']} {selection['recipe_gain']:+.4f} against a margin of "
-                f"{selection['recipe_margin']:.4f} (standard error of the difference) -> {verdict}")
+    checks = selection["recipe_checks"]
+    if not checks:
+        return f"mean val score over seeds {selection['recipe_seeds']}: {scores}; no probe trained on every seed"
     tried = []
     for p, cs in checks.items():
         vs = ", ".join(f"{c['gain']:+.4f} vs {c['against']} (margin {c['margin']:.4f})" for c in cs)

@@ -97,7 +97,8 @@ def test_seeds_flow_selects_on_val_reports_and_ships(tmp_path, data_dir):
     adopted = S.select_recipe(spec, runs)  # the variant or a probe trained on every seed, on mean val
     assert set(adopted["recipe_val_scores"]) == {sel["selected"], "probe_cw1"}
     gain = adopted["recipe_val_scores"]["probe_cw1"] - adopted["recipe_val_scores"][sel["selected"]]
-    assert adopted["recipe"] == ("probe_cw1" if gain > adopted["recipe_margin"] else sel["selected"])
+    assert adopted["recipe"] == ("probe_cw1" if gain > adopted["recipe_checks"]["probe_cw1"][0]["margin"]
+                                 else sel["selected"])
     pkg = tmp_path / "pkg"
     shipped = S.package_selected(spec, runs, pkg, data_dir, checkpoints=tmp_path / "ck")
     assert shipped["variant"] == sel["selected"] and shipped["recipe"] == adopted["recipe"]
@@ -147,10 +148,11 @@ def test_recipe_is_adopted_only_beyond_the_seed_noise(tmp_path, monkeypatch):
     monkeypatch.setattr(S, "_val_score", lambda run: vals[run.parent.name][int(run.name[4:])])
     rec = S.select_recipe(spec, runs)
     assert "probe_partial" not in rec["recipe_val_scores"]  # not trained on every seed: does not compete
-    assert rec["recipe"] == "probe_big" and rec["recipe_gain"] > rec["recipe_margin"] > 0
+    big = rec["recipe_checks"]["probe_big"][0]
+    assert rec["recipe"] == "probe_big" and big["against"] == "lorkd_fitnets" and big["gain"] > big["margin"] > 0
     vals["probe_big"] = [0.85, 0.81, 0.84]  # best mean, but inside the seed noise: the variant stays
     rec = S.select_recipe(spec, runs)
-    assert rec["recipe_best_probe"] == "probe_small" and rec["recipe"] == "lorkd_fitnets"
+    assert list(rec["recipe_checks"]) == ["probe_small", "probe_big"] and rec["recipe"] == "lorkd_fitnets"
     assert json.loads((runs / "seeds" / "selection.json").read_text())["recipe"] == "lorkd_fitnets"
 
 
@@ -165,7 +167,7 @@ def test_a_probe_built_on_a_probe_must_beat_it_too(tmp_path, monkeypatch):
     monkeypatch.setattr(S, "_val_score", lambda run: vals[run.parent.name][int(run.name[4:])])
     rec = S.select_recipe(spec, runs)
     # ab is best and far above the variant, but only +0.005 over a (margin 0.008): a is adopted instead
-    assert rec["recipe_best_probe"] == "probe_ab" and rec["recipe"] == "probe_a"
+    assert list(rec["recipe_checks"])[0] == "probe_ab" and rec["recipe"] == "probe_a"
     assert [c["against"] for c in rec["recipe_checks"]["probe_ab"]] == ["lorkd_fitnets", "probe_a", "probe_b"]
     assert "probe_ab +0.0450 vs lorkd_fitnets" in S.recipe_sentence(rec)
     vals["probe_ab"] = [0.87, 0.88, 0.89]
