@@ -174,7 +174,7 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_seeds(args) -> int:
-    """Multi-seed experiments (lorkd.seeds): teacher | train | select | adopt | report | package | parity."""
+    """Multi-seed experiments (lorkd.seeds): teacher | train | select | adopt | report | package | parity | compare."""
     from . import seeds as S
 
     spec = S.load_spec(Path(args.config))
@@ -197,6 +197,16 @@ def cmd_seeds(args) -> int:
         print(json.dumps(S.package_selected(spec, runs, Path(args.package), args.data_dir), indent=1))
     elif args.stage == "parity":
         return 0 if S.parity_selected(runs, Path(args.package), args.data_dir) else 1
+    elif args.stage == "compare":
+        if len(args.names or []) != 2:
+            raise SystemExit("compare: --names A B (A minus B, both trained in --runs on every --seeds)")
+        res = S.compare_runs(runs, args.names[0], args.names[1], args.seeds or spec["seeds"], args.data_dir,
+                             resamples=args.resamples)
+        text = json.dumps(res, indent=1)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text + "\n")
+        print(text)
     return 0
 
 
@@ -362,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=cmd_pipeline)
 
     s = sub.add_parser("seeds", help="multi-seed experiments: teacher | train | select | adopt | report | package | "
-                                     "parity (resumable; models/reproduce.sh runs them in order)")
-    s.add_argument("stage", choices=["teacher", "train", "select", "adopt", "report", "package", "parity"])
+                                     "parity | compare (resumable; models/reproduce.sh runs them in order)")
+    s.add_argument("stage", choices=["teacher", "train", "select", "adopt", "report", "package", "parity", "compare"])
     s.add_argument("--config", default="models/configs/medmnist-seeds.json")
     s.add_argument("--runs", default="models/runs")
     s.add_argument("--names", nargs="*", help="train: config block names (selected = the variant chosen on val, "
@@ -377,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--records", default="models/results/seeds",
                    help="report: committed folder that keeps what was measured of every run (and reports the runs "
                         "that are not on this machine from it); '' = none")
+    s.add_argument("--out", help="compare: also write the result (JSON) here")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_seeds)
 

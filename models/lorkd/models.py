@@ -22,14 +22,46 @@ class StudentConfig:
     alpha: float = 16.0
     stages_repeats: tuple[int, int, int] = (4, 8, 4)
     stages_out_channels: tuple[int, int, int, int, int] = (24, 116, 232, 464, 1024)  # x1.0
+    # one BatchNorm per task (statistics and affine) instead of one shared by all tasks (issue 13 probe)
+    task_bn: bool = False
 
     @property
     def feature_dim(self) -> int:
         return self.stages_out_channels[-1]
 
 
+class TaskBatchNorm2d(nn.Module):
+    """One BatchNorm2d per task, routed like the EKS convs: each sample is normalised with its own task's batch
+    statistics in training and its task's running statistics in eval, then its task's affine.
+
+    Why: the three tasks are three modalities (ultrasound, X-ray, fundus photographs); a shared BatchNorm
+    normalises each with statistics pooled over all of them (the domain-specific BatchNorm of multi-domain
+    learning). Post-hoc re-estimation of per-task statistics hurt (models/README.md), so it is trained as such.
+    """
+
+    def __init__(self, channels: int, num_tasks: int):
+        super().__init__()
+        if num_tasks < 1:
+            raise ValueError("per-task BatchNorm needs at least one task")
+        self.bns = nn.ModuleList([nn.BatchNorm2d(channels) for _ in range(num_tasks)])
+
+    def forward(self, x: torch.Tensor, route: torch.Tensor | Segments | None) -> torch.Tensor:
+        if route is None:
+            raise ValueError("per-task BatchNorm needs the task of every sample")
+        if isinstance(route, Segments):
+            parts = [self.bns[t](xt) for t, xt in enumerate(x.split(list(route.counts))) if xt.shape[0]]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        task = route.argmax(1)  # one-hot mask (N, T), any order
+        out = torch.empty_like(x)
+        for t in task.unique().tolist():
+            idx = (task == t).nonzero().squeeze(1)
+            out[idx] = self.bns[t](x[idx])
+        return out
+
+
 class ConvUnit(nn.Module):
-    """conv -> BatchNorm (shared) -> optional ReLU. In deploy mode: conv with folded bias, no BN.
+    """conv -> BatchNorm (shared, or per task with cfg.task_bn) -> optional ReLU. In deploy mode: conv with
+    folded bias, no BN.
 
     The conv is an EKSConv2d when `decomposed` (groups == 1 convs) and an ordinary conv otherwise (depthwise).
     """
@@ -48,7 +80,7 @@ class ConvUnit(nn.Module):
                 self.conv = EKSConv2d(cin, cout, k, stride, pad, cfg.lora_tasks, cfg.rank, cfg.alpha)
             else:
                 self.conv = nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False)
-            self.bn = nn.BatchNorm2d(cout)
+            self.bn = TaskBatchNorm2d(cout, cfg.lora_tasks) if cfg.task_bn else nn.BatchNorm2d(cout)
         self.act = act
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | Segments | None) -> torch.Tensor:
@@ -56,7 +88,7 @@ class ConvUnit(nn.Module):
             x = self.conv(x, mask)
         else:
             x = self.conv(x)
-        x = self.bn(x)
+        x = self.bn(x, mask) if isinstance(self.bn, TaskBatchNorm2d) else self.bn(x)
         return F.relu(x) if self.act else x
 
 
@@ -187,6 +219,8 @@ def fold_student(student: Student) -> tuple[dict[str, torch.Tensor], dict[str, d
     Returns (deploy_state, factors): `deploy_state` is the DeployStudent state dict (prefix `net.`), with
     folded W0 for decomposed convs; `factors[layer] = {"A": (T, r*k, Cin*k), "B": folded (T, Cout*k, r*k)}`.
     """
+    if student.cfg.task_bn:
+        raise ValueError("per-task BatchNorm has no package format (FORMAT.md v1 folds one shared BatchNorm)")
     state: dict[str, torch.Tensor] = {}
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for name, mod in student.named_modules():

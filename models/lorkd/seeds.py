@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .bootstrap import paired_bootstrap
 from .data import TaskData, load_config_tasks, task_tensor
 from .metrics import evaluate, predict, selection_score, task_metrics
 from .train import MODES, TrainConfig, load_trained, teacher_features, train_run
@@ -138,6 +139,15 @@ def select_variant(spec: dict, runs: Path, seeds: tuple[int, ...] = (0,)) -> dic
     return rec
 
 
+# Training settings whose network the package format (models/FORMAT.md, v1: one shared BatchNorm folded into the
+# shared graph) cannot carry: a probe with one of them on is measured but cannot become the shipped recipe.
+UNEXPORTABLE_SETTINGS = ("task_bn",)
+
+
+def exportable(settings: dict) -> bool:
+    return not any(settings.get(k) for k in UNEXPORTABLE_SETTINGS)
+
+
 def _probe_extends(spec: dict, p: str, q: str) -> bool:
     """Whether probe p is built on probe q: p sets every setting q sets, to the same value, and more."""
     a, b = spec.get("probes", {}).get(p[len("probe_"):]), spec.get("probes", {}).get(q[len("probe_"):])
@@ -189,19 +199,22 @@ def select_recipe(spec: dict, runs: Path, records: Path | None = None) -> dict:
     probes = sorted((k for k in scores if k != base), key=scores.get, reverse=True)
     checks: dict[str, list[dict]] = {}
     adopted = base
+    unexportable = [p for p in probes if not exportable(spec["probes"][p[len("probe_"):]])]
     for p in probes:
         against = [base] + [q for q in probes if _probe_extends(spec, p, q)]
         checks[p] = [{"against": q, "gain": scores[p] - scores[q], "margin": _se_of_difference(vals[p], vals[q])}
                      for q in against]
-        if all(c["gain"] > c["margin"] for c in checks[p]):
+        if p not in unexportable and all(c["gain"] > c["margin"] for c in checks[p]):
             adopted = p
             break
     for stale in ("recipe_best_probe", "recipe_gain", "recipe_margin"):  # an older rule's fields, now in checks
         rec.pop(stale, None)
     rec.update({"recipe": adopted, "recipe_val_scores": scores, "recipe_seeds": list(seeds), "recipe_checks": checks,
+                "recipe_unexportable": unexportable,
                 "recipe_rule": "probes trained on every seed, best mean val score first: the first that beats the "
                                "variant and every probe it is built on by more than the standard error of each "
-                               "difference is adopted; else the variant"})
+                               "difference is adopted; else the variant; a probe the package format cannot "
+                               "carry (per-task BatchNorm) is measured, never adopted"})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec, indent=1))
     return rec
@@ -440,6 +453,29 @@ def _stats(recs: dict, task: str | None, metric: str) -> tuple[float, float, lis
     return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan"), vals
 
 
+def compare_runs(runs: Path, a: str, b: str, seeds: list[int], data_dir: Path | None = None,
+                 resamples: int = 10_000) -> dict:
+    """A controlled pair: two names trained in one runs folder (one teacher, the same seeds), a minus b.
+
+    Why: CPU training is not bitwise repeatable across machines, so a probe trained with a retrained teacher cannot
+    be judged against records made with another; retraining its base next to it can. Val decides (gain against
+    the standard error of the difference, as `adopt`); test means and the paired bootstrap are reported."""
+    recs = {n: {s: eval_run(run_dir(runs, n, s), data_dir) for s in seeds} for n in (a, b)}
+    val = {n: [float(r["val_score"]) for r in recs[n].values()] for n in (a, b)}
+    tasks = list(next(iter(recs[a].values()))["test"])
+    test = {n: {t: {m: _stats(recs[n], t, m)[0] for m in ("acc", "auc")} for t in tasks + [None]}
+            for n in (a, b)}
+    labels = {t: next(iter(recs[a].values()))["test"][t]["labels"] for t in tasks}
+    probs = {n: {t: np.stack([r["probs"][t] for r in recs[n].values()]) for t in tasks} for n in (a, b)}
+    return {
+        "a": a, "b": b, "seeds": list(seeds), "runs": str(runs),
+        "val": {**val, "gain": float(np.mean(val[a]) - np.mean(val[b])), "margin": _se_of_difference(val[a], val[b])},
+        "test": {n: {("mean" if t is None else t): v for t, v in test[n].items()} for n in (a, b)},
+        "best_epoch": {n: [r["best_epoch"] for r in recs[n].values()] for n in (a, b)},
+        "bootstrap": paired_bootstrap(labels, probs[a], probs[b], resamples=resamples, seed=13),
+    }
+
+
 def _pm(mean: float, std: float | None) -> str:
     if std is None or std != std:
         return f"{mean:.2f}"
@@ -638,8 +674,6 @@ def spread_png(ev: dict, names: list[str], tasks: list[str], spec: dict, path: P
 
 def bootstrap_rows(ev: dict, sel: str, tasks: list[str], resamples: int = 10_000,
                    extra: tuple[str, ...] = ()) -> tuple[list[str], dict]:
-    from .bootstrap import paired_bootstrap
-
     labels = {t: next(iter(ev[sel].values()))["test"][t]["labels"] for t in tasks}
     probs = {n: {t: np.stack([r["probs"][t] for _, r in sorted(ev[n].items())]) for t in tasks}
              for n in ev if n != "teacher" and all(t in next(iter(ev[n].values()))["probs"] for t in tasks)}
@@ -740,7 +774,13 @@ def recipe_sentence(selection: dict) -> str:
     tried = []
     for p, cs in checks.items():
         vs = ", ".join(f"{c['gain']:+.4f} vs {c['against']} (margin {c['margin']:.4f})" for c in cs)
-        tried.append(f"{p} {vs} -> {'adopted' if p == selection['recipe'] else 'not adopted'}")
+        if p == selection["recipe"]:
+            verdict = "adopted"
+        elif p in selection.get("recipe_unexportable", []):
+            verdict = "not adopted (no package format for it)"
+        else:
+            verdict = "not adopted"
+        tried.append(f"{p} {vs} -> {verdict}")
     return (f"mean val score over seeds {selection['recipe_seeds']}: {scores}; probes in order of val score, each "
             f"against the variant and the probes it is built on, margin = standard error of the difference: "
             + "; ".join(tried))

@@ -58,6 +58,9 @@ class TrainConfig:
     # weight averaging (issue 13): evaluate, select and export an exponential moving average of the weights and
     # BatchNorm statistics, decay min(ema_decay, (1 + k) / (10 + k)) at step k; 0 = off (the raw weights)
     ema_decay: float = 0.0
+    # one BatchNorm per task in the built-in LoRKD student (statistics and affine), routed like the factors;
+    # a training probe only: the package format folds one shared BatchNorm, so such a run cannot be exported
+    task_bn: bool = False
     width: str = "x1.0"  # x1.0 | tiny (tests)
     # student architecture: "" = the built-in 28-px ShuffleNetV2 (`width`); else any torchvision CNN name,
     # decomposed by lorkd.decompose (tested: shufflenet_v2_x0_5..x2_0, mobilenet_v3_small/large, resnet18)
@@ -136,7 +139,7 @@ WIDTHS = {
 def student_config(cfg: TrainConfig, num_classes: tuple[int, ...], decomposed: bool) -> StudentConfig:
     return StudentConfig(
         num_classes=num_classes, lora_tasks=len(num_classes) if decomposed else 0,
-        rank=cfg.rank, alpha=cfg.alpha, **WIDTHS[cfg.width],
+        rank=cfg.rank, alpha=cfg.alpha, task_bn=cfg.task_bn, **WIDTHS[cfg.width],
     )
 
 

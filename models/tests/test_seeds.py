@@ -94,6 +94,18 @@ def test_seeds_flow_selects_on_val_reports_and_ships(tmp_path, data_dir):
     S.train_name(spec, runs, "probe_cw1", 1, data_dir)  # a probe on several seeds gets a row in the seed table
     assert json.loads((S.run_dir(runs, "probe_cw1", 0) / "config.json").read_text())["class_weight_power"] == 1.0
     assert (S.run_dir(runs, "stl", 1) / "beta" / "best.pt").exists()
+    # a controlled pair from one runs folder: a minus b on val (with the seed-noise margin) and on test
+    pair = S.compare_runs(runs, "probe_cw1", "mtl_cw1", [0, 1], data_dir, resamples=200)
+    ev_a = [S.eval_run(S.run_dir(runs, "probe_cw1", s), data_dir) for s in (0, 1)]
+    assert pair["val"]["probe_cw1"] == [r["val_score"] for r in ev_a]
+    assert pair["val"]["gain"] == pytest.approx(np.mean(pair["val"]["probe_cw1"]) - np.mean(pair["val"]["mtl_cw1"]))
+    assert pair["val"]["margin"] > 0
+    assert pair["test"]["probe_cw1"]["beta"]["acc"] == pytest.approx(np.mean([r["test"]["beta"]["acc"] for r in ev_a]))
+    assert pair["bootstrap"]["mean"]["acc"]["diff"] == pytest.approx(
+        pair["test"]["probe_cw1"]["mean"]["acc"] - pair["test"]["mtl_cw1"]["mean"]["acc"])
+    same = S.compare_runs(runs, "mtl_cw1", "mtl_cw1", [0, 1], data_dir, resamples=50)
+    assert same["val"]["gain"] == 0
+    assert same["bootstrap"]["mean"]["auc"]["lo"] == 0 == same["bootstrap"]["mean"]["auc"]["hi"]
     adopted = S.select_recipe(spec, runs)  # the variant or a probe trained on every seed, on mean val
     assert set(adopted["recipe_val_scores"]) == {sel["selected"], "probe_cw1"}
     gain = adopted["recipe_val_scores"]["probe_cw1"] - adopted["recipe_val_scores"][sel["selected"]]
@@ -172,6 +184,21 @@ def test_a_probe_built_on_a_probe_must_beat_it_too(tmp_path, monkeypatch):
     assert "probe_ab +0.0450 vs lorkd_fitnets" in S.recipe_sentence(rec)
     vals["probe_ab"] = [0.87, 0.88, 0.89]
     assert S.select_recipe(spec, runs)["recipe"] == "probe_ab"
+
+
+def test_a_probe_the_package_cannot_carry_is_measured_never_adopted(tmp_path, monkeypatch):
+    runs = tmp_path
+    (runs / "seeds").mkdir()
+    (runs / "seeds" / "selection.json").write_text(json.dumps({"selected": "lorkd_fitnets"}))
+    spec = {"seeds": [0, 1, 2], "probes": {"a": {"x": 1}, "tbn": {"x": 1, "task_bn": True}}}
+    vals = {"lorkd_fitnets": [0.80, 0.81, 0.82], "probe_a": [0.84, 0.85, 0.86], "probe_tbn": [0.90, 0.91, 0.92]}
+    monkeypatch.setattr(S, "_val_score", lambda run: vals[run.parent.name][int(run.name[4:])])
+    rec = S.select_recipe(spec, runs)
+    # per-task BatchNorm wins on val by far, yet the shipped recipe is the best probe the format can carry
+    assert rec["recipe"] == "probe_a" and rec["recipe_unexportable"] == ["probe_tbn"]
+    assert all(c["gain"] > c["margin"] for c in rec["recipe_checks"]["probe_tbn"])
+    assert "probe_tbn +0.1000 vs lorkd_fitnets" in S.recipe_sentence(rec)
+    assert "not adopted (no package format for it)" in S.recipe_sentence(rec)
 
 
 def test_adopt_on_a_fresh_clone_reads_the_committed_records(tmp_path):

@@ -128,3 +128,46 @@ def test_weight_average_is_what_gets_selected_saved_and_resumed(tmp_path, tasks)
     train_run(tiny_cfg(epochs=1), tasks, tmp_path / "late", progress=False)
     train_run(tiny_cfg(ema_decay=0.9, epochs=2), tasks, tmp_path / "late", progress=False)
     assert torch.load(tmp_path / "late" / "last.pt", weights_only=False)["ema"] is not None
+
+
+def test_per_task_batchnorm_normalises_each_task_with_its_own_statistics():
+    """Segments (sorted batch) and a one-hot mask (any order) give the same result, equal to each task's own
+    BatchNorm applied to its samples alone; a task absent from the batch keeps its statistics."""
+    import copy
+
+    from lorkd.eks import sort_by_task
+    from lorkd.models import TaskBatchNorm2d
+
+    torch.manual_seed(0)
+    bn = TaskBatchNorm2d(4, 3)
+    x = torch.randn(10, 4, 5, 5) + torch.arange(10).view(-1, 1, 1, 1) % 2 * 3.0
+    task = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1, 1])
+    ref = copy.deepcopy(bn)
+    want = torch.empty_like(x)
+    for t in (0, 1):
+        want[task == t] = ref.bns[t](x[task == t])
+    order, inverse, seg = sort_by_task(task, 3)
+    by_segments = copy.deepcopy(bn)(x[order], seg)[inverse]
+    by_mask = bn(x, torch.nn.functional.one_hot(task, 3).float())
+    assert torch.allclose(by_segments, want, atol=1e-6) and torch.allclose(by_mask, want, atol=1e-6)
+    assert not torch.allclose(bn.bns[0].running_mean, bn.bns[1].running_mean)
+    assert torch.equal(bn.bns[2].running_mean, torch.zeros(4)) and int(bn.bns[2].num_batches_tracked) == 0
+
+
+def test_per_task_batchnorm_trains_and_cannot_be_exported(tmp_path, tasks):
+    """A probe only: it trains, evaluates and resumes like any run; export refuses it with a reason rather than
+    folding one task's statistics into the shared graph."""
+    import pytest
+
+    from lorkd.models import TaskBatchNorm2d, fold_student
+
+    out = tmp_path / "tbn"
+    s = train_run(tiny_cfg(task_bn=True), tasks, out, progress=False)
+    assert s["epochs"] == 2
+    model = load_trained(out, tasks)
+    bns = [m for m in model.modules() if isinstance(m, TaskBatchNorm2d)]
+    assert bns and all(len(m.bns) == 2 for m in bns)
+    # every task's statistics moved away from the init: each task's samples reached its own BatchNorm
+    assert all(int(b.num_batches_tracked) > 0 for m in bns for b in m.bns)
+    with pytest.raises(ValueError, match="per-task BatchNorm"):
+        fold_student(model)
