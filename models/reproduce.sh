@@ -5,9 +5,11 @@
 #   lane A: teacher + its features -> seed 0 of the transfer-loss variants (a, b, c and c at beta 0.25) -> select on val ->
 #           seeds 1-2 of the selected variant -> the equal-task-share probe and equal shares with unweighted CE, on
 #           seeds 0-2 -> the task-share 0.25 probe -> equal shares with unweighted CE and weight averaging, seeds 0-2
+#           -> equal shares with unweighted CE and per-task BatchNorm, seeds 0-2
 #   lane B: MTL, STL, LoRKD without transfer, seeds 0-2 (none of them needs the teacher) -> the unweighted-CE probe on
 #           seeds 0-2 -> MTL and STL with equal shares and unweighted CE, seeds 0-2 -> the shift and class-weighting
-#           probes -> MTL and STL with equal shares, unweighted CE and weight averaging, seeds 0-2
+#           probes -> MTL and STL with equal shares, unweighted CE and weight averaging, seeds 0-2 -> equal shares with
+#           unweighted CE and per-task input standardisation, seeds 0-2
 # Then `adopt` (the selected variant, or the best-val probe trained on every seed whose mean val score beats the
 # variant's, and that of every probe it is built on, by more than the standard error of each difference), the report
 # (models/README.md Results; every run's outputs kept in models/results/seeds), the package from the adopted recipe's
@@ -30,6 +32,7 @@ start=$(date +%s)
   $S train --names probe_share_cw0 --seeds 0 1 2 --no-progress
   $S train --names probe_share25 --seeds 0 --no-progress
   $S train --names probe_share_cw0_ema --seeds 0 1 2 --no-progress
+  $S train --names probe_share_cw0_tbn --seeds 0 1 2 --no-progress
 ) > "$RUNS/laneA.log" 2>&1 &
 a=$!
 (
@@ -44,6 +47,9 @@ a=$!
   $S train --names probe_cw1 --seeds 1 2 --no-progress
   # MTL and STL with the weight averaging of the last probe: does averaging help the baselines as much?
   $S train --names mtl_share_cw0_ema stl_share_cw0_ema --seeds 0 1 2 --no-progress
+  # per-task input standardisation (each task's own training-set mean and std): the exportable cousin of
+  # per-task BatchNorm
+  $S train --names probe_share_cw0_tnorm --seeds 0 1 2 --no-progress
 ) > "$RUNS/laneB.log" 2>&1 &
 b=$!
 echo "reproduce: lanes running (logs: $RUNS/laneA.log, $RUNS/laneB.log)"
@@ -53,6 +59,9 @@ if [ ! -f "$RUNS/wall.json" ]; then
   echo "{\"training_wall_seconds\": $(( $(date +%s) - start ))}" > "$RUNS/wall.json"
 fi
 $S adopt
+# the fourth pass's two probes against the recipe they are built on, all distilled from this run's one teacher
+$S compare --names probe_share_cw0_tbn probe_share_cw0 --out models/results/seeds/compare-task-bn.json > /dev/null
+$S compare --names probe_share_cw0_tnorm probe_share_cw0 --out models/results/seeds/compare-task-norm.json > /dev/null
 $S report
 $S package
 $S parity
