@@ -162,6 +162,8 @@ def build_model(cfg: TrainConfig, tasks: list[TaskData]) -> nn.Module:
 def build_model_for(cfg: TrainConfig, ncls: tuple[int, ...]) -> nn.Module:
     """The untrained network of a config, given the class count of each task (no data needed)."""
     decomposed = cfg.mode in ("lorkd", "lorkd_nokd")
+    if cfg.task_bn and (cfg.arch or not decomposed):
+        raise ValueError("task_bn (per-task BatchNorm) exists for the built-in decomposed student only")
     if cfg.mode == "teacher":
         return Teacher(ncls, cfg.teacher_arch, cfg.teacher_stem_stride)
     if cfg.arch:

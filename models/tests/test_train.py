@@ -171,3 +171,6 @@ def test_per_task_batchnorm_trains_and_cannot_be_exported(tmp_path, tasks):
     assert all(int(b.num_batches_tracked) > 0 for m in bns for b in m.bns)
     with pytest.raises(ValueError, match="per-task BatchNorm"):
         fold_student(model)
+    for other in (dict(mode="mtl"), dict(arch="shufflenet_v2_x0_5")):  # never silently ignored
+        with pytest.raises(ValueError, match="task_bn"):
+            train_run(tiny_cfg(task_bn=True, **other), tasks, tmp_path / "other", progress=False)
