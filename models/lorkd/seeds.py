@@ -472,6 +472,9 @@ def compare_runs(runs: Path, a: str, b: str, seeds: list[int], data_dir: Path | 
         "val": {**val, "gain": float(np.mean(val[a]) - np.mean(val[b])), "margin": _se_of_difference(val[a], val[b])},
         "test": {n: {("mean" if t is None else t): v for t, v in test[n].items()} for n in (a, b)},
         "best_epoch": {n: [r["best_epoch"] for r in recs[n].values()] for n in (a, b)},
+        # each seed's own test numbers: the pair's runs folder is not committed, so this is their record
+        "per_seed": {n: {str(s): {t: {m: float(r["test"][t][m]) for m in ("acc", "auc")} for t in tasks}
+                         for s, r in recs[n].items()} for n in (a, b)},
         "bootstrap": paired_bootstrap(labels, probs[a], probs[b], resamples=resamples, seed=13),
     }
 

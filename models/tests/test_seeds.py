@@ -100,6 +100,7 @@ def test_seeds_flow_selects_on_val_reports_and_ships(tmp_path, data_dir):
     assert pair["val"]["probe_cw1"] == [r["val_score"] for r in ev_a]
     assert pair["val"]["gain"] == pytest.approx(np.mean(pair["val"]["probe_cw1"]) - np.mean(pair["val"]["mtl_cw1"]))
     assert pair["val"]["margin"] > 0
+    assert pair["per_seed"]["probe_cw1"]["1"]["alpha"]["auc"] == ev_a[1]["test"]["alpha"]["auc"]
     assert pair["test"]["probe_cw1"]["beta"]["acc"] == pytest.approx(np.mean([r["test"]["beta"]["acc"] for r in ev_a]))
     assert pair["bootstrap"]["mean"]["acc"]["diff"] == pytest.approx(
         pair["test"]["probe_cw1"]["mean"]["acc"] - pair["test"]["mtl_cw1"]["mean"]["acc"])
