@@ -378,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--runs", default="models/runs")
     s.add_argument("--names", nargs="*", help="train: config block names (selected = the variant chosen on val, "
                                               "probe_<key> = a probe on top of it; "
-                                              "default: selected lorkd_nokd mtl stl)")
-    s.add_argument("--seeds", nargs="*", type=int, help="train: seeds (default: the config's seeds)")
+                                              "default: selected lorkd_nokd mtl stl); compare: A B")
+    s.add_argument("--seeds", nargs="*", type=int, help="train, compare: seeds (default: the config's seeds)")
     s.add_argument("--readme", default="models/README.md")
     s.add_argument("--figures", default="models/figures")
     s.add_argument("--package", default="models/medmnist-lorkd")
