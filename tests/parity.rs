@@ -214,11 +214,10 @@ async fn second_package_golden_logits() {
     }
 }
 
-/// End to end at 64 px: a synthetic folder-of-images dataset -> `lorkd-train train` -> `export` -> this server,
-/// every golden case within tolerance. The student is a MobileNetV3-small with its 576 -> 1024 Linear decomposed
-/// too (served as a 1x1 conv layer). Needs the toolkit in `.venv` (scripts/setup.sh, run by `make test`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn synthetic_64px_folder_dataset_trains_exports_and_serves() {
+/// A synthetic folder-of-images dataset (`synthetic-data --size <size>`) trained by `lorkd-train train` with the
+/// `--set` overrides and exported into `dir/pkg`. Needs the toolkit in `.venv` (scripts/setup.sh, run by
+/// `make test`).
+fn train_synthetic_package(dir: &std::path::Path, size: &str, set: &[&str]) -> std::path::PathBuf {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let cli = root.join(".venv/bin/lorkd-train");
     assert!(
@@ -226,31 +225,34 @@ async fn synthetic_64px_folder_dataset_trains_exports_and_serves() {
         "{} missing: run scripts/setup.sh",
         cli.display()
     );
-    let dir = tempfile::tempdir().unwrap();
-    let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+    let d = |p: &str| dir.join(p).to_string_lossy().into_owned();
     let cfg_path = d("data/config.json");
-    for args in [
-        vec![
-            "synthetic-data",
-            "--out",
-            &d("data"),
-            "--size",
-            "64",
-            "--arch",
-            "mobilenet_v3_small",
-        ],
-        vec![
-            "train",
-            "--config",
-            &cfg_path,
-            "--out",
-            &d("run"),
-            "--no-progress",
-        ],
-        vec!["export", "--run", &d("run"), "--out", &d("pkg")],
-    ] {
+    let (data, run, pkg) = (d("data"), d("run"), d("pkg"));
+    let synthetic = [
+        "synthetic-data",
+        "--out",
+        &data,
+        "--size",
+        size,
+        "--arch",
+        "mobilenet_v3_small",
+    ];
+    let mut train = vec![
+        "train",
+        "--config",
+        &cfg_path,
+        "--out",
+        &run,
+        "--no-progress",
+    ];
+    if !set.is_empty() {
+        train.push("--set");
+        train.extend_from_slice(set);
+    }
+    let export = ["export", "--run", &run, "--out", &pkg];
+    for args in [&synthetic[..], &train[..], &export[..]] {
         let out = std::process::Command::new(&cli)
-            .args(&args)
+            .args(args)
             .output()
             .unwrap();
         assert!(
@@ -259,7 +261,16 @@ async fn synthetic_64px_folder_dataset_trains_exports_and_serves() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let package = dir.path().join("pkg");
+    dir.join("pkg")
+}
+
+/// End to end at 64 px: a synthetic folder-of-images dataset -> `lorkd-train train` -> `export` -> this server,
+/// every golden case within tolerance. The student is a MobileNetV3-small with its 576 -> 1024 Linear decomposed
+/// too (served as a 1x1 conv layer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synthetic_64px_folder_dataset_trains_exports_and_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let package = train_synthetic_package(dir.path(), "64", &[]);
     let m = manifest(&package);
     assert_eq!(m["input"]["height"], 64);
     assert!(m["layers"]
@@ -270,6 +281,77 @@ async fn synthetic_64px_folder_dataset_trains_exports_and_serves() {
     let server = start_with(config(&package, &[])).await;
     let report = check_golden(&server, &package, None).await;
     assert_eq!(report.len(), 2);
+    server.stop().await.unwrap();
+}
+
+/// One BatchNorm per task (`task_bn`): every expert's own scale and shift are `[1, C, 1, 1]` layers that the
+/// ordinary merge rule carries (FORMAT.md section 1), so this server, which knows nothing of them, gives every
+/// golden case on the shared session, on dedicated sessions (weights baked in) and through the mixed-task graph.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_task_batchnorm_package_serves_golden_on_every_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let package = train_synthetic_package(
+        dir.path(),
+        "28",
+        &[
+            "arch=",
+            "task_bn=true",
+            "width=tiny",
+            "decompose_linear=false",
+        ],
+    );
+    let m = manifest(&package);
+    let roles: Vec<&str> = m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["role"].as_str())
+        .collect();
+    assert!(roles.contains(&"bn_scale") && roles.contains(&"bn_shift"));
+    for (execution, session) in [("merged", "shared"), ("mixed", "mixed")] {
+        let server = start_with(config(
+            &package,
+            &["--execution", execution, "--dedicated-sessions", "0"],
+        ))
+        .await;
+        assert_eq!(
+            check_golden(&server, &package, Some(session)).await.len(),
+            2
+        );
+        server.stop().await.unwrap();
+    }
+    let server = start_with(config(
+        &package,
+        &[
+            "--execution",
+            "merged",
+            "--promote-after",
+            "1",
+            "--dedicated-sessions",
+            "64",
+        ],
+    ))
+    .await;
+    let golden = golden(&package);
+    let client = reqwest::Client::new();
+    for task in task_ids(&package) {
+        let case = golden.cases.iter().find(|c| c.task == task).unwrap();
+        let response = client
+            .post(server.url(&format!("/v1/experts/{task}/predict")))
+            .header("content-type", "image/png")
+            .body(std::fs::read(package.join(&case.file)).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    wait_for_metrics(&server, |m| metric(m, "lorkd_dedicated_sessions") == 2.0).await;
+    assert_eq!(
+        check_golden(&server, &package, Some("dedicated"))
+            .await
+            .len(),
+        2
+    );
     server.stop().await.unwrap();
 }
 

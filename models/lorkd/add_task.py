@@ -29,7 +29,7 @@ from .data import load_task
 from .eks import EKSConv2d
 from .export import build_deploy, expert_tensors, git_revision, golden_cases, task_entry, write_expert
 from .metrics import evaluate
-from .models import Teacher
+from .models import TaskBatchNorm2d, Teacher, deploy_layers, fold_task_bn
 from .package import PackageError, base_weights, load_package, sha256_file, validate_manifest
 from .parity import session, task_parity
 from .train import TrainConfig, build_model_for, teacher_features, train_run
@@ -90,6 +90,8 @@ def one_task_view(student: nn.Module, num_classes: int, seed: int = 0) -> nn.Mod
             m.lora_A = nn.Parameter(a)
             m.lora_B = nn.Parameter(torch.zeros(1, m.out_channels * k, r * k))
             m.num_tasks = 1
+        if isinstance(m, TaskBatchNorm2d):
+            m.bns = nn.ModuleList([reference_batchnorm(m)])
     student.cfg = dataclasses.replace(student.cfg, num_classes=(num_classes,), lora_tasks=1)
     head = nn.Linear(student.cfg.feature_dim, num_classes)
     with torch.no_grad():
@@ -99,8 +101,26 @@ def one_task_view(student: nn.Module, num_classes: int, seed: int = 0) -> nn.Mod
     return student
 
 
+@torch.no_grad()
+def reference_batchnorm(m: TaskBatchNorm2d) -> nn.BatchNorm2d:
+    """The new task's BatchNorm of a per-task-BatchNorm student: the base network's affine (what student.onnx
+    holds), frozen like every other BatchNorm, so its expert's scale and shift deltas are zero. Pins the module's
+    reference first: the mean over tasks would otherwise become this one task's own affine."""
+    s0, b0 = m.reference = tuple(v.clone() for v in m.reference_affine())
+    bn = nn.BatchNorm2d(len(s0), eps=0.0)  # eps 0: scale = weight / sqrt(1) = s0 exactly
+    bn.weight.copy_(s0)
+    bn.bias.copy_(b0)
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0)
+    return bn.eval()
+
+
 def folded_w0(student: nn.Module) -> dict[str, np.ndarray]:
-    """W0 of every decomposed layer with its BatchNorm folded in (what student.onnx holds)."""
+    """W0 of every decomposed layer with its BatchNorm folded in (what student.onnx holds); with per-task
+    BatchNorm, the unfolded convs and every unit's reference scale and shift."""
+    if getattr(student.cfg, "task_bn", False):
+        state, _ = fold_task_bn(student)
+        return {L["name"]: state[f"net.{L['name']}"].numpy() for L in deploy_layers(student)}
     out = {}
     with torch.no_grad():
         for name, conv, bn in student.eks_layers():

@@ -78,7 +78,10 @@ def cmd_export(args) -> int:
     manifest = export_from_run(Path(args.run), Path(args.out), args.data_dir, metrics_file=args.metrics,
                                checkpoint_out=Path(args.checkpoint_out) if args.checkpoint_out else None,
                                name=args.name or Path(args.out).name, description=args.description)
-    print(f"wrote {args.out}: {len(manifest['tasks'])} experts, {len(manifest['layers'])} decomposed layers")
+    affine = sum(1 for L in manifest["layers"] if L.get("role"))
+    extra = f" and {affine // 2} per-task BatchNorms (scale and shift layers)" if affine else ""
+    print(f"wrote {args.out}: {len(manifest['tasks'])} experts, {len(manifest['layers']) - affine} decomposed "
+          f"layers{extra}")
     return 0
 
 
@@ -189,7 +192,8 @@ def cmd_seeds(args) -> int:
     elif args.stage == "select":
         print(json.dumps(S.select_variant(spec, runs), indent=1))
     elif args.stage == "adopt":
-        print(json.dumps(S.select_recipe(spec, runs, Path(args.records) if args.records else None), indent=1))
+        print(json.dumps(S.select_recipe(spec, runs, Path(args.records) if args.records else None,
+                                         one_teacher=args.one_teacher), indent=1))
     elif args.stage == "report":
         S.write_seeds_report(spec, runs, Path(args.readme), Path(args.figures), Path(args.package), args.data_dir,
                              resamples=args.resamples, records=Path(args.records) if args.records else None)
@@ -388,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="report: committed folder that keeps what was measured of every run (and reports the runs "
                         "that are not on this machine from it); '' = none")
     s.add_argument("--out", help="compare: also write the result (JSON) here")
+    s.add_argument("--one-teacher", action="store_true",
+                   help="adopt: only runs of --runs (one teacher) compete; the base is the current recipe retrained "
+                        "there, and only probes built on it are tried")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_seeds)
 

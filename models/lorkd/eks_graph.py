@@ -484,6 +484,22 @@ def build_eks_model(student: onnx.ModelProto, manifest: dict, layout: dict, opts
                     b.nodes[-1].output[0] = y
             new_nodes.extend(b.nodes)
             done.add(name)
+        elif node.op_type in ("Mul", "Add") and any(i in layers for i in node.input):
+            # a per-task BatchNorm's scale or shift ([1, C, 1, 1] layer): each sample's own W0 + scale * B_t A_t
+            name = next(i for i in node.input if i in layers)
+            if layers[name].get("role", "conv") == "conv":
+                raise PackageError(f"{name}: a conv layer used by a {node.op_type} node")
+            c = layers[name]["shape"][1]
+            b.nodes = []
+            a_t, b_t = factor(name, "A"), factor(name, "B")  # [N, r, C], [N, 1, r] (B already times scale)
+            d = b.op("MatMul", [b_t, a_t], "d")[0]  # [N, 1, C]
+            d4 = b.op("Reshape", [d, b.i64("shape", [0, c, 1, 1])], "d4")[0]
+            w0 = numpy_helper.to_array(inits[name]).reshape(1, c, 1, 1)
+            v = b.op("Add", [d4, b.const("w0", w0)], "affine")[0]
+            ins = [v if i == name else i for i in node.input]
+            b.nodes.append(helper.make_node(node.op_type, ins, list(node.output), name=node.name))
+            new_nodes.extend(b.nodes)
+            done.add(name)
         elif hw_name in node.input:
             if node.op_type != "Gemm":
                 raise PackageError(f"the head is a {node.op_type} node, expected Gemm")
@@ -505,7 +521,7 @@ def build_eks_model(student: onnx.ModelProto, manifest: dict, layout: dict, opts
         else:
             new_nodes.append(node)
     if done != set(layers):
-        raise PackageError(f"no Conv node uses layers {sorted(set(layers) - done)[:3]}")
+        raise PackageError(f"no Conv (or affine Mul/Add) node uses layers {sorted(set(layers) - done)[:3]}")
     del g.node[:]
     g.node.extend(new_nodes)
     g.initializer.extend(b.inits)

@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 
 from . import __version__
 from .data import TaskData, to_tensor
-from .models import DeployStudent, Student, count_params_macs, fold_student
+from .models import DeployStudent, Student, count_params_macs, deploy_layers, fold_student
 from .package import FORMAT, FORMAT_VERSION, sha256_file
 
 OPSET = 17
@@ -207,8 +207,8 @@ def export_package(
     if out_dir.exists():
         shutil.rmtree(out_dir)
     (out_dir / "experts").mkdir(parents=True)
-    layers = student.eks_layers()
-    layer_names = [n for n, _, _ in layers]
+    layers = deploy_layers(student)
+    layer_names = [L["name"] for L in layers]
     deploy, factors = build_deploy(student)
     size = image_size(student)
     export_student_onnx(deploy, layer_names, out_dir / "student.onnx", cfg.feature_dim, size)
@@ -248,12 +248,7 @@ def export_package(
         },
         "input": {"channels": 3, "height": size, "width": size, "layout": "NCHW", "dtype": "float32"},
         "lora": {"rank": cfg.rank, "alpha": float(cfg.alpha), "scale": float(scale)},
-        "layers": [
-            {"name": n, "shape": list(conv.weight.shape), "kernel": conv.k,
-             "a_shape": [cfg.rank * conv.k, conv.in_channels * conv.k],
-             "b_shape": [conv.out_channels * conv.k, cfg.rank * conv.k]}
-            for n, conv, _ in layers
-        ],
+        "layers": layers,
         "tasks": [task_entry(td, size, (metrics or {}).get(td.spec.id, {})) for td in tasks],
         "files": files,
         "provenance": {

@@ -44,10 +44,28 @@ class TaskBatchNorm2d(nn.Module):
         if num_tasks < 1:
             raise ValueError("per-task BatchNorm needs at least one task")
         self.bns = nn.ModuleList([nn.BatchNorm2d(channels) for _ in range(num_tasks)])
+        # The base network's affine (what student.onnx holds before any expert is fed): None = the mean over tasks
+        # of the folded (scale, shift), set at export; add-task pins it to the package's values (a plain attribute,
+        # not state, so checkpoints stay as trained).
+        self.reference: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), each (tasks, C): every task's BatchNorm as y = scale * x + shift (eval statistics)."""
+        pairs = [bn_fold_factors(bn) for bn in self.bns]
+        return torch.stack([s for s, _ in pairs]), torch.stack([b for _, b in pairs])
+
+    def reference_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.reference is not None:
+            return self.reference
+        s, b = self.folded()
+        return s.mean(0), b.mean(0)
 
     def forward(self, x: torch.Tensor, route: torch.Tensor | Segments | None) -> torch.Tensor:
         if route is None:
-            raise ValueError("per-task BatchNorm needs the task of every sample")
+            if self.training:
+                raise ValueError("per-task BatchNorm needs the task of every sample")
+            s, b = self.reference_affine()  # the base network, as the exported graph runs it when nothing is fed
+            return x * s.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
         if isinstance(route, Segments):
             parts = [self.bns[t](xt) for t, xt in enumerate(x.split(list(route.counts))) if xt.shape[0]]
             return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -57,6 +75,22 @@ class TaskBatchNorm2d(nn.Module):
             idx = (task == t).nonzero().squeeze(1)
             out[idx] = self.bns[t](x[idx])
         return out
+
+
+class TaskAffine(nn.Module):
+    """Deploy twin of TaskBatchNorm2d: y = x * scale + shift with `scale` and `shift` of shape (1, C, 1, 1).
+
+    Both are overridable graph inputs listed in the manifest as layers (FORMAT.md section 1), so an expert's own
+    per-task BatchNorm arrives through the ordinary merge rule, W0 + scale * B @ A, like any decomposed conv.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1, channels, 1, 1))
+        self.shift = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
 
 
 class ConvUnit(nn.Module):
@@ -72,9 +106,12 @@ class ConvUnit(nn.Module):
         super().__init__()
         pad = k // 2
         self.decomposed = groups == 1
-        if deploy:
-            self.conv: nn.Module = nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=True)
-            self.bn: nn.Module = nn.Identity()
+        if deploy and cfg.task_bn:  # per-task BatchNorm cannot fold into a shared conv: unfolded conv + affine
+            self.conv: nn.Module = nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False)
+            self.bn: nn.Module = TaskAffine(cout)
+        elif deploy:
+            self.conv = nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=True)
+            self.bn = nn.Identity()
         else:
             if self.decomposed:
                 self.conv = EKSConv2d(cin, cout, k, stride, pad, cfg.lora_tasks, cfg.rank, cfg.alpha)
@@ -220,7 +257,7 @@ def fold_student(student: Student) -> tuple[dict[str, torch.Tensor], dict[str, d
     folded W0 for decomposed convs; `factors[layer] = {"A": (T, r*k, Cin*k), "B": folded (T, Cout*k, r*k)}`.
     """
     if student.cfg.task_bn:
-        raise ValueError("per-task BatchNorm has no package format (FORMAT.md v1 folds one shared BatchNorm)")
+        return fold_task_bn(student)
     state: dict[str, torch.Tensor] = {}
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for name, mod in student.named_modules():
@@ -237,6 +274,68 @@ def fold_student(student: Student) -> tuple[dict[str, torch.Tensor], dict[str, d
                 "B": (mod.conv.lora_B.detach() * s.repeat_interleave(k).view(1, -1, 1)).float().clone(),
             }
     return state, factors
+
+
+def affine_factors(values: torch.Tensor, reference: torch.Tensor, rank: int, scale: float
+                   ) -> dict[str, torch.Tensor]:
+    """Per-task vectors (T, C) as factors of a [1, C, 1, 1] layer whose W0 is `reference`: scale * B_t @ A_t is
+    values_t - reference within float32 rounding (B_t = e_1, A_t's first row = the difference / scale, the other
+    rows zero): a vector is a rank-1 delta, so the ordinary merge rule carries it."""
+    t, c = values.shape
+    a = torch.zeros(t, rank, c)
+    a[:, 0] = (values - reference.view(1, -1)) / scale
+    b = torch.zeros(t, 1, rank)
+    b[:, 0, 0] = 1.0
+    return {"A": a.float(), "B": b}
+
+
+@torch.no_grad()
+def fold_task_bn(student: Student) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """`fold_student` for a student with one BatchNorm per task: nothing folds into the shared convs.
+
+    Convs keep W0 and the factors as trained (no bias); every TaskBatchNorm2d becomes a TaskAffine whose `scale`
+    and `shift` hold the reference affine (the base network) and whose factors give each task its own."""
+    cfg = student.cfg
+    state: dict[str, torch.Tensor] = {}
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    scale = cfg.alpha / cfg.rank
+    for name, mod in student.named_modules():
+        if not isinstance(mod, ConvUnit):
+            continue
+        state[f"net.{name}.conv.weight"] = mod.conv.weight.detach().float().clone()
+        if isinstance(mod.conv, EKSConv2d) and mod.conv.rank > 0:
+            factors[f"{name}.conv.weight"] = {"A": mod.conv.lora_A.detach().float().clone(),
+                                              "B": mod.conv.lora_B.detach().float().clone()}
+        s, b = mod.bn.folded()
+        s0, b0 = mod.bn.reference_affine()
+        for part, values, ref in (("scale", s, s0), ("shift", b, b0)):
+            state[f"net.{name}.bn.{part}"] = ref.float().view(1, -1, 1, 1).clone()
+            factors[f"{name}.bn.{part}"] = affine_factors(values.float(), ref.float(), cfg.rank, scale)
+    return state, factors
+
+
+def deploy_layers(student: nn.Module) -> list[dict]:
+    """The manifest's `layers` (FORMAT.md section 5) in graph order: every decomposed conv, and with per-task
+    BatchNorm its unit's `bn.scale` and `bn.shift` right after its conv (those of depthwise convs included)."""
+    rank = student.cfg.rank
+    task_bn = bool(getattr(student.cfg, "task_bn", False))
+    out = []
+
+    def entry(name: str, cout: int, cin: int, k: int, role: str) -> dict:
+        layer = {"name": name, "shape": [cout, cin, k, k], "kernel": k, "a_shape": [rank * k, cin * k],
+                 "b_shape": [cout * k, rank * k]}
+        return layer if role == "conv" else {**layer, "role": role}  # absent role = a conv (version 1 manifests)
+
+    if not task_bn:
+        return [entry(n, conv.out_channels, conv.in_channels, conv.k, "conv") for n, conv, _ in student.eks_layers()]
+    for name, mod in student.named_modules():
+        if isinstance(mod, ConvUnit):
+            if isinstance(mod.conv, EKSConv2d) and mod.conv.rank > 0:
+                out.append(entry(f"{name}.conv.weight", mod.conv.out_channels, mod.conv.in_channels, mod.conv.k,
+                                 "conv"))
+            c = mod.conv.out_channels
+            out += [entry(f"{name}.bn.scale", 1, c, 1, "bn_scale"), entry(f"{name}.bn.shift", 1, c, 1, "bn_shift")]
+    return out
 
 
 def folded_delta(a: torch.Tensor, b: torch.Tensor, scale: float, shape: tuple[int, ...]) -> torch.Tensor:

@@ -154,9 +154,9 @@ def test_per_task_batchnorm_normalises_each_task_with_its_own_statistics():
     assert torch.equal(bn.bns[2].running_mean, torch.zeros(4)) and int(bn.bns[2].num_batches_tracked) == 0
 
 
-def test_per_task_batchnorm_trains_and_cannot_be_exported(tmp_path, tasks):
-    """A probe only: it trains, evaluates and resumes like any run; export refuses it with a reason rather than
-    folding one task's statistics into the shared graph."""
+def test_per_task_batchnorm_trains_and_folds_to_per_task_affines(tmp_path, tasks):
+    """It trains, evaluates and resumes like any run; its fold keeps the convs unfolded and gives every unit a
+    reference affine plus one delta per task (test_task_bn_export.py checks the package)."""
     import pytest
 
     from lorkd.models import TaskBatchNorm2d, fold_student
@@ -169,8 +169,9 @@ def test_per_task_batchnorm_trains_and_cannot_be_exported(tmp_path, tasks):
     assert bns and all(len(m.bns) == 2 for m in bns)
     # every task's statistics moved away from the init: each task's samples reached its own BatchNorm
     assert all(int(b.num_batches_tracked) > 0 for m in bns for b in m.bns)
-    with pytest.raises(ValueError, match="per-task BatchNorm"):
-        fold_student(model)
+    state, factors = fold_student(model)
+    assert "net.stem.bn.scale" in state and "net.stem.conv.bias" not in state
+    assert factors["stem.bn.shift"]["A"].shape[0] == 2
     for other in (dict(mode="mtl"), dict(arch="shufflenet_v2_x0_5")):  # never silently ignored
         with pytest.raises(ValueError, match="task_bn"):
             train_run(tiny_cfg(task_bn=True, **other), tasks, tmp_path / "other", progress=False)
