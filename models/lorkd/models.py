@@ -95,7 +95,7 @@ class TaskAffine(nn.Module):
 
 class ConvUnit(nn.Module):
     """conv -> BatchNorm (shared, or per task with cfg.task_bn) -> optional ReLU. In deploy mode: conv with
-    folded bias, no BN.
+    folded bias, no BN (with cfg.task_bn: conv without bias, then a TaskAffine).
 
     The conv is an EKSConv2d when `decomposed` (groups == 1 convs) and an ordinary conv otherwise (depthwise).
     """
@@ -233,7 +233,8 @@ class Student(nn.Module):
 
 
 class DeployStudent(nn.Module):
-    """BN-folded student graph for export: logits = features(x) @ head_weight^T + head_bias."""
+    """Student graph for export (BatchNorm folded; with task_bn, unfolded convs each followed by a TaskAffine):
+    logits = features(x) @ head_weight^T + head_bias."""
 
     def __init__(self, cfg: StudentConfig):
         super().__init__()

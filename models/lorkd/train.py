@@ -59,7 +59,7 @@ class TrainConfig:
     # BatchNorm statistics, decay min(ema_decay, (1 + k) / (10 + k)) at step k; 0 = off (the raw weights)
     ema_decay: float = 0.0
     # one BatchNorm per task in the built-in LoRKD student (statistics and affine), routed like the factors;
-    # a training probe only: the package format folds one shared BatchNorm, so such a run cannot be exported
+    # exported as per-task scale and shift layers (FORMAT.md section 1)
     task_bn: bool = False
     width: str = "x1.0"  # x1.0 | tiny (tests)
     # student architecture: "" = the built-in 28-px ShuffleNetV2 (`width`); else any torchvision CNN name,

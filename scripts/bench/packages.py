@@ -3,8 +3,9 @@
 
     packages.py --old /tmp/old-package --new models/medmnist-lorkd
 
-Starts one server per (package, execution path) (`--execution merged` with dedicated sessions off, so every request
-feeds the assembled weights to the shared graph, and `--execution mixed`), all at once; wrk -c32 on one expert's
+Starts one server per (package, execution path), all at once: `--execution merged` with dedicated sessions off (every
+request feeds the assembled weights to the shared graph), the same with the expert promoted to a dedicated session
+(weights baked in, so onnxruntime folds what follows a conv into it), and `--execution mixed`; wrk -c32 on one expert's
 native predict, warmed, then `--repeats` interleaved rounds. Also each package's bytes of one assembled expert and
 each server's resident memory after the rounds. Writes <out>/packages.json (medians and every round).
 """
@@ -31,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench-out/packages"))
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
-    paths = {"merged": ["--execution", "merged", "--dedicated-sessions", "0"], "mixed": ["--execution", "mixed"]}
+    paths = {"merged": ["--execution", "merged", "--dedicated-sessions", "0"],
+             "dedicated": ["--execution", "merged", "--promote-after", "1", "--dedicated-sessions", "64"],
+             "mixed": ["--execution", "mixed"]}
     servers: dict[str, e2e.Server] = {}
     try:
         for which, pkg in (("old", a.old), ("new", a.new)):
