@@ -207,8 +207,8 @@ def select_recipe(spec: dict, runs: Path, records: Path | None = None, one_teach
     for stale in ("recipe_best_probe", "recipe_gain", "recipe_margin", "recipe_unexportable"):  # older rules' fields
         rec.pop(stale, None)
     if one_teacher:
-        rec["recipe_previous"] = {k: rec[k] for k in ("recipe", "recipe_val_scores", "recipe_checks", "recipe_rule")
-                                  if k in rec}
+        rec["recipe_previous"] = {k: rec[k] for k in ("recipe", "recipe_val_scores", "recipe_seeds", "recipe_checks",
+                                                      "recipe_rule", "recipe_one_teacher") if k in rec}
     rule = ("probes trained on every seed, best mean val score first: the first that beats the variant and every "
             "probe it is built on by more than the standard error of each difference is adopted; else the variant")
     if one_teacher:
@@ -781,9 +781,12 @@ def recipe_sentence(selection: dict) -> str:
         vs = ", ".join(f"{c['gain']:+.4f} vs {c['against']} (margin {c['margin']:.4f})" for c in cs)
         tried.append(f"{p} {vs} -> {'adopted' if p == selection['recipe'] else 'not adopted'}")
     base = "the current recipe retrained with one teacher" if selection.get("recipe_one_teacher") else "the variant"
+    previous = selection.get("recipe_previous", {})
+    before = (f"; the recipe was adopted before that by: {recipe_sentence(previous)}"
+              if previous.get("recipe_checks") and previous.get("recipe_seeds") else "")
     return (f"mean val score over seeds {selection['recipe_seeds']}: {scores}; probes in order of val score, each "
             f"against {base} and the probes it is built on, margin = standard error of the difference: "
-            + "; ".join(tried))
+            + "; ".join(tried) + before)
 
 
 def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, package: Path | None,
