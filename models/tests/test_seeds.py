@@ -209,8 +209,9 @@ def test_one_teacher_adopt_compares_only_this_folders_runs_against_the_current_r
     assert rec["recipe_previous"]["recipe"] == "probe_a" and rec["recipe_one_teacher"]
     assert "against the current recipe retrained with one teacher" in S.recipe_sentence(rec)
     # an earlier decision with its numbers is quoted after the new one
+    check = {"against": "lorkd_fitnets", "gain": 0.02, "margin": 0.01}
     rec["recipe_previous"] = {"recipe": "probe_a", "recipe_seeds": [0, 1, 2], "recipe_val_scores": {"probe_a": 0.9},
-                              "recipe_checks": {"probe_a": [{"against": "lorkd_fitnets", "gain": 0.02, "margin": 0.01}]}}
+                              "recipe_checks": {"probe_a": [check]}}
     assert "adopted before that by: mean val score over seeds [0, 1, 2]: probe_a 0.9000" in S.recipe_sentence(rec)
     assert "probe_a +0.0200 vs lorkd_fitnets (margin 0.0100) -> adopted" in S.recipe_sentence(rec)
     (runs / "seeds" / "selection.json").write_text(json.dumps({"selected": "lorkd_fitnets", "recipe": "probe_a"}))
