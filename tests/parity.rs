@@ -150,21 +150,21 @@ async fn golden_logits_through_native_and_oip_apis() {
     server.stop().await.unwrap();
 }
 
-/// The same golden answers once every expert is promoted to its own session (weights baked in).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn golden_logits_on_dedicated_sessions() {
-    let package = package_dir();
-    let tasks = task_ids(&package);
-    let golden = golden(&package);
-    let server = start(&[
-        "--execution",
-        "merged",
-        "--promote-after",
-        "1",
-        "--dedicated-sessions",
-        "64",
-    ])
-    .await;
+/// Server flags that promote every expert to its own session (weights baked in) after its first request.
+const PROMOTE_AT_ONCE: [&str; 6] = [
+    "--execution",
+    "merged",
+    "--promote-after",
+    "1",
+    "--dedicated-sessions",
+    "64",
+];
+
+/// One golden image of every task of `package` through the native API, then waits until every expert has been
+/// promoted to a dedicated session (a server started with [`PROMOTE_AT_ONCE`]).
+async fn promote_every_expert(server: &TestServer, package: &std::path::Path) {
+    let tasks = task_ids(package);
+    let golden = golden(package);
     let client = reqwest::Client::new();
     for task in &tasks {
         let case = golden.cases.iter().find(|c| &c.task == task).unwrap();
@@ -178,14 +178,22 @@ async fn golden_logits_on_dedicated_sessions() {
             .unwrap();
         assert_eq!(response.status(), 200);
     }
-    wait_for_metrics(&server, |m| {
+    wait_for_metrics(server, |m| {
         metric(m, "lorkd_dedicated_sessions") == tasks.len() as f64
     })
     .await;
+}
+
+/// The same golden answers once every expert is promoted to its own session (weights baked in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_logits_on_dedicated_sessions() {
+    let package = package_dir();
+    let server = start(&PROMOTE_AT_ONCE).await;
+    promote_every_expert(&server, &package).await;
     let report = check_golden(&server, &package, Some("dedicated")).await;
     println!(
         "parity on dedicated sessions (max |logit - golden|, tolerance {}):",
-        golden.tolerance
+        golden(&package).tolerance
     );
     for (task, native, oip) in &report {
         println!("  {task:<12} native {native:.3e}  oip {oip:.3e}");
@@ -320,32 +328,8 @@ async fn per_task_batchnorm_package_serves_golden_on_every_path() {
         );
         server.stop().await.unwrap();
     }
-    let server = start_with(config(
-        &package,
-        &[
-            "--execution",
-            "merged",
-            "--promote-after",
-            "1",
-            "--dedicated-sessions",
-            "64",
-        ],
-    ))
-    .await;
-    let golden = golden(&package);
-    let client = reqwest::Client::new();
-    for task in task_ids(&package) {
-        let case = golden.cases.iter().find(|c| c.task == task).unwrap();
-        let response = client
-            .post(server.url(&format!("/v1/experts/{task}/predict")))
-            .header("content-type", "image/png")
-            .body(std::fs::read(package.join(&case.file)).unwrap())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-    }
-    wait_for_metrics(&server, |m| metric(m, "lorkd_dedicated_sessions") == 2.0).await;
+    let server = start_with(config(&package, &PROMOTE_AT_ONCE)).await;
+    promote_every_expert(&server, &package).await;
     assert_eq!(
         check_golden(&server, &package, Some("dedicated"))
             .await

@@ -68,3 +68,15 @@ def randomise(student: Student, seed: int = 0) -> Student:
 def tiny_student() -> Student:
     torch.manual_seed(0)
     return randomise(Student(tiny_config()))
+
+
+def tiny_two_task_config(data_dir: Path, **overrides):
+    """A TrainConfig of the two synthetic tasks (alpha grey, beta RGB) read from `data_dir`: a tiny LoRKD student
+    without transfer, one short epoch; `overrides` replace any key."""
+    from lorkd.train import TrainConfig
+
+    base = dict(mode="lorkd_nokd", tasks=("alpha", "beta"), width="tiny", epochs=1, batch_size=8,
+                max_batches_per_epoch=2, lr=0.01, num_threads=1,
+                task_sources={"alpha": {"path": str(data_dir / "alpha.npz"), "labels": ["no", "yes"], "channels": 1},
+                              "beta": {"path": str(data_dir / "beta.npz"), "labels": ["a", "b", "c"], "channels": 3}})
+    return TrainConfig(**{**base, **overrides})

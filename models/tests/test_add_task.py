@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import write_npz
+from conftest import tiny_two_task_config, write_npz
 
 from lorkd.add_task import add_task, folded_w0, load_base_student, one_task_view
 from lorkd.cli import main
@@ -26,12 +26,7 @@ def base(tmp_path_factory, data_dir, tasks):
     """A tiny 2-task LoRKD run exported as a package, with its checkpoint recorded in the provenance."""
     root = tmp_path_factory.mktemp("addtask")
     write_npz(data_dir / NEW.file, 1, 3, seed=3)
-    cfg = TrainConfig(mode="lorkd_nokd", tasks=("alpha", "beta"), width="tiny", epochs=1, batch_size=8,
-                      max_batches_per_epoch=2, lr=0.01, num_threads=1,
-                      task_sources={"alpha": {"path": str(data_dir / "alpha.npz"), "labels": ["no", "yes"],
-                                              "channels": 1},
-                                    "beta": {"path": str(data_dir / "beta.npz"), "labels": ["a", "b", "c"],
-                                             "channels": 3}})
+    cfg = tiny_two_task_config(data_dir)
     train_run(cfg, tasks, root / "run", progress=False)
     return root
 
@@ -147,12 +142,8 @@ def test_transfer_loss_with_a_teacher_and_a_wrong_base_is_refused(base, tmp_path
 def test_generic_student_base(tmp_path, data_dir, tasks):
     """A package made by lorkd.decompose (torchvision MobileNetV3-small, Linear decomposed too) takes a new
     expert the same way, with parity."""
-    cfg = TrainConfig(mode="lorkd_nokd", tasks=("alpha", "beta"), arch="mobilenet_v3_small", decompose_linear=True,
-                      epochs=1, batch_size=8, max_batches_per_epoch=1, lr=0.01, num_threads=1,
-                      task_sources={"alpha": {"path": str(data_dir / "alpha.npz"), "labels": ["no", "yes"],
-                                              "channels": 1},
-                                    "beta": {"path": str(data_dir / "beta.npz"), "labels": ["a", "b", "c"],
-                                             "channels": 3}})
+    cfg = tiny_two_task_config(data_dir, width="x1.0", arch="mobilenet_v3_small", decompose_linear=True,
+                               max_batches_per_epoch=1)
     train_run(cfg, tasks, tmp_path / "run", progress=False)
     pkg = tmp_path / "pkg"
     export_from_run(tmp_path / "run", pkg, checkpoint_out=tmp_path / "ck", name="generic")

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import randomise, tiny_config, write_npz
+from conftest import randomise, tiny_config, tiny_two_task_config, write_npz
 
 from lorkd.add_task import add_task, folded_w0, load_base_student
 from lorkd.data import TaskSpec
@@ -16,7 +16,7 @@ from lorkd.models import Student, TaskBatchNorm2d, affine_factors, deploy_layers
 from lorkd.package import base_weights, delta, load_package, read_expert
 from lorkd.parity import eks_parity, package_parity
 from lorkd.pipeline import export_from_run
-from lorkd.train import TrainConfig, train_run
+from lorkd.train import train_run
 
 
 @pytest.fixture()
@@ -72,12 +72,7 @@ def test_add_task_on_a_per_task_batchnorm_package(tmp_path, data_dir, tasks):
     """The new task gets the base network's affine (frozen, zero delta); the package's other files stay."""
     new = TaskSpec("gamma", "gamma.npz", "Gamma (grey)", "synthetic", ("0", "1", "2"), 1)
     write_npz(data_dir / new.file, 1, 3, seed=3)
-    cfg = TrainConfig(mode="lorkd_nokd", tasks=("alpha", "beta"), width="tiny", epochs=1, batch_size=8,
-                      max_batches_per_epoch=2, lr=0.01, num_threads=1, task_bn=True,
-                      task_sources={"alpha": {"path": str(data_dir / "alpha.npz"), "labels": ["no", "yes"],
-                                              "channels": 1},
-                                    "beta": {"path": str(data_dir / "beta.npz"), "labels": ["a", "b", "c"],
-                                             "channels": 3}})
+    cfg = tiny_two_task_config(data_dir, task_bn=True)
     train_run(cfg, tasks, tmp_path / "run", progress=False)
     pkg = tmp_path / "pkg"
     export_from_run(tmp_path / "run", pkg, checkpoint_out=tmp_path / "ck", name="tiny-tbn")
