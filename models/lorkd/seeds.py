@@ -188,7 +188,9 @@ def select_recipe(spec: dict, runs: Path, records: Path | None = None, one_teach
         if not one_teacher:
             v = [x if x is not None else _recorded_val_score(records, metrics_only, name, s)
                  for x, s in zip(v, seeds, strict=True)]
-        if all(x is not None for x in v) and (not one_teacher or name == base or _probe_extends(spec, name, base)):
+        # one teacher: the base, and probes built on it (every probe is built on the variant)
+        on_base = name == base or not base.startswith("probe_") or _probe_extends(spec, name, base)
+        if all(x is not None for x in v) and (not one_teacher or on_base):
             vals[name] = v
     if base not in vals:
         raise SystemExit(f"{base} is not trained on every seed {seeds}" + (" in this runs folder" if one_teacher

@@ -217,6 +217,13 @@ def test_one_teacher_adopt_compares_only_this_folders_runs_against_the_current_r
     (runs / "seeds" / "selection.json").write_text(json.dumps({"selected": "lorkd_fitnets", "recipe": "probe_a"}))
     vals["probe_tbn"] = [0.83, 0.82, 0.85]  # inside the seed noise: the current recipe stays
     assert S.select_recipe(spec, runs, records, one_teacher=True)["recipe"] == "probe_a"
+    # while the recipe is still the variant, every probe is built on it
+    (runs / "seeds" / "selection.json").write_text(json.dumps({"selected": "lorkd_fitnets"}))
+    vals["lorkd_fitnets"] = [0.80, 0.81, 0.82]
+    rec = S.select_recipe(spec, runs, records, one_teacher=True)
+    assert set(rec["recipe_val_scores"]) == {"lorkd_fitnets", "probe_a", "probe_b", "probe_tbn"}
+    assert rec["recipe"] == "probe_b"
+    (runs / "seeds" / "selection.json").write_text(json.dumps({"selected": "lorkd_fitnets", "recipe": "probe_a"}))
     vals["probe_a"] = [None] * 3  # the current recipe not retrained here: no decision at all
     with pytest.raises(SystemExit, match="in this runs folder"):
         S.select_recipe(spec, runs, records, one_teacher=True)
