@@ -52,8 +52,9 @@ a=$!
   # per-task input standardisation (each task's own training-set mean and std): the exportable cousin of
   # per-task BatchNorm
   $S train --names probe_share_cw0_tnorm --seeds 0 1 2 --no-progress
-  # fifth pass: stronger weight decay on top of the recipe
+  # fifth pass: stronger weight decay on top of the recipe, then with per-task BatchNorm as well
   $S train --names probe_share_cw0_wd5 --seeds 0 1 2 --no-progress
+  $S train --names probe_share_cw0_tbn_wd5 --seeds 0 1 2 --no-progress
 ) > "$RUNS/laneB.log" 2>&1 &
 b=$!
 echo "reproduce: lanes running (logs: $RUNS/laneA.log, $RUNS/laneB.log)"
