@@ -209,8 +209,13 @@ def select_recipe(spec: dict, runs: Path, records: Path | None = None, one_teach
     for stale in ("recipe_best_probe", "recipe_gain", "recipe_margin", "recipe_unexportable"):  # older rules' fields
         rec.pop(stale, None)
     if one_teacher:
-        rec["recipe_previous"] = {k: rec[k] for k in ("recipe", "recipe_val_scores", "recipe_seeds", "recipe_checks",
-                                                      "recipe_rule", "recipe_one_teacher") if k in rec}
+        # `recipe_previous` is the decision that made the current recipe. A one-teacher decision that kept its
+        # base (a rerun, or a pass that adopted nothing) did not, so its own `recipe_previous` stays.
+        last = rec.get("recipe_previous", {})
+        if not (rec.get("recipe_one_teacher") and last.get("recipe") == rec.get("recipe")):
+            rec["recipe_previous"] = {k: rec[k] for k in ("recipe", "recipe_val_scores", "recipe_seeds",
+                                                          "recipe_checks", "recipe_rule", "recipe_one_teacher")
+                                      if k in rec}
     rule = ("probes trained on every seed, best mean val score first: the first that beats the variant and every "
             "probe it is built on by more than the standard error of each difference is adopted; else the variant")
     if one_teacher:

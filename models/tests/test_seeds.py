@@ -208,6 +208,11 @@ def test_one_teacher_adopt_compares_only_this_folders_runs_against_the_current_r
     assert [c["against"] for c in rec["recipe_checks"]["probe_tbn"]] == ["probe_a"]
     assert rec["recipe_previous"]["recipe"] == "probe_a" and rec["recipe_one_teacher"]
     assert "against the current recipe retrained with one teacher" in S.recipe_sentence(rec)
+    # a rerun keeps the decision that made the recipe (adopting probe_tbn), not the rerun's own input
+    again = S.select_recipe(spec, runs, records, one_teacher=True)
+    assert again["recipe"] == "probe_tbn" and again["recipe_previous"]["recipe"] == "probe_tbn"
+    assert again["recipe_previous"]["recipe_checks"] == rec["recipe_checks"]
+    assert S.select_recipe(spec, runs, records, one_teacher=True)["recipe_previous"] == again["recipe_previous"]
     # an earlier decision with its numbers is quoted after the new one
     check = {"against": "lorkd_fitnets", "gain": 0.02, "margin": 0.01}
     rec["recipe_previous"] = {"recipe": "probe_a", "recipe_seeds": [0, 1, 2], "recipe_val_scores": {"probe_a": 0.9},
