@@ -14,6 +14,8 @@
 # variant's, and that of every probe it is built on, by more than the standard error of each difference), the report
 # (models/README.md Results; every run's outputs kept in models/results/seeds), the package from the adopted recipe's
 # best-val seed, its parity on the full test split, and the report again (so the README quotes the package's parity).
+# Before the report, the sixth pass's cross-validation on train+val (`seeds cv`, below) decides between the recipe and
+# its two closest probes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-models/runs}
@@ -68,6 +70,22 @@ $S adopt
 # committed compare-task-bn.json / -norm.json are the fourth pass's, another teacher's; -pass5 is the records' teacher)
 $S compare --names probe_share_cw0_tbn probe_share_cw0 --out models/results/seeds/compare-task-bn-pass5.json > /dev/null
 $S compare --names probe_share_cw0_tnorm probe_share_cw0 --out models/results/seeds/compare-task-norm.json > /dev/null
+# sixth pass: the recipe against its two closest probes, cross-validated on train+val (5 folds, one teacher per fold,
+# seed 0), every train+val image judged once by a run that did not train on it; `cv --adopt` records the decision
+CV_NAMES="probe_share_cw0 probe_share_cw0_tbn probe_share_cw0_wd5"
+cv_lane() {  # cv_lane FOLD...: each fold's teacher, then the three names on it
+  for k in "$@"; do
+    $S teacher --fold "$k" --no-progress
+    $S train --fold "$k" --names $CV_NAMES --seeds 0 --no-progress
+  done
+}
+cv_lane 0 2 4 > "$RUNS/cv-laneA.log" 2>&1 &
+a=$!
+cv_lane 1 3 > "$RUNS/cv-laneB.log" 2>&1 &
+b=$!
+wait $a
+wait $b
+$S cv --names $CV_NAMES --adopt --out models/results/seeds/cv.json > /dev/null
 $S report
 $S package
 $S parity

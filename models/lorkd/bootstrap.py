@@ -46,12 +46,13 @@ def metric_resamples(labels: np.ndarray, probs: np.ndarray, w: np.ndarray) -> di
 
 
 def paired_bootstrap(labels: dict[str, np.ndarray], probs_a: dict[str, np.ndarray], probs_b: dict[str, np.ndarray],
-                     resamples: int = 10_000, seed: int = 0, chunk: int = 2_000) -> dict:
+                     resamples: int = 10_000, seed: int = 0, chunk: int = 2_000, score: bool = False) -> dict:
     """A minus B per task and for the mean over tasks (tasks resampled independently), ACC and AUC.
 
     labels[task]: (n,); probs_x[task]: (S, n, C) softmax outputs of S seeds (seed counts may differ between A and B).
     Returns {task | "mean": {metric: {"diff": point estimate, "lo", "hi": 95 % percentile interval,
-    "p_le_0": fraction of resamples with diff <= 0}}}."""
+    "p_le_0": fraction of resamples with diff <= 0, "se": standard deviation over resamples}}}; `score` adds
+    "mean": {"score": ...}, the difference of the selection score (mean over tasks of (ACC + AUC) / 2)."""
     rng = np.random.default_rng(seed)
     diffs: dict[str, dict[str, list[np.ndarray]]] = {t: {"acc": [], "auc": []} for t in labels}
     for start in range(0, resamples, chunk):
@@ -70,10 +71,13 @@ def paired_bootstrap(labels: dict[str, np.ndarray], probs_a: dict[str, np.ndarra
     arrays = {t: {m: np.concatenate(v) for m, v in d.items()} for t, d in diffs.items()}
     arrays["mean"] = {m: np.nanmean([arrays[t][m] for t in labels], axis=0) for m in ("acc", "auc")}
     point["mean"] = {m: float(np.mean([point[t][m] for t in labels])) for m in ("acc", "auc")}
+    if score:
+        arrays["mean"]["score"] = (arrays["mean"]["acc"] + arrays["mean"]["auc"]) / 2
+        point["mean"]["score"] = (point["mean"]["acc"] + point["mean"]["auc"]) / 2
     for t, d in arrays.items():
         out[t] = {}
         for m, a in d.items():
             a = a[~np.isnan(a)]
             out[t][m] = {"diff": point[t][m], "lo": float(np.percentile(a, 2.5)), "hi": float(np.percentile(a, 97.5)),
-                         "p_le_0": float((a <= 0).mean()), "resamples": int(len(a))}
+                         "p_le_0": float((a <= 0).mean()), "se": float(np.std(a)), "resamples": int(len(a))}
     return out

@@ -177,11 +177,14 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_seeds(args) -> int:
-    """Multi-seed experiments (lorkd.seeds): teacher | train | select | adopt | report | package | parity | compare."""
+    """Multi-seed experiments (lorkd.seeds): teacher | train | select | adopt | report | package | parity | compare
+    | cv (teacher and train take --fold K to train on a cross-validation fold)."""
     from . import seeds as S
 
     spec = S.load_spec(Path(args.config))
     runs = Path(args.runs)
+    if args.fold is not None and args.stage in ("teacher", "train"):
+        spec, runs = S.prepare_fold(spec, runs, Path(args.records) if args.records else None, args.folds, args.fold)
     if args.stage == "teacher":
         S.train_teacher(spec, runs, args.data_dir, progress=not args.no_progress)
     elif args.stage == "train":
@@ -206,12 +209,26 @@ def cmd_seeds(args) -> int:
             raise SystemExit("compare: --names A B (A minus B, both trained in --runs on every --seeds)")
         res = S.compare_runs(runs, args.names[0], args.names[1], args.seeds or spec["seeds"], args.data_dir,
                              resamples=args.resamples)
-        text = json.dumps(res, indent=1)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text + "\n")
-        print(text)
+        _write_result(res, args.out)
+    elif args.stage == "cv":
+        if len(args.names or []) < 2:
+            raise SystemExit("cv: --names BASE PROBE [PROBE ...] (the current recipe first), each trained with "
+                             "`train --fold K` on every fold")
+        seed = (args.seeds or [0])[0]
+        res = S.cv_compare(runs, args.names, args.folds, seed, args.data_dir, resamples=args.resamples)
+        _write_result(res, args.out)
+        if args.adopt:
+            rec = S.adopt_cv(runs, Path(args.records) if args.records else None, res)
+            print(f"recipe: {rec['recipe']} ({S.cv_sentence(rec['recipe_cv'])})")
     return 0
+
+
+def _write_result(res: dict, out: str | None) -> None:
+    text = json.dumps(res, indent=1)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    print(text)
 
 
 def cmd_plot(args) -> int:
@@ -376,13 +393,15 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=cmd_pipeline)
 
     s = sub.add_parser("seeds", help="multi-seed experiments: teacher | train | select | adopt | report | package | "
-                                     "parity | compare (resumable; models/reproduce.sh runs them in order)")
-    s.add_argument("stage", choices=["teacher", "train", "select", "adopt", "report", "package", "parity", "compare"])
+                                     "parity | compare | cv (resumable; models/reproduce.sh runs them in order)")
+    s.add_argument("stage", choices=["teacher", "train", "select", "adopt", "report", "package", "parity", "compare",
+                                     "cv"])
     s.add_argument("--config", default="models/configs/medmnist-seeds.json")
     s.add_argument("--runs", default="models/runs")
     s.add_argument("--names", nargs="*", help="train: config block names (selected = the variant chosen on val, "
                                               "probe_<key> = a probe on top of it; "
-                                              "default: selected lorkd_nokd mtl stl); compare: A B")
+                                              "default: selected lorkd_nokd mtl stl); compare: A B; cv: the "
+                                              "current recipe, then the probes")
     s.add_argument("--seeds", nargs="*", type=int, help="train, compare: seeds (default: the config's seeds)")
     s.add_argument("--readme", default="models/README.md")
     s.add_argument("--figures", default="models/figures")
@@ -391,10 +410,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--records", default="models/results/seeds",
                    help="report: committed folder that keeps what was measured of every run (and reports the runs "
                         "that are not on this machine from it); '' = none")
-    s.add_argument("--out", help="compare: also write the result (JSON) here")
+    s.add_argument("--out", help="compare, cv: also write the result (JSON) here")
+    s.add_argument("--adopt", action="store_true", help="cv: record the decision in the selection file (the recipe "
+                                                        "becomes the decision)")
     s.add_argument("--one-teacher", action="store_true",
                    help="adopt: only runs of --runs (one teacher) compete; the base is the current recipe retrained "
                         "there, and only probes built on it are tried")
+    s.add_argument("--folds", type=int, default=5, help="cross-validation on train+val: number of folds")
+    s.add_argument("--fold", type=int, help="teacher, train: train in R/cv/fold<K> (that fold is val, the others "
+                                            "train; test untouched) instead of on the official split")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_seeds)
 

@@ -84,6 +84,8 @@ class TaskData:
     images: dict[str, np.ndarray] = field(default_factory=dict)
     labels: dict[str, np.ndarray] = field(default_factory=dict)
     md5: str = ""
+    # under cross-validation: each of train and val as indices into the pool (official train then val)
+    pool_index: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def load_npz(path: Path, spec: TaskSpec) -> TaskData:
@@ -260,9 +262,48 @@ def load_tasks(task_ids: list[str] | tuple[str, ...] = DEFAULT_TASKS, data_dir: 
 
 
 def load_config_tasks(cfg, data_dir: Path | None = None) -> list[TaskData]:
-    """The tasks of a TrainConfig (or its dict form): ids, sources and the model's input size."""
+    """The tasks of a TrainConfig (or its dict form): ids, sources, the model's input size, and the
+    cross-validation fold when `cv_folds` is set (every consumer of a run sees the same split)."""
     get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
-    return load_tasks(list(get("tasks")), data_dir, get("task_sources") or {}, get("image_size") or None)
+    tasks = load_tasks(list(get("tasks")), data_dir, get("task_sources") or {}, get("image_size") or None)
+    folds = int(get("cv_folds") or 0)
+    return [cv_split(td, folds, int(get("cv_fold") or 0)) for td in tasks] if folds else tasks
+
+
+# One fold assignment for every configuration and seed, so that cross-validated runs are paired image for image.
+CV_SEED = 13
+
+
+def cv_folds_of(labels: np.ndarray, folds: int, seed: int = CV_SEED) -> np.ndarray:
+    """The fold (0..folds-1) of every pool image, stratified: each class's images are shuffled and dealt round
+    robin, the deal continuing across classes, so folds differ in size by at most one image and in each class's
+    count by at most one."""
+    if folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, not {folds}")
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), dtype=np.int64)
+    dealt = 0
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        fold[idx] = (dealt + np.arange(len(idx))) % folds
+        dealt += len(idx)
+    return fold
+
+
+def cv_split(td: TaskData, folds: int, fold: int, seed: int = CV_SEED) -> TaskData:
+    """Cross-validation on train+val (issue 13: 78 Breast and 120 Retina val images cannot separate
+    configurations): the pool is the official train split followed by val; fold `fold` becomes val and the other
+    folds train, each in pool order. Test is untouched, so test numbers stay comparable with the official split."""
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold {fold} outside 0..{folds - 1}")
+    images = np.concatenate([td.images["train"], td.images["val"]])
+    labels = np.concatenate([td.labels["train"], td.labels["val"]])
+    which = cv_folds_of(labels, folds, seed)
+    out = dataclasses.replace(td, images=dict(td.images), labels=dict(td.labels), pool_index={})
+    for split, keep in (("train", which != fold), ("val", which == fold)):
+        idx = np.flatnonzero(keep)
+        out.images[split], out.labels[split], out.pool_index[split] = images[idx], labels[idx], idx
+    return out
 
 
 def to_tensor(images: np.ndarray, mean=MEAN, std=STD) -> torch.Tensor:

@@ -229,6 +229,161 @@ def select_recipe(spec: dict, runs: Path, records: Path | None = None, one_teach
     return rec
 
 
+# ----------------------------------------------------------------------------------------- cross-validation
+
+
+def cv_fold_runs(runs: Path, fold: int) -> Path:
+    """R/cv/fold<k>: one fold's runs folder (its own teacher, trained on that fold's train part)."""
+    return Path(runs) / "cv" / f"fold{fold}"
+
+
+def prepare_fold(spec: dict, runs: Path, records: Path | None, folds: int, fold: int) -> tuple[dict, Path]:
+    """The spec and runs folder of one cross-validation fold: every run of it (teacher included) trains on the
+    other folds of train+val and selects its checkpoint on this one. The fold folder gets the selection record
+    of R (or the committed one), so that `probe_<key>` names resolve to the same settings as on the official
+    split."""
+    if not 0 <= fold < folds:
+        raise SystemExit(f"--fold {fold} outside 0..{folds - 1}")
+    fold_spec = copy.deepcopy(spec)
+    fold_spec["common"] = {**spec.get("common", {}), "cv_folds": folds, "cv_fold": fold}
+    out = cv_fold_runs(runs, fold)
+    sel = seeds_file(runs, records, "selection.json")
+    target = out / "seeds" / "selection.json"
+    if sel.exists() and not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(sel.read_text())
+    return fold_spec, out
+
+
+def cv_val_logits(run: Path, data_dir: Path | None = None) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{task: (pool indices, labels, logits)} of a fold run's best checkpoint on its own val fold."""
+    cfg = json.loads((Path(run) / "config.json").read_text())
+    if not cfg.get("cv_folds"):
+        raise SystemExit(f"{run} was not trained on a cross-validation fold")
+    tasks = load_config_tasks(cfg, data_dir)
+    model = load_trained(Path(run), tasks)
+    return {td.spec.id: (td.pool_index["val"], td.labels["val"], predict(model, td, t, "val"))
+            for t, td in enumerate(tasks)}
+
+
+def out_of_fold(fold_logits: list[dict]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Pool the folds' val outputs ({task: (pool indices, labels, logits)} per fold) into one output per image of
+    train+val: (labels, logits) per task, in pool order. Every pool image must be val in exactly one fold."""
+    labels, logits = {}, {}
+    for t in fold_logits[0]:
+        idx = np.concatenate([f[t][0] for f in fold_logits])
+        if not np.array_equal(np.sort(idx), np.arange(len(idx))):
+            raise ValueError(f"{t}: the folds' val parts do not partition train+val once each")
+        order = np.argsort(idx)
+        labels[t] = np.concatenate([f[t][1] for f in fold_logits])[order]
+        logits[t] = np.concatenate([f[t][2] for f in fold_logits])[order]
+    return labels, logits
+
+
+def _oof_score(labels: dict[str, np.ndarray], logits: dict[str, np.ndarray]) -> tuple[float, dict]:
+    metrics = {t: task_metrics(labels[t], logits[t]) for t in labels}
+    return selection_score(metrics), {t: {k: m[k] for k in ("acc", "auc", "n")} for t, m in metrics.items()}
+
+
+def cv_compare(runs: Path, names: list[str], folds: int, seed: int = 0, data_dir: Path | None = None,
+               resamples: int = 10_000) -> dict:
+    """Cross-validated choice on train+val (never test): the first name is the base (the current recipe), the others
+    probes, each trained on every fold (R/cv/fold<k>, one teacher per fold). Every train+val image is judged once,
+    by the run that did not train on it (out of fold): 624 Breast, 5,232 Pneumonia and 1,200 Retina images, against
+    78, 524 and 120 on the official val split. Probes are tried best out-of-fold score first; one is adopted if its
+    gain over the base exceeds both standard errors: the paired bootstrap's over the images, and that of the mean
+    of the per-fold gains (each fold has its own teacher, so this one carries training noise). Test numbers
+    (means over the fold runs, paired bootstrap) are reported, never used."""
+    base, probes = names[0], names[1:]
+    fold_runs = {n: [run_dir(cv_fold_runs(runs, k), n, seed) for k in range(folds)] for n in names}
+    per_fold = {n: [cv_val_logits(r, data_dir) for r in rs] for n, rs in fold_runs.items()}
+    pooled = {n: out_of_fold(f) for n, f in per_fold.items()}
+    labels = pooled[base][0]
+    scores, metrics = {}, {}
+    for n in names:
+        if any(not np.array_equal(pooled[n][0][t], labels[t]) for t in labels):
+            raise ValueError(f"{n} was not cross-validated on the folds of {base}")
+        scores[n], metrics[n] = _oof_score(*pooled[n])
+    fold_scores = {n: [_oof_score({t: f[t][1] for t in f}, {t: f[t][2] for t in f})[0] for f in per_fold[n]]
+                   for n in names}
+    probs = {n: {t: _softmax(pooled[n][1][t])[None] for t in labels} for n in names}
+    checks, adopted = {}, base
+    for p in sorted(probes, key=scores.get, reverse=True):
+        boot = paired_bootstrap(labels, probs[p], probs[base], resamples=resamples, seed=13, score=True)
+        fold_gains = [a - b for a, b in zip(fold_scores[p], fold_scores[base], strict=True)]
+        se_folds = float(np.std(fold_gains, ddof=1) / np.sqrt(folds))
+        gain = scores[p] - scores[base]
+        checks[p] = {"gain": gain, "se_images": boot["mean"]["score"]["se"], "se_folds": se_folds,
+                     "interval": [boot["mean"]["score"]["lo"], boot["mean"]["score"]["hi"]],
+                     "fold_gains": fold_gains, "bootstrap": boot}
+        if adopted == base and gain > max(se_folds, checks[p]["se_images"]):
+            adopted = p
+    test = {p: _test_pair({n: {k: eval_run(r, data_dir) for k, r in enumerate(fold_runs[n])} for n in (p, base)},
+                          p, base, resamples) for p in probes}
+    return {"folds": folds, "seed": seed, "runs": str(runs), "base": base, "names": names,
+            "pool": {t: int(len(y)) for t, y in labels.items()},
+            "scores": scores, "metrics": metrics, "fold_scores": fold_scores, "checks": checks,
+            "decision": adopted, "test": test,
+            "rule": CV_RULE}
+
+
+CV_RULE = ("cross-validation on train+val, one teacher per fold: probes on the current recipe, best out-of-fold "
+           "score first; the first whose gain over the recipe exceeds both the images' bootstrap standard error and "
+           "the standard error of the mean per-fold gain is adopted; else the current recipe")
+
+
+def adopt_cv(runs: Path, records: Path | None, result: dict) -> dict:
+    """Record a cross-validated decision in the selection file: the recipe becomes the decision, and the decision
+    it replaces is kept as `recipe_previous`."""
+    kept = seeds_file(runs, records, "selection.json")
+    if not kept.exists():
+        raise SystemExit("no selection yet: run the `select` stage first")
+    rec = json.loads(kept.read_text())
+    rerun = rec.get("recipe_cv", {}).get("base") == result["base"]  # the same decision again: history stays
+    if recipe(rec) != result["base"] and not rerun:
+        raise SystemExit(f"the cross-validation's base {result['base']} is not the current recipe {recipe(rec)}")
+    summary = {k: result[k] for k in ("folds", "seed", "base", "pool", "scores", "metrics", "decision", "rule")}
+    summary["checks"] = {p: {k: v for k, v in c.items() if k != "bootstrap"} for p, c in result["checks"].items()}
+    if not rerun and result["decision"] != recipe(rec):
+        fields = ("recipe", "recipe_val_scores", "recipe_seeds", "recipe_checks", "recipe_rule", "recipe_one_teacher",
+                  "recipe_previous")
+        rec["recipe_previous"] = {k: rec.pop(k) for k in fields if k in rec}
+    rec["recipe"] = result["decision"]
+    rec["recipe_cv"] = summary
+    path = Path(runs) / "seeds" / "selection.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, indent=1))
+    return rec
+
+
+def cv_rows(cv: dict) -> list[str]:
+    """The report's table of a cross-validated decision: out-of-fold val metrics per name, gains and their errors."""
+    tasks = list(cv["pool"])
+    rows = ["| name | out-of-fold score | " + " | ".join(f"{t} ACC / AUC" for t in tasks)
+            + " | gain over the recipe | standard error: images, folds | decision |", "| --- " * (5 + len(tasks)) + "|"]
+    for name, score in cv["scores"].items():
+        m = cv["metrics"][name]
+        cells = [f"{100 * m[t]['acc']:.2f} / {100 * m[t]['auc']:.2f}" for t in tasks]
+        c = cv["checks"].get(name)
+        check = (f"{c['gain']:+.4f} | {c['se_images']:.4f}, {c['se_folds']:.4f}" if c else "– | –")
+        verdict = "**adopted**" if name == cv["decision"] != cv["base"] else (
+            "kept (the recipe)" if name == cv["base"] == cv["decision"] else
+            "the recipe before" if name == cv["base"] else "not adopted")
+        rows.append(f"| {name} | {score:.4f} | " + " | ".join(cells) + f" | {check} | {verdict} |")
+    return rows
+
+
+def cv_sentence(cv: dict) -> str:
+    """The cross-validated decision in one sentence for the report."""
+    tried = "; ".join(
+        f"{p} {c['gain']:+.4f} (standard errors: images {c['se_images']:.4f}, folds {c['se_folds']:.4f}) -> "
+        f"{'adopted' if p == cv['decision'] else 'not adopted'}" for p, c in cv["checks"].items())
+    pool = ", ".join(f"{n:,} {t}" for t, n in cv["pool"].items())
+    return (f"cross-validated on train+val ({cv['folds']} folds, one teacher per fold, every image judged once out of "
+            f"fold: {pool}): out-of-fold scores " + ", ".join(f"{k} {v:.4f}" for k, v in cv["scores"].items())
+            + f"; against {cv['base']}: {tried}")
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
@@ -471,17 +626,25 @@ def compare_runs(runs: Path, a: str, b: str, seeds: list[int], data_dir: Path | 
     the standard error of the difference, as `adopt`); test means and the paired bootstrap are reported."""
     recs = {n: {s: eval_run(run_dir(runs, n, s), data_dir) for s in seeds} for n in (a, b)}
     val = {n: [float(r["val_score"]) for r in recs[n].values()] for n in (a, b)}
+    return {
+        "a": a, "b": b, "seeds": list(seeds), "runs": str(runs),
+        "val": {**val, "gain": float(np.mean(val[a]) - np.mean(val[b])), "margin": _se_of_difference(val[a], val[b])},
+        **_test_pair(recs, a, b, resamples),
+    }
+
+
+def _test_pair(recs: dict, a: str, b: str, resamples: int) -> dict:
+    """Test means of two names over their runs (seeds or folds), each run's own test numbers, and the paired
+    bootstrap of a minus b (runs averaged per resample)."""
     tasks = list(next(iter(recs[a].values()))["test"])
     test = {n: {t: {m: _stats(recs[n], t, m)[0] for m in ("acc", "auc")} for t in tasks + [None]}
             for n in (a, b)}
     labels = {t: next(iter(recs[a].values()))["test"][t]["labels"] for t in tasks}
     probs = {n: {t: np.stack([r["probs"][t] for r in recs[n].values()]) for t in tasks} for n in (a, b)}
     return {
-        "a": a, "b": b, "seeds": list(seeds), "runs": str(runs),
-        "val": {**val, "gain": float(np.mean(val[a]) - np.mean(val[b])), "margin": _se_of_difference(val[a], val[b])},
         "test": {n: {("mean" if t is None else t): v for t, v in test[n].items()} for n in (a, b)},
         "best_epoch": {n: [r["best_epoch"] for r in recs[n].values()] for n in (a, b)},
-        # each seed's own test numbers: the pair's runs folder is not committed, so this is their record
+        # each run's own test numbers: the pair's runs folder is not committed, so this is their record
         "per_seed": {n: {str(s): {t: {m: float(r["test"][t][m]) for m in ("acc", "auc")} for t in tasks}
                          for s, r in recs[n].items()} for n in (a, b)},
         "bootstrap": paired_bootstrap(labels, probs[a], probs[b], resamples=resamples, seed=13),
@@ -777,8 +940,21 @@ def recall_rows(ev: dict, names: list[str], tasks: list[str]) -> list[str]:
     return rows
 
 
+def has_recipe_decision(selection: dict) -> bool:
+    """Whether `adopt` (on seeds) or `cv --adopt` (on folds) has decided the recipe."""
+    return "recipe_val_scores" in selection or "recipe_cv" in selection
+
+
 def recipe_sentence(selection: dict) -> str:
-    """How the shipped recipe was chosen, with the numbers of the `adopt` stage."""
+    """How the shipped recipe was chosen, with the numbers of the `adopt` stage and of `cv --adopt`."""
+    cv = selection.get("recipe_cv")
+    if cv is not None:
+        if "recipe_val_scores" not in selection:  # the cross-validation replaced the seeds' decision
+            previous = selection.get("recipe_previous", {})
+            before = f"; the recipe before that: {recipe_sentence(previous)}" if has_recipe_decision(previous) else ""
+            return cv_sentence(cv) + before
+        rest = {k: v for k, v in selection.items() if k != "recipe_cv"}
+        return recipe_sentence(rest) + "; then " + cv_sentence(cv)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in selection["recipe_val_scores"].items())
     checks = selection["recipe_checks"]
     if not checks:
@@ -827,12 +1003,19 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
     lines += [f"Schedule: students {spec['common'].get('epochs')} epochs, teacher "
               f"{spec.get('teacher', {}).get('epochs')} epochs (seed 0); seeds {spec.get('seeds')}. "
               f"Transfer variant: {sel} (chosen on seed-0 val score, see the ablation); shipped recipe: **{main}**"
-              + (f" ({recipe_sentence(selection)})" if "recipe_val_scores" in selection else "") + ".", ""]
+              + (f" ({recipe_sentence(selection)})" if has_recipe_decision(selection) else "") + ".", ""]
     # a probe trained on several seeds gets its own row, and so does the variant when a probe was adopted over it
     seeded_probes = [f"probe_{k}" for k in spec.get("probes", {})
                      if len(ev.get(f"probe_{k}", {})) > 1 and f"probe_{k}" not in names]
     seeded_probes += [sel] if sel != main else []
     lines += seed_table(ev, names + seeded_probes + ["teacher"], tasks, spec, main)
+    if "recipe_cv" in selection:
+        cv = selection["recipe_cv"]
+        pool = ", ".join(f"{n:,} {t}" for t, n in cv["pool"].items())
+        lines += ["", f"Cross-validated choice of the recipe (`seeds cv`; train+val in {cv['folds']} stratified "
+                  f"folds, each fold's teacher and runs trained on the other folds, seed {cv['seed']}; every "
+                  f"train+val image judged once, out of fold: {pool} images; test never used):", ""]
+        lines += cv_rows(cv)
     lines += ["", f"Targets (LoRKD mean over seeds vs {TARGET_ANCHOR}; mean ACC over tasks vs STL and MTL):", ""]
     lines += targets(ev, main, tasks, extra)
     lines += ["", "![per-seed spread](figures/" + SEEDS_FIGURE + ")", ""]
@@ -997,7 +1180,7 @@ def package_selected(spec: dict, runs: Path, package: Path, data_dir: Path | Non
     mfile.write_text(json.dumps(metrics, indent=1))
     vs = ", ".join(f"{k} {v:.4f}" for k, v in sel_rec.get("val_scores", {}).items())
     adopted = f"; probes on top of it ({recipe_sentence(sel_rec)}): recipe `{sel}`" if (
-        "recipe_val_scores" in sel_rec) else ""
+        has_recipe_decision(sel_rec)) else ""
     note = (f"`{Path(package).as_posix()}` is `{run.as_posix()}`: the transfer variant `{sel_rec['selected']}` was "
             f"chosen on seed 0's val score among {spec['variants']} ({vs}){adopted}; "
             f"of its seeds the one with the best val score was exported (val scores "

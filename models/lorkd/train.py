@@ -74,6 +74,9 @@ class TrainConfig:
     # per-task data sources: {"task": {"type": "npz"|"folder"|"csv", "path": ..., "labels": [...],
     # "channels": 1|3, "mean": [3], "std": [3]}}; a MedMNIST id without an entry is its npz in --data-dir
     task_sources: dict = field(default_factory=dict)
+    # cross-validation on train+val (lorkd.data.cv_split): K folds, fold `cv_fold` is val; 0 = the official split
+    cv_folds: int = 0
+    cv_fold: int = 0
     teacher_arch: str = "resnet18"
     teacher_stem_stride: int = 2
     teacher_features: str = ""  # path to precomputed teacher features (teacher-features command)

@@ -248,3 +248,71 @@ def test_adopt_on_a_fresh_clone_reads_the_committed_records(tmp_path):
     assert json.loads((runs / "seeds" / "selection.json").read_text())["recipe"] == "probe_cw0"
     with pytest.raises(SystemExit):  # a probe is never trained on a guessed variant
         S.run_config(spec, "probe_cw0", 0, tmp_path / "elsewhere")
+
+
+def test_cross_validation_trains_per_fold_pools_out_of_fold_and_adopts(tmp_path, data_dir):
+    spec = {"common": TINY, "teacher": {"epochs": 1, "max_batches_per_epoch": 1}, "lorkd": {},
+            "variants": ["lorkd"], "probes": {"cw1": {"class_weight_power": 1.0}}, "seeds": [0]}
+    runs, records = tmp_path / "runs", tmp_path / "records"
+    records.mkdir()
+    (records / "selection.json").write_text(json.dumps({"selected": "lorkd"}))
+    for k in range(2):
+        fold_spec, fold_runs = S.prepare_fold(spec, runs, records, 2, k)
+        assert fold_runs == S.cv_fold_runs(runs, k) and S.selected(fold_runs) == "lorkd"
+        S.train_teacher(fold_spec, fold_runs, data_dir)
+        for name in ("lorkd", "probe_cw1"):
+            S.train_name(fold_spec, fold_runs, name, 0, data_dir)
+        cfg = json.loads((S.run_dir(fold_runs, "probe_cw1", 0) / "config.json").read_text())
+        assert (cfg["cv_folds"], cfg["cv_fold"], cfg["class_weight_power"]) == (2, k, 1.0)
+    with pytest.raises(SystemExit):
+        S.prepare_fold(spec, runs, records, 2, 2)
+    res = S.cv_compare(runs, ["lorkd", "probe_cw1"], 2, data_dir=data_dir, resamples=200)
+    assert res["pool"] == {"alpha": 32, "beta": 32}  # train 24 + val 8 of each synthetic task
+    # the out-of-fold score is the selection score of each image's answer from the run that did not train on it
+    folds = [S.cv_val_logits(S.run_dir(S.cv_fold_runs(runs, k), "lorkd", 0), data_dir) for k in range(2)]
+    labels, logits = S.out_of_fold(folds)
+    expected = S.selection_score({t: S.task_metrics(labels[t], logits[t]) for t in labels})
+    assert res["scores"]["lorkd"] == pytest.approx(expected)
+    check = res["checks"]["probe_cw1"]
+    assert check["gain"] == pytest.approx(res["scores"]["probe_cw1"] - res["scores"]["lorkd"])
+    assert check["bootstrap"]["mean"]["score"]["diff"] == pytest.approx(check["gain"])
+    assert len(check["fold_gains"]) == 2 and check["se_images"] >= 0
+    beats = check["gain"] > max(check["se_images"], check["se_folds"])
+    assert res["decision"] == ("probe_cw1" if beats else "lorkd")
+    assert set(res["test"]["probe_cw1"]["per_seed"]["lorkd"]) == {"0", "1"}  # the fold runs' test numbers
+    rec = S.adopt_cv(runs, records, res)
+    assert rec["recipe"] == res["decision"] and rec["recipe_cv"]["pool"] == res["pool"]
+    assert "bootstrap" not in rec["recipe_cv"]["checks"]["probe_cw1"]
+    assert "cross-validated on train+val (2 folds" in S.recipe_sentence(rec)
+    assert json.loads((runs / "seeds" / "selection.json").read_text()) == rec
+    assert S.adopt_cv(runs, records, res) == rec  # a rerun changes nothing
+    table = "\n".join(S.cv_rows(rec["recipe_cv"]))
+    assert "| lorkd | " in table and f"| probe_cw1 | {res['scores']['probe_cw1']:.4f} | " in table
+    # the folds must partition train+val
+    with pytest.raises(ValueError, match="partition"):
+        S.out_of_fold([folds[0], folds[0]])
+
+
+def test_a_cross_validated_adoption_keeps_the_decision_it_replaces(tmp_path):
+    runs = tmp_path
+    (runs / "seeds").mkdir()
+    seeds_decision = {"recipe": "probe_a", "recipe_val_scores": {"probe_a": 0.85, "probe_b": 0.84},
+                      "recipe_seeds": [0, 1, 2], "recipe_one_teacher": True,
+                      "recipe_checks": {"probe_b": [{"against": "probe_a", "gain": -0.01, "margin": 0.01}]}}
+    (runs / "seeds" / "selection.json").write_text(json.dumps({"selected": "lorkd", **seeds_decision}))
+    check = {"gain": 0.02, "se_images": 0.004, "se_folds": 0.006, "interval": [0.01, 0.03], "fold_gains": [0.02] * 5}
+    result = {"folds": 5, "seed": 0, "base": "probe_a", "pool": {"t": 100}, "scores": {"probe_a": 0.8, "probe_b": 0.82},
+              "metrics": {}, "decision": "probe_b", "rule": S.CV_RULE,
+              "checks": {"probe_b": {**check, "bootstrap": {}}}}
+    rec = S.adopt_cv(runs, None, result)
+    assert rec["recipe"] == "probe_b" and rec["recipe_previous"] == seeds_decision
+    assert "recipe_checks" not in rec and S.recipe(rec) == "probe_b"
+    rec["recipe_cv"]["metrics"] = {n: {"t": {"acc": 0.5, "auc": 0.6, "n": 100}} for n in result["scores"]}
+    assert "| probe_b | 0.8200 | 50.00 / 60.00 | +0.0200 | 0.0040, 0.0060 | **adopted** |" in S.cv_rows(
+        rec["recipe_cv"])
+    text = S.recipe_sentence(rec)
+    assert text.startswith("cross-validated on train+val (5 folds") and "probe_b +0.0200" in text
+    assert "-> adopted; the recipe before that: mean val score over seeds [0, 1, 2]" in text
+    assert S.adopt_cv(runs, None, result)["recipe_previous"] == seeds_decision  # a rerun keeps the history
+    with pytest.raises(SystemExit, match="not the current recipe"):
+        S.adopt_cv(runs, None, {**result, "base": "probe_c"})
