@@ -3,7 +3,8 @@ LoRKD without transfer, MTL and STL at one budget; selection of the transfer var
 probes; mean +- std tables, paired bootstrap intervals, spread figures; the shipped package from the chosen run.
 
 Layout under a runs folder R: R/teacher (seed 0), R/teacher_features.pt (features + logits),
-R/seeds/<name>/seed<k> (STL: R/seeds/stl/seed<k>/<task>), R/seeds/selection.json, R/seeds/evaluation.json.
+R/seeds/<name>/seed<k> (STL: R/seeds/stl/seed<k>/<task>), R/seeds/selection.json, R/seeds/evaluation.json, and
+R/cv/fold<k> (one cross-validation fold on train+val: its own teacher and runs, in the same layout).
 The runs folder is not committed; the report keeps what it measured of every run (metrics, test softmax outputs,
 histories, BN probes) as records under a committed folder (models/results/seeds/runs/<name>/seed<k>.json) and
 builds from those records every run that is not on this machine, so a fresh clone can rebuild the report.
@@ -289,11 +290,11 @@ def cv_compare(runs: Path, names: list[str], folds: int, seed: int = 0, data_dir
                resamples: int = 10_000) -> dict:
     """Cross-validated choice on train+val (never test): the first name is the base (the current recipe), the others
     probes, each trained on every fold (R/cv/fold<k>, one teacher per fold). Every train+val image is judged once,
-    by the run that did not train on it (out of fold): 624 Breast, 5,232 Pneumonia and 1,200 Retina images, against
-    78, 524 and 120 on the official val split. Probes are tried best out-of-fold score first; one is adopted if its
-    gain over the base exceeds both standard errors: the paired bootstrap's over the images, and that of the mean
-    of the per-fold gains (each fold has its own teacher, so this one carries training noise). Test numbers
-    (means over the fold runs, paired bootstrap) are reported, never used."""
+    by the run that did not train on it (out of fold; MedMNIST: 624 Breast, 5,232 Pneumonia and 1,200 Retina
+    images, against 78, 524 and 120 on the official val split). Probes are tried best out-of-fold score first;
+    one is adopted if its gain over the base exceeds both standard errors: the paired bootstrap's over the images,
+    and that of the mean of the per-fold gains (each fold has its own teacher, so this one carries training
+    noise). Test numbers (means over the fold runs, paired bootstrap) are reported, never used."""
     base, probes = names[0], names[1:]
     fold_runs = {n: [run_dir(cv_fold_runs(runs, k), n, seed) for k in range(folds)] for n in names}
     per_fold = {n: [cv_val_logits(r, data_dir) for r in rs] for n, rs in fold_runs.items()}
