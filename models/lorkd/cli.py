@@ -402,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
                                               "probe_<key> = a probe on top of it; "
                                               "default: selected lorkd_nokd mtl stl); compare: A B; cv: the "
                                               "current recipe, then the probes")
-    s.add_argument("--seeds", nargs="*", type=int, help="train, compare: seeds (default: the config's seeds)")
+    s.add_argument("--seeds", nargs="*", type=int, help="train, compare: seeds (default: the config's seeds); cv: "
+                                                         "the seed of the fold runs (default 0)")
     s.add_argument("--readme", default="models/README.md")
     s.add_argument("--figures", default="models/figures")
     s.add_argument("--package", default="models/medmnist-lorkd")
