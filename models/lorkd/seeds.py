@@ -321,10 +321,15 @@ def cv_compare(runs: Path, names: list[str], folds: int, seed: int = 0, data_dir
             adopted = p
     test = {p: _test_pair({n: {k: eval_run(r, data_dir) for k, r in enumerate(fold_runs[n])} for n in (p, base)},
                           p, base, resamples) for p in probes}
+    # the fold teachers' own test numbers: how far the teacher, at the same budget, is from the references
+    teachers = [eval_run(cv_fold_runs(runs, k) / "teacher", data_dir) for k in range(folds)
+                if (cv_fold_runs(runs, k) / "teacher" / "best.pt").exists()]
+    teacher_test = {t: {m: float(np.mean([r["test"][t][m] for r in teachers])) for m in ("acc", "auc")}
+                    for t in labels} if len(teachers) == folds else None
     return {"folds": folds, "seed": seed, "runs": str(runs), "base": base, "names": names,
             "pool": {t: int(len(y)) for t, y in labels.items()},
             "scores": scores, "metrics": metrics, "fold_scores": fold_scores, "checks": checks,
-            "decision": adopted, "test": test,
+            "decision": adopted, "test": test, "teacher_test": teacher_test,
             "rule": CV_RULE}
 
 

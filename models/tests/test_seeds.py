@@ -280,6 +280,8 @@ def test_cross_validation_trains_per_fold_pools_out_of_fold_and_adopts(tmp_path,
     beats = check["gain"] > max(check["se_images"], check["se_folds"])
     assert res["decision"] == ("probe_cw1" if beats else "lorkd")
     assert set(res["test"]["probe_cw1"]["per_seed"]["lorkd"]) == {"0", "1"}  # the fold runs' test numbers
+    teachers = [S.eval_run(S.cv_fold_runs(runs, k) / "teacher", data_dir)["test"]["beta"]["acc"] for k in range(2)]
+    assert res["teacher_test"]["beta"]["acc"] == pytest.approx(np.mean(teachers))
     rec = S.adopt_cv(runs, records, res)
     assert rec["recipe"] == res["decision"] and rec["recipe_cv"]["pool"] == res["pool"]
     assert "bootstrap" not in rec["recipe_cv"]["checks"]["probe_cw1"]
