@@ -215,8 +215,10 @@ def select_recipe(spec: dict, runs: Path, records: Path | None = None, one_teach
         last = rec.get("recipe_previous", {})
         if not (rec.get("recipe_one_teacher") and last.get("recipe") == rec.get("recipe")):
             rec["recipe_previous"] = {k: rec[k] for k in ("recipe", "recipe_val_scores", "recipe_seeds",
-                                                          "recipe_checks", "recipe_rule", "recipe_one_teacher")
-                                      if k in rec}
+                                                          "recipe_checks", "recipe_rule", "recipe_one_teacher",
+                                                          "recipe_cv") if k in rec}
+    if rec.get("recipe_cv", {}).get("decision", adopted) != adopted:
+        rec.pop("recipe_cv")  # a cross-validated decision about another recipe no longer describes this one
     rule = ("probes trained on every seed, best mean val score first: the first that beats the variant and every "
             "probe it is built on by more than the standard error of each difference is adopted; else the variant")
     if one_teacher:
@@ -972,7 +974,7 @@ def recipe_sentence(selection: dict) -> str:
     base = "the current recipe retrained with one teacher" if selection.get("recipe_one_teacher") else "the variant"
     previous = selection.get("recipe_previous", {})
     before = (f"; the recipe was adopted before that by: {recipe_sentence(previous)}"
-              if previous.get("recipe_checks") and previous.get("recipe_seeds") else "")
+              if (previous.get("recipe_checks") and previous.get("recipe_seeds")) or "recipe_cv" in previous else "")
     return (f"mean val score over seeds {selection['recipe_seeds']}: {scores}; probes in order of val score, each "
             f"against {base} and the probes it is built on, margin = standard error of the difference: "
             + "; ".join(tried) + before)

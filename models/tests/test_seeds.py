@@ -295,7 +295,7 @@ def test_cross_validation_trains_per_fold_pools_out_of_fold_and_adopts(tmp_path,
         S.out_of_fold([folds[0], folds[0]])
 
 
-def test_a_cross_validated_adoption_keeps_the_decision_it_replaces(tmp_path):
+def test_a_cross_validated_adoption_keeps_the_decision_it_replaces(tmp_path, monkeypatch):
     runs = tmp_path
     (runs / "seeds").mkdir()
     seeds_decision = {"recipe": "probe_a", "recipe_val_scores": {"probe_a": 0.85, "probe_b": 0.84},
@@ -318,3 +318,11 @@ def test_a_cross_validated_adoption_keeps_the_decision_it_replaces(tmp_path):
     assert S.adopt_cv(runs, None, result)["recipe_previous"] == seeds_decision  # a rerun keeps the history
     with pytest.raises(SystemExit, match="not the current recipe"):
         S.adopt_cv(runs, None, {**result, "base": "probe_c"})
+    # a later one-teacher adoption on top of the cross-validated recipe moves that decision into the history
+    spec = {"seeds": [0, 1, 2], "probes": {"b": {"x": 1}, "bc": {"x": 1, "y": 1}}}
+    vals = {"probe_b": [0.80, 0.81, 0.82], "probe_bc": [0.90, 0.91, 0.92]}
+    monkeypatch.setattr(S, "_val_score", lambda run: vals.get(run.parent.name, [None] * 3)[int(run.name[4:])])
+    rec = S.select_recipe(spec, runs, None, one_teacher=True)
+    assert rec["recipe"] == "probe_bc" and "recipe_cv" not in rec
+    assert rec["recipe_previous"]["recipe_cv"]["decision"] == "probe_b"
+    assert "the recipe was adopted before that by: cross-validated on train+val" in S.recipe_sentence(rec)
