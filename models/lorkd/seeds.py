@@ -381,15 +381,19 @@ def cv_rows(cv: dict) -> list[str]:
     return rows
 
 
+def cv_pool_text(cv: dict) -> str:
+    """The out-of-fold images per task, e.g. "624 breast, 5,232 pneumonia, 1,200 retina"."""
+    return ", ".join(f"{n:,} {t}" for t, n in cv["pool"].items())
+
+
 def cv_sentence(cv: dict) -> str:
     """The cross-validated decision in one sentence for the report."""
     tried = "; ".join(
         f"{p} {c['gain']:+.4f} (standard errors: images {c['se_images']:.4f}, folds {c['se_folds']:.4f}) -> "
         f"{'adopted' if p == cv['decision'] else 'not adopted'}" for p, c in cv["checks"].items())
-    pool = ", ".join(f"{n:,} {t}" for t, n in cv["pool"].items())
-    return (f"cross-validated on train+val ({cv['folds']} folds, one teacher per fold, every image judged once out of "
-            f"fold: {pool}): out-of-fold scores " + ", ".join(f"{k} {v:.4f}" for k, v in cv["scores"].items())
-            + f"; against {cv['base']}: {tried}")
+    return (f"cross-validated on train+val ({cv['folds']} folds, one teacher per fold, every image judged once out "
+            f"of fold: {cv_pool_text(cv)}): out-of-fold scores "
+            + ", ".join(f"{k} {v:.4f}" for k, v in cv["scores"].items()) + f"; against {cv['base']}: {tried}")
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -1019,10 +1023,9 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
     lines += seed_table(ev, names + seeded_probes + ["teacher"], tasks, spec, main)
     if "recipe_cv" in selection:
         cv = selection["recipe_cv"]
-        pool = ", ".join(f"{n:,} {t}" for t, n in cv["pool"].items())
         lines += ["", f"Cross-validated choice of the recipe (`seeds cv`; train+val in {cv['folds']} stratified "
                   f"folds, each fold's teacher and runs trained on the other folds, seed {cv['seed']}; every "
-                  f"train+val image judged once, out of fold: {pool} images; test never used):", ""]
+                  f"train+val image judged once, out of fold: {cv_pool_text(cv)} images; test never used):", ""]
         lines += cv_rows(cv)
     lines += ["", f"Targets (LoRKD mean over seeds vs {TARGET_ANCHOR}; mean ACC over tasks vs STL and MTL):", ""]
     lines += targets(ev, main, tasks, extra)
