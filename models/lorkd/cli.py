@@ -178,11 +178,14 @@ def cmd_pipeline(args) -> int:
 
 def cmd_seeds(args) -> int:
     """Multi-seed experiments (lorkd.seeds): teacher | train | select | adopt | report | package | parity | compare
-    | cv (teacher and train take --fold K to train on a cross-validation fold)."""
+    | cv | budget (teacher and train take --fold K to train on a cross-validation fold, --budget F to train on a
+    schedule F times as long)."""
     from . import seeds as S
 
     spec = S.load_spec(Path(args.config))
     runs = Path(args.runs)
+    if args.budget is not None and args.stage in ("teacher", "train"):
+        spec, runs = S.prepare_budget(spec, runs, Path(args.records) if args.records else None, args.budget)
     if args.fold is not None and args.stage in ("teacher", "train"):
         spec, runs = S.prepare_fold(spec, runs, Path(args.records) if args.records else None, args.folds, args.fold)
     if args.stage == "teacher":
@@ -209,6 +212,15 @@ def cmd_seeds(args) -> int:
             raise SystemExit("compare: --names A B (A minus B, both trained in --runs on every --seeds)")
         res = S.compare_runs(runs, args.names[0], args.names[1], args.seeds or spec["seeds"], args.data_dir,
                              resamples=args.resamples)
+        _write_result(res, args.out)
+    elif args.stage == "budget":
+        if args.budget is None or not args.names:
+            raise SystemExit("budget: --budget F --names RECIPE [BASELINE ...], each trained with `train --budget F` "
+                             "on every --seeds")
+        res = S.budget_compare(runs, Path(args.records) if args.records else None, args.budget, args.names,
+                               args.seeds or spec["seeds"], args.data_dir, resamples=args.resamples)
+        (runs / "seeds").mkdir(parents=True, exist_ok=True)
+        (runs / "seeds" / "budget.json").write_text(json.dumps(res, indent=1) + "\n")
         _write_result(res, args.out)
     elif args.stage == "cv":
         if len(args.names or []) < 2:
@@ -393,15 +405,17 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=cmd_pipeline)
 
     s = sub.add_parser("seeds", help="multi-seed experiments: teacher | train | select | adopt | report | package | "
-                                     "parity | compare | cv (resumable; models/reproduce.sh runs them in order)")
+                                     "parity | compare | cv | budget (resumable; models/reproduce.sh runs them in "
+                                     "order)")
     s.add_argument("stage", choices=["teacher", "train", "select", "adopt", "report", "package", "parity", "compare",
-                                     "cv"])
+                                     "cv", "budget"])
     s.add_argument("--config", default="models/configs/medmnist-seeds.json")
     s.add_argument("--runs", default="models/runs")
     s.add_argument("--names", nargs="*", help="train: config block names (selected = the variant chosen on val, "
                                               "probe_<key> = a probe on top of it; "
                                               "default: selected lorkd_nokd mtl stl); compare: A B; cv: the "
-                                              "current recipe, then the probes")
+                                              "current recipe, then the probes; budget: the recipe, then the "
+                                              "baselines")
     s.add_argument("--seeds", nargs="*", type=int, help="train, compare: seeds (default: the config's seeds); cv: "
                                                          "the seed of the fold runs (default 0)")
     s.add_argument("--readme", default="models/README.md")
@@ -411,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--records", default="models/results/seeds",
                    help="report: committed folder that keeps what was measured of every run (and reports the runs "
                         "that are not on this machine from it); '' = none")
-    s.add_argument("--out", help="compare, cv: also write the result (JSON) here")
+    s.add_argument("--out", help="compare, cv, budget: also write the result (JSON) here")
     s.add_argument("--adopt", action="store_true", help="cv: record the decision in the selection file (the recipe "
                                                         "becomes the decision)")
     s.add_argument("--one-teacher", action="store_true",
@@ -420,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--folds", type=int, default=5, help="cross-validation on train+val: number of folds")
     s.add_argument("--fold", type=int, help="teacher, train: train in R/cv/fold<K> (that fold is val, the others "
                                             "train; test untouched) instead of on the official split")
+    s.add_argument("--budget", type=int, help="teacher, train: train in R/budget<F>x with every epoch count F "
+                                              "times the config's (its own teacher); budget: compare it with R")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_seeds)
 

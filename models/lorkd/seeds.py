@@ -240,6 +240,16 @@ def cv_fold_runs(runs: Path, fold: int) -> Path:
     return Path(runs) / "cv" / f"fold{fold}"
 
 
+def _copy_selection(runs: Path, records: Path | None, out: Path) -> None:
+    """Give a sub-experiment's runs folder the selection record of R (or the committed one), so that `selected`
+    and `probe_<key>` names resolve to the same settings there."""
+    sel = seeds_file(runs, records, "selection.json")
+    target = out / "seeds" / "selection.json"
+    if sel.exists() and not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(sel.read_text())
+
+
 def prepare_fold(spec: dict, runs: Path, records: Path | None, folds: int, fold: int) -> tuple[dict, Path]:
     """The spec and runs folder of one cross-validation fold: every run of it (teacher included) trains on the
     other folds of train+val and selects its checkpoint on this one. The fold folder gets the selection record
@@ -250,12 +260,36 @@ def prepare_fold(spec: dict, runs: Path, records: Path | None, folds: int, fold:
     fold_spec = copy.deepcopy(spec)
     fold_spec["common"] = {**spec.get("common", {}), "cv_folds": folds, "cv_fold": fold}
     out = cv_fold_runs(runs, fold)
-    sel = seeds_file(runs, records, "selection.json")
-    target = out / "seeds" / "selection.json"
-    if sel.exists() and not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(sel.read_text())
+    _copy_selection(runs, records, out)
     return fold_spec, out
+
+
+def budget_runs(runs: Path, factor: int) -> Path:
+    """R/budget<F>x: the runs folder of the schedule F times as long (its own teacher)."""
+    return Path(runs) / f"budget{factor}x"
+
+
+def scale_epochs(spec: dict, factor: int) -> dict:
+    """The spec with every epoch count (common, teacher and any block that sets one) multiplied by `factor`. The
+    warm-up stays as long in steps: it exists to start SGD gently, not to fill a share of the schedule."""
+    if factor < 1:
+        raise SystemExit(f"--budget {factor}: the factor is a whole number >= 1")
+    out = copy.deepcopy(spec)
+    blocks = [out.get("common", {}), *(v for k, v in out.items() if k != "common" and isinstance(v, dict)),
+              *out.get("probes", {}).values()]
+    for b in blocks:
+        if isinstance(b, dict) and "epochs" in b:
+            b["epochs"] = int(b["epochs"]) * factor
+    return out
+
+
+def prepare_budget(spec: dict, runs: Path, records: Path | None, factor: int) -> tuple[dict, Path]:
+    """The spec and runs folder of a longer schedule: every epoch count times `factor`, in R/budget<F>x with its
+    own teacher (trained on the longer schedule too) and the selection record of R, so names mean the same
+    settings as at the base budget apart from the schedule."""
+    out = budget_runs(runs, factor)
+    _copy_selection(runs, records, out)
+    return scale_epochs(spec, factor), out
 
 
 def cv_val_logits(run: Path, data_dir: Path | None = None) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -396,6 +430,122 @@ def cv_sentence(cv: dict) -> str:
             + ", ".join(f"{k} {v:.4f}" for k, v in cv["scores"].items()) + f"; against {cv['base']}: {tried}")
 
 
+def _base_record(runs: Path, records: Path | None, name: str, seed: int, data_dir: Path | None) -> dict:
+    """One run at the base budget: evaluated from R/seeds when this machine has it, else its committed record."""
+    run = Path(runs) / "teacher" if name == "teacher" else run_dir(runs, name, seed)
+    if (run / "summary.json").exists() or (run / "best.pt").exists():
+        return eval_run(run, data_dir)
+    rec = Path(records) / "runs" / name / f"seed{seed}.json" if records is not None else None
+    if rec is None or not rec.exists():
+        raise SystemExit(f"{name} seed {seed}: neither a run in {runs} nor a record in {records}")
+    return load_record(rec)
+
+
+def budget_compare(runs: Path, records: Path | None, factor: int, names: list[str], seeds: list[int],
+                   data_dir: Path | None = None, resamples: int = 10_000) -> dict:
+    """The schedule `factor` times as long (R/budget<F>x, its own teacher) against the base budget, name by name.
+
+    Val decides, as for a probe: the longer schedule of a name wins if its mean val score over the seeds beats the
+    base's by more than the standard error of the difference. Each side has its own teacher, so the difference
+    also carries teacher noise, which one teacher per side cannot measure; the report says so. Test numbers are
+    reported: each side's means, the paired bootstrap of long minus base (the same test images), and, at the long
+    budget, the first name (the recipe) minus every other name."""
+    long_runs = budget_runs(runs, factor)
+    recs = {n: {s: _base_record(runs, records, n, s, data_dir) for s in seeds} for n in names}
+    long = {n: {s: eval_run(run_dir(long_runs, n, s), data_dir) for s in seeds} for n in names}
+    per_name = {}
+    for n in names:
+        val = {"base": [float(r["val_score"]) for r in recs[n].values()],
+               "long": [float(r["val_score"]) for r in long[n].values()]}
+        gain = float(np.mean(val["long"]) - np.mean(val["base"]))
+        margin = _se_of_difference(val["long"], val["base"])
+        pair = _test_pair({"long": long[n], "base": recs[n]}, "long", "base", resamples)
+        per_name[n] = {"val": {**val, "gain": gain, "margin": margin}, "longer_wins": gain > margin, **pair}
+    teacher = {"base": _base_record(runs, records, "teacher", 0, data_dir),
+               "long": eval_run(long_runs / "teacher", data_dir)}
+    tasks = list(teacher["long"]["test"])
+    base_name = names[0]
+    against = {b: _test_pair(long, base_name, b, resamples) for b in names[1:]}
+    return {"factor": factor, "seeds": list(seeds), "runs": str(long_runs), "names": names,
+            "epochs": {n: [int(r["config"]["epochs"]) for r in long[n].values() if "config" in r] for n in names},
+            "per_name": per_name,
+            "teacher": {k: {"val_score": float(r["val_score"]), "best_epoch": r["best_epoch"],
+                            "epochs": int(r["config"]["epochs"]) if "config" in r else None,
+                            "test": {t: {m: float(r["test"][t][m]) for m in ("acc", "auc")} for t in tasks}}
+                        for k, r in teacher.items()},
+            "recipe_against": against, "rule": BUDGET_RULE}
+
+
+BUDGET_RULE = ("a name's longer schedule wins if its mean val score over the seeds beats the base budget's by more "
+               "than the standard error of the difference (sqrt(s_a^2/n + s_b^2/n)); each side has its own teacher")
+
+
+def budget_rows(b: dict) -> list[str]:
+    """The report's table of the longer schedule: val score and test means per name and budget."""
+    tasks = list(b["teacher"]["long"]["test"])
+    rows = ["| name | schedule | seeds | mean val score | " + " | ".join(f"test {t} ACC / AUC" for t in tasks)
+            + " | test mean ACC / AUC | best epochs | val gain (standard error) |", "| --- " * (7 + len(tasks)) + "|"]
+
+    def cells(test: dict) -> str:
+        return " | ".join(f"{100 * test[t]['acc']:.2f} / {100 * test[t]['auc']:.2f}" for t in tasks + ["mean"])
+
+    for n, c in b["per_name"].items():
+        v = c["val"]
+        for side in ("base", "long"):
+            epochs = (f"{b['factor']}x" if side == "long" else "1x")
+            gain = (f"{v['gain']:+.4f} ({v['margin']:.4f}) -> {'longer wins' if c['longer_wins'] else 'no gain'}"
+                    if side == "long" else "–")
+            best = ", ".join(str(e) for e in c["best_epoch"][side])
+            rows.append(f"| {n} | {epochs} | {len(v[side])} | {np.mean(v[side]):.4f} | {cells(c['test'][side])} | "
+                        f"{best} | {gain} |")
+    for side in ("base", "long"):
+        t = b["teacher"][side]
+        test = {**t["test"], "mean": {m: float(np.mean([t["test"][k][m] for k in tasks])) for m in ("acc", "auc")}}
+        rows.append(f"| teacher (seed 0) | {b['factor'] if side == 'long' else 1}x ({t['epochs']} epochs) | 1 | "
+                    f"{t['val_score']:.4f} | {cells(test)} | {t['best_epoch']} | – |")
+    return rows
+
+
+def budget_boot_rows(b: dict) -> list[str]:
+    """Paired bootstrap lines of the longer schedule: long minus base per name, then the recipe minus the others
+    at the long budget (test, percentage points, 95 % interval)."""
+    tasks = list(b["teacher"]["long"]["test"])
+
+    def fmt(boot: dict) -> str:
+        return " | ".join(f"{100 * d['diff']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]"
+                          for d in (boot[t][m] for t in tasks + ["mean"] for m in ("acc", "auc")))
+
+    rows = ["| comparison | " + " | ".join(f"{t} ACC | {t} AUC" for t in tasks + ["mean"]) + " |",
+            "| --- " * (3 + 2 * len(tasks)) + "|"]
+    for n, c in b["per_name"].items():
+        rows.append(f"| {n}: {b['factor']}x minus 1x | {fmt(c['bootstrap'])} |")
+    for o, c in b["recipe_against"].items():
+        rows.append(f"| {b['factor']}x: {b['names'][0]} minus {o} | {fmt(c['bootstrap'])} |")
+    return rows
+
+
+def budget_section(b: dict) -> list[str]:
+    """The report's paragraph on the longer schedule: the table, the targets at that budget, the bootstrap."""
+    recipe_name = b["names"][0]
+    long_test = b["per_name"][recipe_name]["test"]["long"]
+    a = ANCHORS[TARGET_ANCHOR]
+    hits = []
+    for t in [t for t in long_test if t in a]:
+        for m, k in (("acc", 0), ("auc", 2)):
+            mu = 100 * long_test[t][m]
+            hits.append(f"{t} {m.upper()} {mu:.2f} vs {a[t][k]:.2f} ({'met' if mu >= a[t][k] else 'MISSED'})")
+    others = [f"{o} {100 * c['test'][o]['mean']['acc']:.2f}" for o, c in b["recipe_against"].items()]
+    lines = [f"Longer schedule (`seeds budget`; every epoch count x{b['factor']} in `{Path(b['runs']).name}`, its "
+             f"own teacher; seeds {b['seeds']}; {b['rule']}):", ""]
+    lines += budget_rows(b)
+    lines += ["", f"At x{b['factor']}, {recipe_name} against {TARGET_ANCHOR}: " + "; ".join(hits)
+              + f". Mean test ACC over tasks: {recipe_name} {100 * long_test['mean']['acc']:.2f}, "
+              + ", ".join(others) + ".", "",
+              "Paired bootstrap (test, percentage points, 95 % interval; seeds averaged per resample):", ""]
+    lines += budget_boot_rows(b)
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
@@ -531,7 +681,7 @@ def _label(name: str, spec: dict) -> str:
 
 
 # the files of a runs folder's seeds/ that the records folder keeps a copy of (the report falls back to them)
-KEPT_FILES = ("selection.json", "shipped.json", "parity.json")
+KEPT_FILES = ("selection.json", "shipped.json", "parity.json", "budget.json")
 
 
 def record_path(records: Path, name: str, seed: int, kind: str = "") -> Path:
@@ -1027,6 +1177,9 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
                   f"folds, each fold's teacher and runs trained on the other folds, seed {cv['seed']}; every "
                   f"train+val image judged once, out of fold: {cv_pool_text(cv)} images; test never used):", ""]
         lines += cv_rows(cv)
+    budget = seeds_file(runs, records, "budget.json")
+    if budget.exists():
+        lines += [""] + budget_section(json.loads(budget.read_text()))
     lines += ["", f"Targets (LoRKD mean over seeds vs {TARGET_ANCHOR}; mean ACC over tasks vs STL and MTL):", ""]
     lines += targets(ev, main, tasks, extra)
     lines += ["", "![per-seed spread](figures/" + SEEDS_FIGURE + ")", ""]

@@ -4,6 +4,7 @@ bootstrap, package, parity) on tiny synthetic tasks; the vectorised bootstrap AU
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -326,3 +327,63 @@ def test_a_cross_validated_adoption_keeps_the_decision_it_replaces(tmp_path, mon
     assert rec["recipe"] == "probe_bc" and "recipe_cv" not in rec
     assert rec["recipe_previous"]["recipe_cv"]["decision"] == "probe_b"
     assert "the recipe was adopted before that by: cross-validated on train+val" in S.recipe_sentence(rec)
+
+
+def test_scale_epochs_multiplies_every_epoch_count_and_keeps_the_warm_up():
+    spec = {"common": {"epochs": 10, "warmup_epochs": 0.5}, "teacher": {"epochs": 8}, "mtl": {},
+            "probes": {"long": {"epochs": 12}, "cw1": {"class_weight_power": 1.0}}, "variants": ["lorkd"]}
+    long = S.scale_epochs(spec, 3)
+    assert (long["common"]["epochs"], long["teacher"]["epochs"], long["probes"]["long"]["epochs"]) == (30, 24, 36)
+    assert long["common"]["warmup_epochs"] == 0.5 and long["probes"]["cw1"] == {"class_weight_power": 1.0}
+    assert spec["common"]["epochs"] == 10 and spec["teacher"]["epochs"] == 8  # the config itself is untouched
+    with pytest.raises(SystemExit):
+        S.scale_epochs(spec, 0)
+
+
+def test_longer_schedule_trains_its_own_teacher_and_is_judged_on_val(tmp_path, data_dir):
+    spec = {"common": TINY, "teacher": {"epochs": 1, "max_batches_per_epoch": 1}, "lorkd": {}, "mtl": {},
+            "variants": ["lorkd"], "probes": {"cw1": {"class_weight_power": 1.0}}, "seeds": [0, 1]}
+    runs, records = tmp_path / "runs", tmp_path / "records"
+    records.mkdir()
+    (records / "selection.json").write_text(json.dumps({"selected": "lorkd"}))
+    (runs / "seeds").mkdir(parents=True)
+    (runs / "seeds" / "selection.json").write_text(json.dumps({"selected": "lorkd"}))
+    S.train_teacher(spec, runs, data_dir)
+    long_spec, long_runs = S.prepare_budget(spec, runs, records, 2)
+    assert long_runs == S.budget_runs(runs, 2) and S.selected(long_runs) == "lorkd"
+    S.train_teacher(long_spec, long_runs, data_dir)
+    for seed in (0, 1):
+        for name in ("probe_cw1", "mtl"):
+            S.train_name(spec, runs, name, seed, data_dir)
+            S.train_name(long_spec, long_runs, name, seed, data_dir)
+    assert json.loads((long_runs / "teacher" / "summary.json").read_text())["epochs"] == 2
+    cfg = json.loads((S.run_dir(long_runs, "probe_cw1", 1) / "config.json").read_text())
+    assert (cfg["epochs"], cfg["class_weight_power"]) == (4, 1.0)
+    assert cfg["teacher_features"] == str(long_runs / "teacher_features.pt")  # distilled from its own teacher
+    # the base-budget runs come from this machine, or from the committed records when it has none
+    res = S.budget_compare(runs, records, 2, ["probe_cw1", "mtl"], [0, 1], data_dir, resamples=200)
+    base = [S.eval_run(S.run_dir(runs, "probe_cw1", s), data_dir)["val_score"] for s in (0, 1)]
+    long = [S.eval_run(S.run_dir(long_runs, "probe_cw1", s), data_dir)["val_score"] for s in (0, 1)]
+    c = res["per_name"]["probe_cw1"]
+    assert c["val"]["base"] == base and c["val"]["long"] == long
+    assert c["val"]["gain"] == pytest.approx(np.mean(long) - np.mean(base))
+    assert c["val"]["margin"] == pytest.approx(S._se_of_difference(long, base))
+    assert c["longer_wins"] == (c["val"]["gain"] > c["val"]["margin"])
+    assert c["bootstrap"]["mean"]["acc"]["diff"] == pytest.approx(
+        c["test"]["long"]["mean"]["acc"] - c["test"]["base"]["mean"]["acc"])
+    assert res["epochs"]["mtl"] == [4, 4] and res["teacher"]["long"]["epochs"] == 2
+    assert res["teacher"]["base"]["epochs"] == 1
+    against = res["recipe_against"]["mtl"]
+    assert against["test"]["probe_cw1"]["mean"]["auc"] == pytest.approx(c["test"]["long"]["mean"]["auc"])
+    text = "\n".join(S.budget_section(res))
+    assert "| probe_cw1 | 2x | 2 | " in text and "| teacher (seed 0) | 2x (2 epochs) | 1 |" in text
+    assert "| 2x: probe_cw1 minus mtl |" in text and "| mtl: 2x minus 1x |" in text
+    for name in ("probe_cw1", "mtl", "teacher"):  # from records alone, as on a fresh clone
+        for seed in ((0,) if name == "teacher" else (0, 1)):
+            run = runs / "teacher" if name == "teacher" else S.run_dir(runs, name, seed)
+            S.save_record(S.eval_run(run, data_dir), S.record_path(records, name, seed))
+    shutil.rmtree(runs / "seeds" / "probe_cw1")
+    again = S.budget_compare(runs, records, 2, ["probe_cw1", "mtl"], [0, 1], data_dir, resamples=200)
+    assert again["per_name"]["probe_cw1"]["val"] == c["val"]
+    with pytest.raises(SystemExit, match="neither a run"):
+        S.budget_compare(runs, None, 2, ["probe_cw1"], [0, 1], data_dir, resamples=50)
