@@ -242,12 +242,17 @@ def cv_fold_runs(runs: Path, fold: int) -> Path:
 
 def _copy_selection(runs: Path, records: Path | None, out: Path) -> None:
     """Give a sub-experiment's runs folder the selection record of R (or the committed one), so that `selected`
-    and `probe_<key>` names resolve to the same settings there."""
+    and `probe_<key>` names resolve to the same settings there; refuse once R selects another variant than the
+    folder was built on."""
     sel = seeds_file(runs, records, "selection.json")
     target = out / "seeds" / "selection.json"
     if sel.exists() and not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(sel.read_text())
+    elif sel.exists() and json.loads(sel.read_text())["selected"] != selected(out):
+        # the folder's runs were built on the variant of its copy: resolving names on another would mix the two
+        raise SystemExit(f"{out} was built on the variant {selected(out)}, and {sel} now selects "
+                         f"{json.loads(sel.read_text())['selected']}: train the new variant in a new runs folder")
 
 
 def prepare_fold(spec: dict, runs: Path, records: Path | None, folds: int, fold: int) -> tuple[dict, Path]:
