@@ -378,6 +378,7 @@ def test_longer_schedule_trains_its_own_teacher_and_is_judged_on_val(tmp_path, d
     text = "\n".join(S.budget_section(res))
     assert "| probe_cw1 | 2x | 2 | " in text and "| teacher (seed 0) | 2x (2 epochs) | 1 |" in text
     assert "| 2x: probe_cw1 minus mtl |" in text and "| mtl: 2x minus 1x |" in text
+    assert "'seed" not in text and S._epochs_text({"alpha": 3, "beta": 4}) == "alpha 3, beta 4"
     for name in ("probe_cw1", "mtl", "teacher"):  # from records alone, as on a fresh clone
         for seed in ((0,) if name == "teacher" else (0, 1)):
             run = runs / "teacher" if name == "teacher" else S.run_dir(runs, name, seed)
