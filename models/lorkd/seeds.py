@@ -438,7 +438,7 @@ def cv_sentence(cv: dict) -> str:
 def _base_record(runs: Path, records: Path | None, name: str, seed: int, data_dir: Path | None) -> dict:
     """One run at the base budget: evaluated from R/seeds when this machine has it, else its committed record."""
     run = Path(runs) / "teacher" if name == "teacher" else run_dir(runs, name, seed)
-    if (run / "summary.json").exists() or (run / "best.pt").exists():
+    if _finished(run):
         return eval_run(run, data_dir)
     rec = Path(records) / "runs" / name / f"seed{seed}.json" if records is not None else None
     if rec is None or not rec.exists():
@@ -456,6 +456,10 @@ def budget_compare(runs: Path, records: Path | None, factor: int, names: list[st
     reported: each side's means, the paired bootstrap of long minus base (the same test images), and, at the long
     budget, the first name (the recipe) minus every other name."""
     long_runs = budget_runs(runs, factor)
+    missing = [f"{n} seed {s}" for n in names for s in seeds if not _finished(run_dir(long_runs, n, s))]
+    if missing or not _finished(long_runs / "teacher"):
+        raise SystemExit(f"not trained at x{factor} yet: {', '.join(missing) or 'the teacher'} (`seeds teacher|train "
+                         f"--budget {factor}`)")
     recs = {n: {s: _base_record(runs, records, n, s, data_dir) for s in seeds} for n in names}
     long = {n: {s: eval_run(run_dir(long_runs, n, s), data_dir) for s in seeds} for n in names}
     per_name = {}
@@ -750,6 +754,14 @@ def seeds_file(runs: Path, records: Path | None, name: str) -> Path:
     return p if p.exists() or records is None else Path(records) / name
 
 
+def _finished(run: Path) -> bool:
+    """A run that finished training: its summary, or for STL one summary per member."""
+    if (run / "summary.json").exists():
+        return True
+    members = [p for p in run.iterdir() if p.is_dir()] if run.is_dir() else []
+    return bool(members) and all((m / "summary.json").exists() for m in members)
+
+
 def collect(spec: dict, runs: Path, data_dir: Path | None = None, records: Path | None = None) -> dict:
     """{name: {seed: eval_run record}} for every finished run under R/seeds, plus the teacher (seed 0).
 
@@ -759,10 +771,7 @@ def collect(spec: dict, runs: Path, data_dir: Path | None = None, records: Path 
     root = Path(runs) / "seeds"
     for ndir in sorted(p for p in root.glob("*") if p.is_dir()):
         for sdir in sorted(ndir.glob("seed*")):
-            finished = (sdir / "summary.json").exists() or (
-                any(sdir.glob("*/summary.json")) and len(list(sdir.glob("*/summary.json"))) == len(
-                    [p for p in sdir.iterdir() if p.is_dir()]))
-            if finished:
+            if _finished(sdir):
                 out.setdefault(ndir.name, {})[int(sdir.name[4:])] = eval_run(sdir, data_dir)
     if (Path(runs) / "teacher" / "best.pt").exists():
         out["teacher"] = {0: eval_run(Path(runs) / "teacher", data_dir)}

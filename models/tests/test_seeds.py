@@ -388,6 +388,8 @@ def test_longer_schedule_trains_its_own_teacher_and_is_judged_on_val(tmp_path, d
     assert again["per_name"]["probe_cw1"]["val"] == c["val"]
     with pytest.raises(SystemExit, match="neither a run"):
         S.budget_compare(runs, None, 2, ["probe_cw1"], [0, 1], data_dir, resamples=50)
+    with pytest.raises(SystemExit, match="not trained at x2 yet: probe_cw1 seed 2, mtl seed 2 "):
+        S.budget_compare(runs, records, 2, ["probe_cw1", "mtl"], [0, 2], data_dir, resamples=50)
     # a variant re-selected after the longer runs were made: they stay on the variant they were built on
     (runs / "seeds" / "selection.json").write_text(json.dumps({"selected": "lorkd_nokd"}))
     with pytest.raises(SystemExit, match="was built on the variant lorkd"):
