@@ -440,7 +440,7 @@ def _base_record(runs: Path, records: Path | None, name: str, seed: int, data_di
     run = Path(runs) / "teacher" if name == "teacher" else run_dir(runs, name, seed)
     if _finished(run):
         return eval_run(run, data_dir)
-    rec = Path(records) / "runs" / name / f"seed{seed}.json" if records is not None else None
+    rec = record_path(records, name, seed) if records is not None else None
     if rec is None or not rec.exists():
         raise SystemExit(f"{name} seed {seed}: neither a run in {runs} nor a record in {records}")
     return load_record(rec)
@@ -544,12 +544,8 @@ def budget_section(b: dict) -> list[str]:
     """The report's paragraph on the longer schedule: the table, the targets at that budget, the bootstrap."""
     recipe_name = b["names"][0]
     long_test = b["per_name"][recipe_name]["test"]["long"]
-    a = ANCHORS[TARGET_ANCHOR]
-    hits = []
-    for t in [t for t in long_test if t in a]:
-        for m, k in (("acc", 0), ("auc", 2)):
-            mu = 100 * long_test[t][m]
-            hits.append(f"{t} {m.upper()} {mu:.2f} vs {a[t][k]:.2f} ({'met' if mu >= a[t][k] else 'MISSED'})")
+    hits = [f"{t} {m.upper()} {mu:.2f} vs {ref:.2f} ({'met' if mu >= ref else 'MISSED'})"
+            for t, m, mu, ref in anchor_checks(long_test)]
     others = [f"{o} {100 * c['test'][o]['mean']['acc']:.2f}" for o, c in b["recipe_against"].items()]
     lines = [f"Longer schedule (`seeds budget`; every epoch count x{b['factor']} in `{Path(b['runs']).name}`, its "
              f"own teacher; seeds {b['seeds']}; {b['rule']}):", ""]
@@ -874,15 +870,17 @@ def seed_table(ev: dict, names: list[str], tasks: list[str], spec: dict, sel: st
     return rows
 
 
-def targets(ev: dict, sel: str, tasks: list[str], extra: tuple[str, ...] = ()) -> list[str]:
+def anchor_checks(means: dict) -> list[tuple[str, str, float, float]]:
+    """(task, metric, mean %, reference %) of every task and metric the target anchor has; `means` maps
+    task -> {"acc", "auc"} as fractions. Met when the mean is at least the reference."""
     a = ANCHORS[TARGET_ANCHOR]
-    lines = []
-    for t in [t for t in tasks if t in a]:
-        for m, k in (("acc", 0), ("auc", 2)):
-            mu = 100 * _stats(ev[sel], t, m)[0]
-            ok = mu >= a[t][k]
-            lines.append(f"- {t} {m.upper()}: LoRKD {mu:.2f} vs {a[t][k]:.2f} -> {'met' if ok else 'MISSED'} "
-                         f"({mu - a[t][k]:+.2f} points)")
+    return [(t, m, 100 * means[t][m], a[t][k]) for t in means if t in a for m, k in (("acc", 0), ("auc", 2))]
+
+
+def targets(ev: dict, sel: str, tasks: list[str], extra: tuple[str, ...] = ()) -> list[str]:
+    means = {t: {m: _stats(ev[sel], t, m)[0] for m in ("acc", "auc")} for t in tasks}
+    lines = [f"- {t} {m.upper()}: LoRKD {mu:.2f} vs {ref:.2f} -> {'met' if mu >= ref else 'MISSED'} "
+             f"({mu - ref:+.2f} points)" for t, m, mu, ref in anchor_checks(means)]
     lm = 100 * _stats(ev[sel], None, "acc")[0]
     for b in ("stl", "mtl", *extra):
         if b in ev:
