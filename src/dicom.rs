@@ -9,7 +9,7 @@
 
 use std::io::Cursor;
 
-use dicom_core::Tag;
+use dicom_core::{Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
 use dicom_object::{file::ReadPreamble, DefaultDicomObject, OpenFileOptions};
@@ -256,9 +256,30 @@ fn check_declared_lengths(
                 "an element is longer than the data that follows it",
             ));
         }
+        if let LazyDataToken::LazyValue { header, .. } = &token {
+            if !length_fits_vr(header.vr, header.len.0) {
+                return Err(corrupt(
+                    "an element's length is not a whole number of its values",
+                ));
+            }
+        }
         token.skip().map_err(|_| corrupt("unreadable data set"))?;
     }
     Ok(())
+}
+
+/// Whether a declared length is a whole number of values of a binary VR (any length fits the others).
+/// dicom-parser reads `length / size` values of a binary VR but counts `length` bytes as read, so a remainder
+/// leaves the stream behind its position and every later header is read from the wrong place: an `SL` of length 26
+/// in a 9 kB upload made it read a text value as a 775 MB length and allocate that (found by the fuzzer).
+fn length_fits_vr(vr: VR, length: u32) -> bool {
+    let size = match vr {
+        VR::SS | VR::US | VR::OW => 2,
+        VR::AT | VR::SL | VR::UL | VR::FL | VR::OF | VR::OL => 4,
+        VR::FD | VR::OD | VR::SV | VR::UV | VR::OV => 8,
+        _ => return true,
+    };
+    length == u32::MAX || length.is_multiple_of(size)
 }
 
 /// 415 naming an unknown transfer syntax; only a well-formed UID (digits and dots) is echoed.
@@ -569,6 +590,7 @@ fn decode_inner(
 /// A compressed frame declares its own size, and its decoder allocates by that size, not by Rows/Columns (which the
 /// limits were checked against): a JPEG or JPEG 2000 frame whose header disagrees with Rows x Columns is refused
 /// before it is decoded. Headers are read by jpeg-decoder (JPEG) or from the JPEG 2000 SIZ marker / JP2 `ihdr` box.
+/// Every RLE fragment's header is checked too ([`rle_header_ok`]).
 fn check_codestream_size(
     obj: &DefaultDicomObject,
     (ts_uid, ts_name): (&str, &str),
@@ -584,6 +606,11 @@ fn check_codestream_size(
     else {
         return Ok(());
     };
+    if ts_uid == "1.2.840.10008.1.2.5" && !fragments.iter().all(|f| rle_header_ok(f)) {
+        return Err(bad(
+            "DICOM RLE fragment has a corrupt header (more than 15 segments, or shorter than 64 bytes)",
+        ));
+    }
     // One fragment per frame is the common case; otherwise the first fragment starts frame 0.
     let index = if fragments.len() == frames as usize {
         frame as usize
@@ -620,6 +647,18 @@ fn check_codestream_size(
             "compressed frame is {w}x{h} but Rows x Columns say {height}x{width}"
         ))),
         _ => Ok(()),
+    }
+}
+
+/// An RLE Lossless fragment starts with a 64-byte header: the number of segments (at most 15, PS3.5 G.3.1), then
+/// their offsets. dicom-rs's RLE reader allocates 4 bytes per declared segment before it looks at the fragment's
+/// length, so a corrupt count in an 8 kB upload asked for 16 GB (found by the fuzzer).
+pub fn rle_header_ok(fragment: &[u8]) -> bool {
+    match fragment.get(..4) {
+        Some(count) if fragment.len() >= 64 => {
+            u32::from_le_bytes([count[0], count[1], count[2], count[3]]) <= 15
+        }
+        _ => false,
     }
 }
 
@@ -940,6 +979,79 @@ mod tests {
             .join("tests/data/fuzz/dicom_meta_corrupt_group.dcm");
         let bytes = std::fs::read(&artifact).unwrap();
         assert!(check_meta_lengths(&bytes[128..]).is_err());
+    }
+
+    #[test]
+    fn binary_values_with_a_partial_last_value_are_refused_before_parsing() {
+        assert!(
+            length_fits_vr(VR::SL, 24) && length_fits_vr(VR::US, 2) && length_fits_vr(VR::FD, 16)
+        );
+        assert!(
+            !length_fits_vr(VR::SL, 26)
+                && !length_fits_vr(VR::OW, 3)
+                && !length_fits_vr(VR::FD, 12)
+        );
+        assert!(
+            length_fits_vr(VR::UI, 27)
+                && length_fits_vr(VR::OB, 3)
+                && length_fits_vr(VR::OW, u32::MAX)
+        );
+        // Found by the fuzzer: (0008,0016) with VR `SL` and length 26 in an RLE file; dicom-parser then read a
+        // text value as a 775 MB length and allocated it.
+        let artifact = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/fuzz/dicom_numeric_length_misaligned.dcm");
+        let bytes = std::fs::read(&artifact).unwrap();
+        let mut reserved = 0u64;
+        let mut reserve = |n: u64| {
+            reserved += n;
+            Ok(())
+        };
+        let limits = ImageLimits {
+            max_pixels: 4_000_000,
+            max_side: 4096,
+        };
+        match decode(&bytes, None, limits, &mut reserve) {
+            Err(PreprocessError::Undecodable(message)) => {
+                assert!(message.contains("whole number"), "{message}")
+            }
+            Ok(_) => panic!("a corrupt object decoded"),
+            Err(other) => panic!("expected a 400, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rle_fragments_with_a_corrupt_segment_count_are_refused_before_decoding() {
+        let mut header = vec![0u8; 64];
+        header[0] = 3;
+        assert!(rle_header_ok(&header));
+        header[0] = 16;
+        assert!(!rle_header_ok(&header));
+        assert!(!rle_header_ok(&[1, 0, 0, 0]), "shorter than its header");
+        let sample = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../shared/data/samples/dicom/MR_small_RLE.dcm"),
+        )
+        .unwrap();
+        let limits = ImageLimits {
+            max_pixels: 4_000_000,
+            max_side: 4096,
+        };
+        let mut reserve = |_: u64| Ok(());
+        assert!(
+            decode(&sample, None, limits, &mut reserve).is_ok(),
+            "a real RLE file decodes"
+        );
+        // Found by the fuzzer: an RLE fragment declaring 2^30 segments made dicom-rs allocate 4 GB.
+        let artifact = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/fuzz/dicom_rle_segment_count.dcm");
+        let bytes = std::fs::read(&artifact).unwrap();
+        match decode(&bytes, None, limits, &mut reserve) {
+            Err(PreprocessError::Undecodable(message)) => {
+                assert!(message.contains("RLE fragment"), "{message}")
+            }
+            Ok(_) => panic!("a corrupt object decoded"),
+            Err(other) => panic!("expected a 400, got {other:?}"),
+        }
     }
 
     #[test]

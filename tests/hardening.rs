@@ -498,6 +498,38 @@ async fn ops_port_and_no_private_details() {
     server.stop().await.unwrap();
 }
 
+/// Found by `scripts/test-fuzz.sh`: a 9 kB DICOM upload with an `SL` element of length 26 (not a whole number of
+/// 4-byte values) put dicom-rs's reader out of step, so that it read text as a 775 MB length and allocated it.
+/// Now it is a 400 and the server's memory does not move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dicom_misaligned_binary_value_is_a_400() {
+    let (case, _) = first_case();
+    let server = spawn_binary(&[]).await;
+    let file = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/fuzz/dicom_numeric_length_misaligned.dcm"),
+    )
+    .unwrap();
+    let before = server.peak_rss_bytes();
+    let response = Client::new()
+        .post(server.url(&format!("/v1/experts/{}/predict", case.task)))
+        .header("content-type", "application/dicom")
+        .body(file)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body.to_string().contains("whole number of its values"),
+        "{body}"
+    );
+    let grown = server.peak_rss_bytes().saturating_sub(before);
+    assert!(grown < 64 << 20, "peak RSS grew by {} MiB", grown >> 20);
+    let ready = reqwest::get(server.url("/v2/health/ready")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+}
+
 /// Found by `scripts/test-fuzz.sh`: a 10 kB DICOM upload whose file meta group declares a 2.4 GB element made
 /// dicom-rs allocate and zero-fill that much. Now it is a 400 and the server's memory does not move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
