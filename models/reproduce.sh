@@ -98,6 +98,27 @@ wait $a
 wait $b
 $S budget --budget 2 --names probe_share_cw0 stl_share_cw0 mtl_share_cw0 --out models/results/seeds/budget.json \
   > /dev/null
+# eighth pass: per-task refinement of the recipe (W0, depthwise convs and BatchNorm frozen at its selected checkpoint,
+# factors and heads trained 6 more epochs, each task kept at its own best epoch). Its first stage is the recipe's runs
+# above, copied rather than retrained (the refine settings do not change that stage), into a folder of its own that
+# shares this run's teacher: a refined run's val score is a per-task maximum, so it never competes in `adopt`, and
+# `compare NAME NAME@stage1` judges each run against itself before refinement (about 15 min here)
+R8="$RUNS/refine"
+S8="$T seeds --config $CONFIG --runs $R8"
+mkdir -p "$R8/seeds/probe_share_cw0_refine"
+cp "$RUNS/seeds/selection.json" "$R8/seeds/"
+ln -sfn ../teacher "$R8/teacher"
+ln -sf ../teacher_features.pt "$R8/teacher_features.pt"
+for k in 0 1 2; do
+  d="$R8/seeds/probe_share_cw0_refine/seed$k"
+  if [ ! -d "$d" ]; then
+    cp -r "$RUNS/seeds/probe_share_cw0/seed$k" "$d"
+    rm -f "$d/summary.json" "$d"/eval_cache*.pt
+  fi
+done
+$S8 train --names probe_share_cw0_refine --seeds 0 1 2 --no-progress > "$RUNS/refine.log" 2>&1
+$S8 compare --names probe_share_cw0_refine probe_share_cw0_refine@stage1 \
+  --out models/results/seeds/compare-refine.json > /dev/null
 $S report
 $S package
 $S parity

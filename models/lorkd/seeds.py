@@ -174,7 +174,11 @@ def select_recipe(spec: dict, runs: Path, records: Path | None = None, one_teach
     `one_teacher`: a runs folder holds one teacher, and the same recipe distilled from two teachers scored 0.8486
     and 0.8296 (models/README.md), more than any probe's gain; so only runs of this folder compete (records never),
     the base is the current recipe retrained here, and only probes built on it are tried, each against it and the
-    probes it is built on that were trained here. The decision this replaces is kept as `recipe_previous`."""
+    probes it is built on that were trained here. The decision this replaces is kept as `recipe_previous`.
+
+    A probe with per-task refinement (`refine_epochs`) never competes: its val score is, per task, the best of its
+    refine epochs and of the checkpoint it started from, so it is never below that checkpoint's by construction,
+    and val cannot judge it against runs scored once (`seeds compare NAME NAME@stage1` reports it)."""
     path = Path(runs) / "seeds" / "selection.json"
     kept = seeds_file(runs, records, "selection.json")  # a fresh clone: the committed copy
     if not kept.exists():
@@ -184,7 +188,8 @@ def select_recipe(spec: dict, runs: Path, records: Path | None = None, one_teach
     vals: dict[str, list[float]] = {}
     metrics_only = metrics_only_records(records) if records is not None and not one_teacher else {}
     base = recipe(rec) if one_teacher else rec["selected"]
-    for name in [rec["selected"]] + [f"probe_{k}" for k in spec.get("probes", {})]:
+    refined = {f"probe_{k}" for k, o in spec.get("probes", {}).items() if o.get("refine_epochs")}
+    for name in [rec["selected"]] + [f"probe_{k}" for k in spec.get("probes", {}) if f"probe_{k}" not in refined]:
         v = [_val_score(run_dir(runs, name, s)) for s in seeds]
         if not one_teacher:
             v = [x if x is not None else _recorded_val_score(records, metrics_only, name, s)
@@ -565,16 +570,17 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return torch.softmax(torch.from_numpy(logits).float(), dim=1).numpy()
 
 
-def eval_run(run: Path, data_dir: Path | None = None, cache: bool = True) -> dict:
+def eval_run(run: Path, data_dir: Path | None = None, cache: bool = True, which: str = "best.pt") -> dict:
     """Val and test metrics of a run's best checkpoint and its test softmax outputs (cached in the run folder).
 
-    A run is a multi-task run folder or an STL seed folder of per-task members."""
+    A run is a multi-task run folder or an STL seed folder of per-task members. `which` names another checkpoint
+    of the run (stage1_best.pt: a refined run before its refinement)."""
     run = Path(run)
-    members = [run] if (run / "best.pt").exists() else sorted(p for p in run.iterdir() if (p / "best.pt").exists())
+    members = [run] if (run / which).exists() else sorted(p for p in run.iterdir() if (p / which).exists())
     if not members:
         raise FileNotFoundError(f"no finished run in {run}")
-    cache_file = run / "eval_cache.pt"
-    newest = max((m / "best.pt").stat().st_mtime for m in members)
+    cache_file = run / ("eval_cache.pt" if which == "best.pt" else f"eval_cache_{Path(which).stem}.pt")
+    newest = max((m / which).stat().st_mtime for m in members)
     if cache and cache_file.exists() and cache_file.stat().st_mtime > newest:
         return torch.load(cache_file, weights_only=False)
     rec: dict = {"val": {}, "test": {}, "probs": {}, "best_epoch": {}, "wall_seconds": 0.0, "history": {}}
@@ -584,7 +590,7 @@ def eval_run(run: Path, data_dir: Path | None = None, cache: bool = True) -> dic
         if cfg["mode"] == "stl":  # an STL member is trained on its own task (the folder name)
             cfg = {**cfg, "tasks": [m.name]}
         tasks = load_config_tasks(cfg, data_dir)
-        model = load_trained(m, tasks)
+        model = load_trained(m, tasks, which)
         for t, td in enumerate(tasks):
             logits = predict(model, td, t, "test")
             # logit_std: spread of the answers over images (0 = the expert answers every image alike: collapsed)
@@ -594,6 +600,8 @@ def eval_run(run: Path, data_dir: Path | None = None, cache: bool = True) -> dic
         rec["val"].update(evaluate(model, tasks, "val"))
         s = json.loads((m / "summary.json").read_text()) if (m / "summary.json").exists() else {}
         rec["best_epoch"][m.name] = s.get("best_epoch")
+        if which == "best.pt" and "refine_task_epochs" in s:
+            rec["refine_task_epochs"] = s["refine_task_epochs"]
         rec["wall_seconds"] += s.get("wall_seconds") or 0.0
         h = m / "history.json"
         rec["history"][m.name] = json.loads(h.read_text()) if h.exists() else []
@@ -802,13 +810,24 @@ def compare_runs(runs: Path, a: str, b: str, seeds: list[int], data_dir: Path | 
 
     Why: CPU training is not bitwise repeatable across machines, so a probe trained with a retrained teacher cannot
     be judged against records made with another; retraining its base next to it can. Val decides (gain against
-    the standard error of the difference, as `adopt`); test means and the paired bootstrap are reported."""
-    recs = {n: {s: eval_run(run_dir(runs, n, s), data_dir) for s in seeds} for n in (a, b)}
+    the standard error of the difference, as `adopt`); test means and the paired bootstrap are reported.
+    `NAME@stage1` is a refined run (`refine_epochs`) before its refinement: the pair is then exact, one run each."""
+
+    def record(name: str, seed: int) -> dict:
+        base, _, stage = name.partition("@")
+        if stage not in ("", "stage1"):
+            raise SystemExit(f"{name}: the only checkpoint suffix is @stage1 (a refined run before refinement)")
+        return eval_run(run_dir(runs, base, seed), data_dir, which="stage1_best.pt" if stage else "best.pt")
+
+    recs = {n: {s: record(n, s) for s in seeds} for n in (a, b)}
     val = {n: [float(r["val_score"]) for r in recs[n].values()] for n in (a, b)}
     return {
         "a": a, "b": b, "seeds": list(seeds), "runs": str(runs),
         "val": {**val, "gain": float(np.mean(val[a]) - np.mean(val[b])), "margin": _se_of_difference(val[a], val[b])},
         **_test_pair(recs, a, b, resamples),
+        **({"refine_task_epochs": {n: [r["refine_task_epochs"] for r in recs[n].values()] for n in (a, b)
+                                   if all("refine_task_epochs" in r for r in recs[n].values())}}
+           if any("refine_task_epochs" in r for n in (a, b) for r in recs[n].values()) else {}),
     }
 
 

@@ -93,6 +93,16 @@ class TrainConfig:
     routing: str = "segments"  # EKS routing of the built-in student: segments (fast) | mask (reference)
     # add-task: train only the factors and heads; W0, depthwise convs and BatchNorm (in eval mode) stay frozen
     freeze_base: bool = False
+    # per-task refinement (issue 13, eighth pass): after the run, W0, depthwise convs and BatchNorm freeze at the
+    # selected checkpoint and only the factors and heads train on for `refine_epochs` more epochs (cosine from
+    # `refine_lr`, no warm-up). With the base frozen the tasks no longer share a trainable weight, so each task
+    # keeps the refine epoch (0 = the checkpoint it started from) where its own val score peaked: the exported
+    # expert of every task is exactly the network that was scored. 0 = off.
+    refine_epochs: int = 0
+    refine_lr: float = 0.01
+    # keep each task's factors and head from the epoch of its own best val score (needs freeze_base; set by the
+    # refinement stage, not meant to be set by hand)
+    per_task_select: bool = False
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -372,6 +382,21 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             v.copy_(live[k])
 
 
+def task_score(metrics: dict) -> float:
+    """One task's share of the selection score: (ACC + AUC) / 2, as `selection_score` averages it over tasks."""
+    return selection_score({"t": metrics})
+
+
+def take_task(dst: dict, src: dict, t: int) -> None:
+    """Copy task `t`'s own weights (its slice of every stacked factor and its head) from state `src` into `dst`;
+    every shared tensor of `dst` is left as it is."""
+    for k, v in src.items():
+        if k.endswith(("lora_A", "lora_B")):
+            dst[k][t] = v[t]
+        elif k.startswith(f"heads.{t}."):
+            dst[k] = v.clone()
+
+
 def batchnorm_eval(model: nn.Module) -> None:
     """BatchNorm in eval mode: the shared running statistics serve every expert and must not move."""
     for m in model.modules():
@@ -394,6 +419,8 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
     model = (model if model is not None else build_model(cfg, tasks)).to(device)
     if cfg.freeze_base:
         freeze_base(model)
+    if cfg.per_task_select and not (cfg.freeze_base and cfg.ema_decay == 0):
+        raise ValueError("per_task_select needs freeze_base (tasks share no trainable weight) and no weight average")
     # the weight average is what gets evaluated, selected and saved as best.pt (so exported) when it is on
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
     train = MultiTaskDataset(tasks, "train")
@@ -459,6 +486,9 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
 
     start_epoch, history, best = 0, [], {"score": -1.0, "epoch": -1}
     elapsed = 0.0
+    # per-task selection: each task's best {score, epoch, val} so far and the state composed of every task's best
+    # factors and head over the frozen base; epoch 0 is the model as it came in
+    task_best, composed = None, None
     last = out / "last.pt"
     if last.exists():
         ck = torch.load(last, map_location=device, weights_only=False)
@@ -469,6 +499,7 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
         if ema is not None:  # a checkpoint from before averaging was switched on starts it from its weights
             ema.load_state_dict(ck.get("ema") or ck["model"])
         start_epoch, history, best, elapsed = ck["epoch"] + 1, ck["history"], ck["best"], ck["elapsed"]
+        task_best, composed = ck.get("task_best"), ck.get("composed")
         torch.set_rng_state(ck["rng"])
         if rank == 0:
             print(f"[{out.name}] resumed after epoch {ck['epoch']}")
@@ -476,6 +507,11 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
         with open(out / "config.json", "w") as f:
             json.dump(cfg.to_dict(), f, indent=1)
 
+    if cfg.per_task_select and task_best is None:
+        val0 = evaluate(model, tasks, "val", device, cfg.eval_batch_size)
+        task_best = {k: {"score": task_score(m), "epoch": 0, "val": {"acc": m["acc"], "auc": m["auc"]}}
+                     for k, m in val0.items()}
+        composed = copy.deepcopy(model.state_dict())
     diag_init = None
     if diag_idx is not None and start_epoch == 0 and rank == 0:
         diag_init = kd_diagnostics(model, kd_proj, train, tfeat, diag_idx, cfg, device)
@@ -553,14 +589,31 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
             print(f"[{out.name}] epoch {epoch + 1}/{cfg.epochs} loss {rec['train_loss']:.4f} "
                   f"(ce {rec['train_ce']:.4f} kd {rec['train_kd']:.4f}) val acc/auc {vs} score {score:.4f} "
                   f"({rec['epoch_seconds']:.0f}s, {rec['images_per_second']:.0f} img/s)", flush=True)
-            if score > best["score"]:
+            if cfg.per_task_select:
+                improved = False
+                for t, td in enumerate(tasks):
+                    m = val[td.spec.id]
+                    if task_score(m) > task_best[td.spec.id]["score"]:
+                        task_best[td.spec.id] = {"score": task_score(m), "epoch": epoch + 1,
+                                                 "val": {"acc": m["acc"], "auc": m["auc"]}}
+                        take_task(composed, model.state_dict(), t)
+                        improved = True
+                rec["task_best_epochs"] = {k: v["epoch"] for k, v in task_best.items()}
+                best = {"score": selection_score({k: v["val"] for k, v in task_best.items()}),
+                        "epoch": max(v["epoch"] for v in task_best.values()),
+                        "task_epochs": rec["task_best_epochs"]}
+                if improved or not (out / "best.pt").exists():
+                    _save({"model": composed, "epoch": best["epoch"], "task_epochs": best["task_epochs"],
+                           "config": cfg.to_dict(), "tasks": [td.spec.id for td in tasks]}, out / "best.pt")
+            elif score > best["score"]:
                 best = {"score": score, "epoch": epoch + 1}
                 _save({"model": scored.state_dict(), "epoch": epoch + 1, "config": cfg.to_dict(),
                        "tasks": [td.spec.id for td in tasks]}, out / "best.pt")
             _save({"model": model.state_dict(), "opt": opt.state_dict(),
                    "kd_proj": kd_proj.state_dict() if kd_proj else None,
                    "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "history": history,
-                   "best": best, "elapsed": elapsed, "rng": torch.get_rng_state()}, last)
+                   "best": best, "elapsed": elapsed, "rng": torch.get_rng_state(),
+                   "task_best": task_best, "composed": composed}, last)
             with open(out / "history.json", "w") as f:
                 json.dump(history, f, indent=1)
             write_history_csv(history, out / "history.csv")
@@ -571,10 +624,38 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
 
     summary = {"mode": cfg.mode, "tasks": [td.spec.id for td in tasks], "best_epoch": best["epoch"],
                "best_val_score": best["score"], "wall_seconds": elapsed, "epochs": cfg.epochs}
+    if task_best is not None:
+        summary["task_best_epochs"] = {k: v["epoch"] for k, v in task_best.items()}
+    if cfg.refine_epochs > 0 and rank == 0:
+        summary = refine_run(cfg, tasks, out, summary, progress)
     if rank == 0:
         with open(out / "summary.json", "w") as f:
             json.dump(summary, f, indent=1)
     return summary
+
+
+def refine_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, summary: dict, progress: bool) -> dict:
+    """The per-task refinement stage (`refine_epochs`): continue from the run's selected checkpoint with the base
+    frozen, keep each task's best epoch, and make that composed network the run's best.pt (the first stage's
+    stays as stage1_best.pt, its stage under refine/). Resumes from refine/last.pt. Returns the run summary with
+    the refinement's per-task epochs, its val score and its wall time added."""
+    if cfg.mode not in ("lorkd", "lorkd_nokd"):
+        raise ValueError("refine_epochs needs a decomposed student (lorkd modes): other modes have no task factors")
+    stage1 = out / "stage1_best.pt"
+    if not stage1.exists():
+        _save(torch.load(out / "best.pt", map_location="cpu", weights_only=False), stage1)
+    # Task loss only: the transfer loss's projection is trained jointly with the first stage and not kept with its
+    # selected checkpoint, and a fresh one would pull the factors towards a random target.
+    rcfg = TrainConfig.from_dict({**cfg.to_dict(), "epochs": cfg.refine_epochs, "lr": cfg.refine_lr,
+                                  "warmup_epochs": 0.0, "freeze_base": True, "per_task_select": True,
+                                  "refine_epochs": 0, "beta": 0.0, "ema_decay": 0.0})
+    model = load_trained(out, tasks, stage1.name)
+    rsum = train_run(rcfg, tasks, out / "refine", progress, model=model)
+    _save(torch.load(out / "refine" / "best.pt", map_location="cpu", weights_only=False), out / "best.pt")
+    return {**summary, "stage1_best_epoch": summary["best_epoch"], "stage1_val_score": summary["best_val_score"],
+            "best_val_score": rsum["best_val_score"], "refine_epochs": cfg.refine_epochs,
+            "refine_task_epochs": rsum["task_best_epochs"],
+            "wall_seconds": summary["wall_seconds"] + rsum["wall_seconds"]}
 
 
 def write_history_csv(history: list[dict], path: Path) -> None:

@@ -395,3 +395,35 @@ def test_longer_schedule_trains_its_own_teacher_and_is_judged_on_val(tmp_path, d
     with pytest.raises(SystemExit, match="was built on the variant lorkd"):
         S.prepare_budget(spec, runs, records, 2)
     assert S.selected(long_runs) == "lorkd"
+
+
+def test_a_refined_run_is_compared_with_itself_before_refinement(tmp_path, data_dir):
+    spec = {"common": {**TINY, "beta": 0.0}, "nokd_refine": {"mode": "lorkd_nokd", "refine_epochs": 2}, "seeds": [0, 1]}
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        S.train_name(spec, runs, "nokd_refine", seed, data_dir)
+    pair = S.compare_runs(runs, "nokd_refine", "nokd_refine@stage1", [0, 1], data_dir, resamples=100)
+    for seed, before in zip((0, 1), pair["val"]["nokd_refine@stage1"], strict=True):
+        summary = json.loads((S.run_dir(runs, "nokd_refine", seed) / "summary.json").read_text())
+        assert before == pytest.approx(summary["stage1_val_score"])  # the first stage's selected checkpoint
+    # each task keeps its best refine epoch or the checkpoint it started from: never worse on val, seed by seed
+    assert all(a >= b for a, b in zip(pair["val"]["nokd_refine"], pair["val"]["nokd_refine@stage1"], strict=True))
+    assert len(pair["refine_task_epochs"]["nokd_refine"]) == 2
+    assert "nokd_refine@stage1" not in pair["refine_task_epochs"]
+    with pytest.raises(SystemExit, match="@stage1"):
+        S.compare_runs(runs, "nokd_refine", "nokd_refine@last", [0], data_dir, resamples=10)
+
+
+def test_a_refined_probe_never_competes_for_the_recipe_on_val(tmp_path):
+    runs = tmp_path / "runs"
+    spec = {"common": TINY, "lorkd": {}, "variants": ["lorkd"], "seeds": [0, 1],
+            "probes": {"cw1": {"class_weight_power": 1.0}, "cw1_refine": {"refine_epochs": 3}}}
+    (runs / "seeds").mkdir(parents=True)
+    (runs / "seeds" / "selection.json").write_text(json.dumps({"selected": "lorkd", "val_scores": {"lorkd": 0.8},
+                                                               "seeds": [0]}))
+    for name, scores in (("lorkd", (0.80, 0.81)), ("probe_cw1", (0.90, 0.91)), ("probe_cw1_refine", (0.99, 0.98))):
+        for seed, score in enumerate(scores):
+            S.run_dir(runs, name, seed).mkdir(parents=True)
+            (S.run_dir(runs, name, seed) / "summary.json").write_text(json.dumps({"best_val_score": score}))
+    rec = S.select_recipe(spec, runs)
+    assert rec["recipe"] == "probe_cw1" and set(rec["recipe_val_scores"]) == {"lorkd", "probe_cw1"}

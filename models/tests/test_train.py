@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
-from lorkd.train import TrainConfig, load_trained, train_run, transfer_loss
+from lorkd.metrics import evaluate
+from lorkd.train import TrainConfig, load_trained, take_task, train_run, transfer_loss
 
 
 def tiny_cfg(**kw) -> TrainConfig:
@@ -175,3 +177,55 @@ def test_per_task_batchnorm_trains_and_folds_to_per_task_affines(tmp_path, tasks
     for other in (dict(mode="mtl"), dict(arch="shufflenet_v2_x0_5")):  # never silently ignored
         with pytest.raises(ValueError, match="task_bn"):
             train_run(tiny_cfg(task_bn=True, **other), tasks, tmp_path / "other", progress=False)
+
+
+def test_take_task_copies_only_that_tasks_factors_and_head():
+    dst = {"c.lora_A": torch.zeros(3, 2, 2), "c.weight": torch.zeros(2), "heads.1.weight": torch.zeros(2),
+           "heads.0.weight": torch.zeros(2)}
+    src = {k: torch.ones_like(v) for k, v in dst.items()}
+    take_task(dst, src, 1)
+    assert dst["c.lora_A"][1].eq(1).all() and dst["c.lora_A"][[0, 2]].eq(0).all()
+    assert dst["heads.1.weight"].eq(1).all() and dst["heads.0.weight"].eq(0).all() and dst["c.weight"].eq(0).all()
+
+
+def test_refinement_freezes_the_base_and_ships_each_task_at_its_own_best_epoch(tmp_path, tasks):
+    out = tmp_path / "refined"
+    s = train_run(tiny_cfg(refine_epochs=3, refine_lr=0.05), tasks, out, progress=False)
+    stage1 = torch.load(out / "stage1_best.pt", weights_only=False)["model"]
+    best = torch.load(out / "best.pt", weights_only=False)["model"]
+    last = torch.load(out / "refine" / "last.pt", weights_only=False)["model"]
+    own = [k for k in best if k.endswith(("lora_A", "lora_B")) or k.startswith("heads.")]
+    shared = [k for k in best if k not in own]
+    # W0, depthwise convs, BatchNorm weights and running statistics: exactly the first stage's
+    assert all(torch.equal(best[k], stage1[k]) and torch.equal(last[k], stage1[k]) for k in shared)
+    assert any(not torch.equal(last[k], stage1[k]) for k in own)  # the factors and heads did train
+    # every task of the shipped network scores on val exactly what was recorded at the epoch kept for it
+    # (epoch 0 = the first stage's selected checkpoint)
+    stage1_hist = json.loads((out / "history.json").read_text())
+    refine_hist = json.loads((out / "refine" / "history.json").read_text())
+    val = evaluate(load_trained(out, tasks), tasks, "val")
+    assert set(s["refine_task_epochs"]) == {td.spec.id for td in tasks}
+    for task, epoch in s["refine_task_epochs"].items():
+        seen = refine_hist[epoch - 1]["val"][task] if epoch else stage1_hist[s["stage1_best_epoch"] - 1]["val"][task]
+        assert val[task]["acc"] == seen["acc"] and abs(val[task]["auc"] - seen["auc"]) < 1e-9
+    assert s["best_val_score"] >= s["stage1_val_score"] and s["epochs"] == 2
+    # finished: a second call resumes both stages past their end and reports the same selection
+    again = train_run(tiny_cfg(refine_epochs=3, refine_lr=0.05), tasks, out, progress=False)
+    assert again["refine_task_epochs"] == s["refine_task_epochs"]
+
+
+def test_a_finished_run_is_refined_from_its_own_checkpoint_without_retraining(tmp_path, tasks, capsys):
+    out = tmp_path / "plain"
+    train_run(tiny_cfg(), tasks, out, progress=False)
+    plain = torch.load(out / "best.pt", weights_only=False)["model"]
+    (out / "summary.json").unlink()  # reproduce.sh copies a finished run this way
+    s = train_run(tiny_cfg(refine_epochs=1), tasks, out, progress=False)
+    assert "resumed after epoch 1" in capsys.readouterr().out  # the first stage is not trained again
+    assert len(json.loads((out / "history.json").read_text())) == 2
+    stage1 = torch.load(out / "stage1_best.pt", weights_only=False)["model"]
+    assert all(torch.equal(plain[k], stage1[k]) for k in plain) and "refine_task_epochs" in s
+
+
+def test_refinement_refuses_a_network_without_task_factors(tmp_path, tasks):
+    with pytest.raises(ValueError, match="no task factors"):
+        train_run(tiny_cfg(mode="mtl", refine_epochs=1, epochs=1), tasks, tmp_path / "mtl", progress=False)
