@@ -102,7 +102,7 @@ $S budget --budget 2 --names probe_share_cw0 stl_share_cw0 mtl_share_cw0 --out m
 # factors and heads trained 6 more epochs, each task kept at its own best epoch). Its first stage is the recipe's runs
 # above, copied rather than retrained (the refine settings do not change that stage), into a folder of its own that
 # shares this run's teacher: a refined run's val score is a per-task maximum, so it never competes in `adopt`, and
-# `compare NAME NAME@stage1` judges each run against itself before refinement (about 15 min here)
+# `compare NAME NAME@stage1` judges each run against itself before refinement (about 25 min here: 386-528 s a run)
 R8="$RUNS/refine"
 S8="$T seeds --config $CONFIG --runs $R8"
 mkdir -p "$R8/seeds/probe_share_cw0_refine"
