@@ -498,7 +498,7 @@ async fn ops_port_and_no_private_details() {
     server.stop().await.unwrap();
 }
 
-/// Found by `scripts/test-fuzz.sh`: a 9 kB DICOM upload with an `SL` element of length 26 (not a whole number of
+/// Found by `scripts/test-fuzz.sh`: an 8 kB DICOM upload with an `SL` element of length 26 (not a whole number of
 /// 4-byte values) put dicom-rs's reader out of step, so that it read text as a 775 MB length and allocated it.
 /// Now it is a 400 and the server's memory does not move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -421,6 +421,9 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
         freeze_base(model)
     if cfg.per_task_select and not (cfg.freeze_base and cfg.ema_decay == 0):
         raise ValueError("per_task_select needs freeze_base (tasks share no trainable weight) and no weight average")
+    if cfg.refine_epochs > 0 and dist_info()[1] > 1:  # checked on every rank, before any of them trains
+        raise ValueError("refine_epochs runs in one process: train under DDP without it, then rerun the finished "
+                         "run in one process with it (the first stage resumes past its end)")
     # the weight average is what gets evaluated, selected and saved as best.pt (so exported) when it is on
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
     train = MultiTaskDataset(tasks, "train")
