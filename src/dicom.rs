@@ -998,22 +998,29 @@ mod tests {
         );
         // Found by the fuzzer: (0008,0016) with VR `SL` and length 26 in an RLE file; dicom-parser then read a
         // text value as a 775 MB length and allocated it.
+        assert_artifact_is_a_400("dicom_numeric_length_misaligned.dcm", "whole number");
+    }
+
+    /// A fuzzer artifact under tests/data/fuzz decodes to a 400 (`Undecodable`) naming `reason`.
+    fn assert_artifact_is_a_400(name: &str, reason: &str) {
         let artifact = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/data/fuzz/dicom_numeric_length_misaligned.dcm");
+            .join("tests/data/fuzz")
+            .join(name);
         let bytes = std::fs::read(&artifact).unwrap();
-        let mut reserve = |_: u64| Ok(());
-        let limits = ImageLimits {
-            max_pixels: 4_000_000,
-            max_side: 4096,
-        };
-        match decode(&bytes, None, limits, &mut reserve) {
+        match decode(&bytes, None, FUZZ_LIMITS, &mut |_| Ok(())) {
             Err(PreprocessError::Undecodable(message)) => {
-                assert!(message.contains("whole number"), "{message}")
+                assert!(message.contains(reason), "{message}")
             }
             Ok(_) => panic!("a corrupt object decoded"),
             Err(other) => panic!("expected a 400, got {other:?}"),
         }
     }
+
+    /// The fuzz target's limits (fuzz/fuzz_targets/decode_image.rs).
+    const FUZZ_LIMITS: ImageLimits = ImageLimits {
+        max_pixels: 4_000_000,
+        max_side: 4096,
+    };
 
     #[test]
     fn rle_fragments_with_a_corrupt_segment_count_are_refused_before_decoding() {
@@ -1028,26 +1035,12 @@ mod tests {
                 .join("../shared/data/samples/dicom/MR_small_RLE.dcm"),
         )
         .unwrap();
-        let limits = ImageLimits {
-            max_pixels: 4_000_000,
-            max_side: 4096,
-        };
-        let mut reserve = |_: u64| Ok(());
         assert!(
-            decode(&sample, None, limits, &mut reserve).is_ok(),
+            decode(&sample, None, FUZZ_LIMITS, &mut |_| Ok(())).is_ok(),
             "a real RLE file decodes"
         );
         // Found by the fuzzer: an RLE fragment declaring 2^30 segments made dicom-rs allocate 4 GB.
-        let artifact = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/data/fuzz/dicom_rle_segment_count.dcm");
-        let bytes = std::fs::read(&artifact).unwrap();
-        match decode(&bytes, None, limits, &mut reserve) {
-            Err(PreprocessError::Undecodable(message)) => {
-                assert!(message.contains("RLE fragment"), "{message}")
-            }
-            Ok(_) => panic!("a corrupt object decoded"),
-            Err(other) => panic!("expected a 400, got {other:?}"),
-        }
+        assert_artifact_is_a_400("dicom_rle_segment_count.dcm", "RLE fragment");
     }
 
     #[test]
