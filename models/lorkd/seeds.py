@@ -821,13 +821,14 @@ def compare_runs(runs: Path, a: str, b: str, seeds: list[int], data_dir: Path | 
 
     recs = {n: {s: record(n, s) for s in seeds} for n in (a, b)}
     val = {n: [float(r["val_score"]) for r in recs[n].values()] for n in (a, b)}
+    # each refined name's per-task refine epochs, seed by seed
+    refined = {n: [r["refine_task_epochs"] for r in recs[n].values()] for n in (a, b)
+               if all("refine_task_epochs" in r for r in recs[n].values())}
     return {
         "a": a, "b": b, "seeds": list(seeds), "runs": str(runs),
         "val": {**val, "gain": float(np.mean(val[a]) - np.mean(val[b])), "margin": _se_of_difference(val[a], val[b])},
         **_test_pair(recs, a, b, resamples),
-        **({"refine_task_epochs": {n: [r["refine_task_epochs"] for r in recs[n].values()] for n in (a, b)
-                                   if all("refine_task_epochs" in r for r in recs[n].values())}}
-           if any("refine_task_epochs" in r for n in (a, b) for r in recs[n].values()) else {}),
+        **({"refine_task_epochs": refined} if refined else {}),
     }
 
 

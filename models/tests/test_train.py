@@ -229,3 +229,12 @@ def test_a_finished_run_is_refined_from_its_own_checkpoint_without_retraining(tm
 def test_refinement_refuses_a_network_without_task_factors(tmp_path, tasks):
     with pytest.raises(ValueError, match="no task factors"):
         train_run(tiny_cfg(mode="mtl", refine_epochs=1, epochs=1), tasks, tmp_path / "mtl", progress=False)
+
+
+def test_refinement_is_refused_under_ddp_before_training(tmp_path, tasks, monkeypatch):
+    import lorkd.train as T
+
+    monkeypatch.setattr(T, "dist_info", lambda: (0, 2))  # what every rank of a 2-process group sees, rank aside
+    with pytest.raises(ValueError, match="one process"):
+        train_run(tiny_cfg(refine_epochs=1), tasks, tmp_path / "ddp", progress=False)
+    assert not (tmp_path / "ddp" / "last.pt").exists()
