@@ -15,7 +15,9 @@
 # (models/README.md Results; every run's outputs kept in models/results/seeds), the package from the adopted recipe's
 # best-val seed, its parity on the full test split, and the report again (so the README quotes the package's parity).
 # Before the report, the sixth pass's cross-validation on train+val (`seeds cv`, below) decides between the recipe and
-# its two closest probes, and the seventh pass trains the schedule twice as long (`--budget 2`, below).
+# its two closest probes, the seventh pass trains the schedule twice as long (`--budget 2`), the eighth refines copies
+# of the recipe's runs per task and trains the oversampling probe after `adopt`, and the ninth cross-validates that
+# probe against the recipe on the sixth pass's folds (all below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-models/runs}
@@ -119,6 +121,20 @@ done
 $S8 train --names probe_share_cw0_refine --seeds 0 1 2 --no-progress > "$RUNS/refine.log" 2>&1
 $S8 compare --names probe_share_cw0_refine probe_share_cw0_refine@stage1 \
   --out models/results/seeds/compare-refine.json > /dev/null
+# eighth pass, second probe, and ninth pass: the small tasks oversampled (task shares ~ n^-0.25, Breast 41 % of the
+# draws). Trained only after `adopt`, so that it never competes on one teacher's val split: the sixth pass made
+# cross-validation on train+val the judge of such a close call. Seeds 0-2 on this teacher against the recipe's runs,
+# and seed 0 on each fold next to the sixth pass's fold runs (same fold teachers); `cv` judges it
+( $S train --names probe_share_neg_cw0 --seeds 0 1 2 --no-progress
+  $S train --fold 0 --names probe_share_neg_cw0 --seeds 0 --no-progress ) > "$RUNS/share-neg-laneA.log" 2>&1 &
+a=$!
+( for k in 1 2 3 4; do $S train --fold "$k" --names probe_share_neg_cw0 --seeds 0 --no-progress; done
+) > "$RUNS/share-neg-laneB.log" 2>&1 &
+b=$!
+wait $a
+wait $b
+$S compare --names probe_share_neg_cw0 probe_share_cw0 --out models/results/seeds/compare-share-neg.json > /dev/null
+$S cv --names probe_share_cw0 probe_share_neg_cw0 --out models/results/seeds/cv-share-neg.json > /dev/null
 $S report
 $S package
 $S parity

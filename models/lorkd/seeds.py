@@ -391,14 +391,18 @@ def adopt_cv(runs: Path, records: Path | None, result: dict) -> dict:
     if not kept.exists():
         raise SystemExit("no selection yet: run the `select` stage first")
     rec = json.loads(kept.read_text())
-    rerun = rec.get("recipe_cv", {}).get("base") == result["base"]  # the same decision again: history stays
+    # the same comparison again (same base, same names): its decision is the recipe already, and history stays
+    last = rec.get("recipe_cv", {})
+    rerun = last.get("base") == result["base"] and set(last.get("scores", {})) == set(result["scores"])
     if recipe(rec) != result["base"] and not rerun:
         raise SystemExit(f"the cross-validation's base {result['base']} is not the current recipe {recipe(rec)}")
     summary = {k: result[k] for k in ("folds", "seed", "base", "pool", "scores", "metrics", "decision", "rule")}
     summary["checks"] = {p: {k: v for k, v in c.items() if k != "bootstrap"} for p, c in result["checks"].items()}
     if not rerun and result["decision"] != recipe(rec):
+        # a new comparison that changes the recipe: every record of how the old one was chosen (an earlier
+        # cross-validation that kept it included) goes into the history
         fields = ("recipe", "recipe_val_scores", "recipe_seeds", "recipe_checks", "recipe_rule", "recipe_one_teacher",
-                  "recipe_previous")
+                  "recipe_cv", "recipe_previous")
         rec["recipe_previous"] = {k: rec.pop(k) for k in fields if k in rec}
     rec["recipe"] = result["decision"]
     rec["recipe_cv"] = summary

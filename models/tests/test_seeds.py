@@ -329,6 +329,28 @@ def test_a_cross_validated_adoption_keeps_the_decision_it_replaces(tmp_path, mon
     assert "the recipe was adopted before that by: cross-validated on train+val" in S.recipe_sentence(rec)
 
 
+def test_a_second_cross_validation_that_changes_the_recipe_keeps_the_first_in_the_history(tmp_path):
+    runs = tmp_path
+    (runs / "seeds").mkdir()
+    check = {"gain": -0.003, "se_images": 0.005, "se_folds": 0.004, "interval": [-0.01, 0.01], "fold_gains": [0.0] * 5}
+    first = {"folds": 5, "seed": 0, "base": "probe_a", "pool": {"t": 100}, "scores": {"probe_a": 0.8, "probe_b": 0.79},
+             "metrics": {}, "decision": "probe_a", "rule": S.CV_RULE, "checks": {"probe_b": check}}
+    seeds_decision = {"recipe": "probe_a", "recipe_val_scores": {"probe_a": 0.85}, "recipe_seeds": [0, 1, 2],
+                      "recipe_checks": {}}
+    (runs / "seeds" / "selection.json").write_text(json.dumps({"selected": "lorkd", **seeds_decision,
+                                                                "recipe_cv": first}))
+    second = {**first, "scores": {"probe_a": 0.8, "probe_n": 0.82}, "decision": "probe_n",
+              "checks": {"probe_n": {**check, "gain": 0.02, "bootstrap": {}}}}
+    rec = S.adopt_cv(runs, None, second)
+    assert rec["recipe"] == "probe_n" and rec["recipe_cv"]["decision"] == "probe_n"
+    # the same base but other names is a new comparison, not a rerun: the first one is kept, with the seeds' decision
+    assert rec["recipe_previous"] == {**seeds_decision, "recipe_cv": first}
+    text = S.recipe_sentence(rec)
+    assert "probe_n +0.0200" in text and "the recipe before that: mean val score over seeds" in text
+    assert text.endswith("probe_b -0.0030 (standard errors: images 0.0050, folds 0.0040) -> not adopted")
+    assert S.adopt_cv(runs, None, second) == rec  # a rerun of the second changes nothing
+
+
 def test_scale_epochs_multiplies_every_epoch_count_and_keeps_the_warm_up():
     spec = {"common": {"epochs": 10, "warmup_epochs": 0.5}, "teacher": {"epochs": 8}, "mtl": {},
             "probes": {"long": {"epochs": 12}, "cw1": {"class_weight_power": 1.0}}, "variants": ["lorkd"]}
