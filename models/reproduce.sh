@@ -17,7 +17,7 @@
 # Before the report, the sixth pass's cross-validation on train+val (`seeds cv`, below) decides between the recipe and
 # its two closest probes, the seventh pass trains the schedule twice as long (`--budget 2`), the eighth refines copies
 # of the recipe's runs per task and trains the oversampling probe after `adopt`, and the ninth cross-validates that
-# probe against the recipe on the sixth pass's folds (all below).
+# probe and weight averaging against the recipe on the sixth pass's folds (all below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-models/runs}
@@ -124,17 +124,22 @@ $S8 compare --names probe_share_cw0_refine probe_share_cw0_refine@stage1 \
 # eighth pass, second probe, and ninth pass: the small tasks oversampled (task shares ~ n^-0.25, Breast 41 % of the
 # draws). Trained only after `adopt`, so that it never competes on one teacher's val split: the sixth pass made
 # cross-validation on train+val the judge of such a close call. Seeds 0-2 on this teacher against the recipe's runs,
-# and seed 0 on each fold next to the sixth pass's fold runs (same fold teachers); `cv` judges it
+# and seed 0 on each fold next to the sixth pass's fold runs (same fold teachers); `cv` judges it. The ninth pass
+# cross-validated weight averaging on the recipe the same way (seed 0 per fold). Neither `cv` records a decision
+# (no --adopt): models/README.md says what each found
+NINE="probe_share_neg_cw0 probe_share_cw0_ema"
 ( $S train --names probe_share_neg_cw0 --seeds 0 1 2 --no-progress
-  $S train --fold 0 --names probe_share_neg_cw0 --seeds 0 --no-progress ) > "$RUNS/share-neg-laneA.log" 2>&1 &
+  for k in 0 1; do $S train --fold "$k" --names $NINE --seeds 0 --no-progress; done
+) > "$RUNS/share-neg-laneA.log" 2>&1 &
 a=$!
-( for k in 1 2 3 4; do $S train --fold "$k" --names probe_share_neg_cw0 --seeds 0 --no-progress; done
+( for k in 2 3 4; do $S train --fold "$k" --names $NINE --seeds 0 --no-progress; done
 ) > "$RUNS/share-neg-laneB.log" 2>&1 &
 b=$!
 wait $a
 wait $b
 $S compare --names probe_share_neg_cw0 probe_share_cw0 --out models/results/seeds/compare-share-neg.json > /dev/null
 $S cv --names probe_share_cw0 probe_share_neg_cw0 --out models/results/seeds/cv-share-neg.json > /dev/null
+$S cv --names probe_share_cw0 probe_share_cw0_ema --out models/results/seeds/cv-ema.json > /dev/null
 $S report
 $S package
 $S parity
