@@ -231,7 +231,10 @@ def cmd_seeds(args) -> int:
         _write_result(res, args.out)
         if args.adopt:
             rec = S.adopt_cv(runs, Path(args.records) if args.records else None, res)
-            print(f"recipe: {rec['recipe']} ({S.cv_sentence(rec['recipe_cv'])})")
+            if rec["recipe_cv"]["scores"] == res["scores"]:
+                print(f"recipe: {rec['recipe']} ({S.cv_sentence(rec['recipe_cv'])})")
+            else:
+                print(f"recipe: {rec['recipe']}, kept; the selection file keeps the cross-validation that chose it")
     return 0
 
 

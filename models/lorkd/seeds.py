@@ -396,6 +396,10 @@ def adopt_cv(runs: Path, records: Path | None, result: dict) -> dict:
     rerun = last.get("base") == result["base"] and set(last.get("scores", {})) == set(result["scores"])
     if recipe(rec) != result["base"] and not rerun:
         raise SystemExit(f"the cross-validation's base {result['base']} is not the current recipe {recipe(rec)}")
+    if last and not rerun and result["decision"] == recipe(rec):
+        # a new comparison that keeps the recipe changes nothing to record: the selection file keeps the
+        # cross-validation that did decide (this one lives in `cv --out`), rather than losing it to this one
+        return rec
     summary = {k: result[k] for k in ("folds", "seed", "base", "pool", "scores", "metrics", "decision", "rule")}
     summary["checks"] = {p: {k: v for k, v in c.items() if k != "bootstrap"} for p, c in result["checks"].items()}
     if not rerun and result["decision"] != recipe(rec):

@@ -349,6 +349,10 @@ def test_a_second_cross_validation_that_changes_the_recipe_keeps_the_first_in_th
     assert "probe_n +0.0200" in text and "the recipe before that: mean val score over seeds" in text
     assert text.endswith("probe_b -0.0030 (standard errors: images 0.0050, folds 0.0040) -> not adopted")
     assert S.adopt_cv(runs, None, second) == rec  # a rerun of the second changes nothing
+    # a third comparison that keeps the recipe records nothing: the one that chose it stays
+    third = {**second, "base": "probe_n", "scores": {"probe_n": 0.82, "probe_m": 0.81}, "decision": "probe_n"}
+    assert S.adopt_cv(runs, None, third) == rec
+    assert json.loads((runs / "seeds" / "selection.json").read_text()) == rec
 
 
 def test_scale_epochs_multiplies_every_epoch_count_and_keeps_the_warm_up():
