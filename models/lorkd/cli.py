@@ -222,6 +222,15 @@ def cmd_seeds(args) -> int:
         (runs / "seeds").mkdir(parents=True, exist_ok=True)
         (runs / "seeds" / "budget.json").write_text(json.dumps(res, indent=1) + "\n")
         _write_result(res, args.out)
+    elif args.stage == "cv" and args.results:
+        # results written earlier by `cv --out`: one is taken as it is, several (one comparison at other seeds) are
+        # pooled, and the pooled result decides; either way nothing is recomputed, so no fold run need be here
+        results = [json.loads(Path(f).read_text()) for f in args.results]
+        res = results[0] if len(results) == 1 else S.cv_pool(results)
+        _write_result(res, args.out)
+        print(f"decision: {res['decision']} ({S.cv_sentence(res)})")
+        if args.adopt:
+            _adopt_cv(runs, args, res)
     elif args.stage == "cv":
         if len(args.names or []) < 2:
             raise SystemExit("cv: --names BASE PROBE [PROBE ...] (the current recipe first), each trained with "
@@ -230,12 +239,19 @@ def cmd_seeds(args) -> int:
         res = S.cv_compare(runs, args.names, args.folds, seed, args.data_dir, resamples=args.resamples)
         _write_result(res, args.out)
         if args.adopt:
-            rec = S.adopt_cv(runs, Path(args.records) if args.records else None, res)
-            if rec["recipe_cv"]["scores"] == res["scores"]:
-                print(f"recipe: {rec['recipe']} ({S.cv_sentence(rec['recipe_cv'])})")
-            else:
-                print(f"recipe: {rec['recipe']}, kept; the selection file keeps the cross-validation that chose it")
+            _adopt_cv(runs, args, res)
     return 0
+
+
+def _adopt_cv(runs: Path, args: argparse.Namespace, res: dict) -> None:
+    """`seeds cv --adopt`: record a cross-validated decision and say whether it changed the recipe."""
+    from . import seeds as S
+
+    rec = S.adopt_cv(runs, Path(args.records) if args.records else None, res)
+    if rec["recipe_cv"]["scores"] == res["scores"]:
+        print(f"recipe: {rec['recipe']} ({S.cv_sentence(rec['recipe_cv'])})")
+    else:
+        print(f"recipe: {rec['recipe']}, kept; the selection file keeps the cross-validation that chose it")
 
 
 def _write_result(res: dict, out: str | None) -> None:
@@ -434,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--one-teacher", action="store_true",
                    help="adopt: only runs of --runs (one teacher) compete; the base is the current recipe retrained "
                         "there, and only probes built on it are tried")
+    s.add_argument("--results", nargs="*", help="cv: instead of computing a comparison, take the one written earlier "
+                                                "by `cv --out` (several: the same comparison at different seeds, "
+                                                "pooled; the pooled result decides)")
     s.add_argument("--folds", type=int, default=5, help="cross-validation on train+val: number of folds")
     s.add_argument("--fold", type=int, help="teacher, train: train in R/cv/fold<K> (that fold is val, the others "
                                             "train; test untouched) instead of on the official split")

@@ -383,6 +383,69 @@ CV_RULE = ("cross-validation on train+val, one teacher per fold: probes on the c
            "score first; the first whose gain over the recipe exceeds both the images' bootstrap standard error and "
            "the standard error of the mean per-fold gain is adopted; else the current recipe")
 
+CV_POOLED_RULE = (CV_RULE + "; pooled over seeds: the gain is the mean of the seeds' gains, the images' standard "
+                  "error the mean of the seeds' (an upper bound of the mean's, the seeds sharing the images), the "
+                  "folds' that of the per-fold gains averaged over the seeds")
+
+
+def cv_seeds(cv: dict) -> list[int]:
+    """The seeds of the fold runs a cross-validation result judged: one (`cv`) or several (`cv_pool`)."""
+    return list(cv["seeds"]) if "seeds" in cv else [cv["seed"]]
+
+
+def cv_seeds_text(cv: dict) -> str:
+    """ "seed 0", or "seeds 0, 1 (pooled)" for a pooled result."""
+    seeds = cv_seeds(cv)
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (pooled)"
+
+
+def cv_pool(results: list[dict]) -> dict:
+    """Pool cross-validation results of the same comparison (same folds, base, names and images) that differ only in
+    the seed of the fold runs, so that a close call is judged on more than one training run per fold without
+    keeping every seed's runs on one machine (each result keeps what the rule needs). Per name: the out-of-fold
+    score and metrics are the means over the seeds. Per probe: the gain is the mean of the seeds' gains; the images'
+    standard error is the mean of the seeds' (the seeds are judged on the same images, so their errors correlate;
+    whatever the correlation, the standard deviation of a mean is at most the mean of the standard deviations); the
+    folds' standard error is that of the per-fold gains averaged over the seeds (the fold teacher is shared by the
+    seeds, so the fold stays the unit). The rule is the one of `cv_compare`. Test numbers stay per seed."""
+    if len(results) < 2:
+        raise ValueError("cv_pool: at least two results (one per seed)")
+    first = results[0]
+    if any("seeds" in r for r in results):
+        raise ValueError("cv_pool: pool the seeds' own results, not a pooled one (every seed weighs the same)")
+    seeds = [r["seed"] for r in results]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"cv_pool: a seed appears twice ({seeds})")
+    for r in results[1:]:
+        for k in ("folds", "base", "names", "pool"):
+            if r[k] != first[k]:
+                raise ValueError(f"cv_pool: the results differ in {k} ({first[k]} vs {r[k]}): not the same comparison")
+    names, base, folds = first["names"], first["base"], first["folds"]
+    tasks = list(first["pool"])
+
+    def mean(xs: list[float]) -> float:
+        return float(np.mean(xs))
+
+    scores = {n: mean([r["scores"][n] for r in results]) for n in names}
+    metrics = {n: {t: {"acc": mean([r["metrics"][n][t]["acc"] for r in results]),
+                       "auc": mean([r["metrics"][n][t]["auc"] for r in results]),
+                       "n": first["metrics"][n][t]["n"]} for t in tasks} for n in names}
+    fold_scores = {n: [mean([r["fold_scores"][n][k] for r in results]) for k in range(folds)] for n in names}
+    checks, adopted = {}, base
+    for p in sorted(names[1:], key=scores.get, reverse=True):
+        fold_gains = [a - b for a, b in zip(fold_scores[p], fold_scores[base], strict=True)]
+        se_folds = float(np.std(fold_gains, ddof=1) / np.sqrt(folds))
+        se_images = mean([r["checks"][p]["se_images"] for r in results])
+        gain = scores[p] - scores[base]
+        checks[p] = {"gain": gain, "se_images": se_images, "se_folds": se_folds, "fold_gains": fold_gains,
+                     "seed_gains": [r["checks"][p]["gain"] for r in results]}
+        if adopted == base and gain > max(se_folds, se_images):
+            adopted = p
+    return {"folds": folds, "seeds": seeds, "runs": [r["runs"] for r in results], "base": base, "names": names,
+            "pool": first["pool"], "scores": scores, "metrics": metrics, "fold_scores": fold_scores,
+            "checks": checks, "decision": adopted, "test": {str(r["seed"]): r["test"] for r in results},
+            "teacher_test": first.get("teacher_test"), "rule": CV_POOLED_RULE}
+
 
 def adopt_cv(runs: Path, records: Path | None, result: dict) -> dict:
     """Record a cross-validated decision in the selection file: the recipe becomes the decision, and the decision
@@ -400,7 +463,8 @@ def adopt_cv(runs: Path, records: Path | None, result: dict) -> dict:
         # a new comparison that keeps the recipe changes nothing to record: the selection file keeps the
         # cross-validation that did decide (this one lives in `cv --out`), rather than losing it to this one
         return rec
-    summary = {k: result[k] for k in ("folds", "seed", "base", "pool", "scores", "metrics", "decision", "rule")}
+    summary = {k: result[k] for k in ("folds", "seed", "seeds", "base", "pool", "scores", "metrics", "decision", "rule")
+               if k in result}
     summary["checks"] = {p: {k: v for k, v in c.items() if k != "bootstrap"} for p, c in result["checks"].items()}
     if not rerun and result["decision"] != recipe(rec):
         # a new comparison that changes the recipe: every record of how the old one was chosen (an earlier
@@ -443,8 +507,8 @@ def cv_sentence(cv: dict) -> str:
     tried = "; ".join(
         f"{p} {c['gain']:+.4f} (standard errors: images {c['se_images']:.4f}, folds {c['se_folds']:.4f}) -> "
         f"{'adopted' if p == cv['decision'] else 'not adopted'}" for p, c in cv["checks"].items())
-    return (f"cross-validated on train+val ({cv['folds']} folds, one teacher per fold, every image judged once out "
-            f"of fold: {cv_pool_text(cv)}): out-of-fold scores "
+    return (f"cross-validated on train+val ({cv['folds']} folds, one teacher per fold, {cv_seeds_text(cv)}, every "
+            f"image judged once out of fold: {cv_pool_text(cv)}): out-of-fold scores "
             + ", ".join(f"{k} {v:.4f}" for k, v in cv["scores"].items()) + f"; against {cv['base']}: {tried}")
 
 
@@ -1221,7 +1285,7 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
     if "recipe_cv" in selection:
         cv = selection["recipe_cv"]
         lines += ["", f"Cross-validated choice of the recipe (`seeds cv`; train+val in {cv['folds']} stratified "
-                  f"folds, each fold's teacher and runs trained on the other folds, seed {cv['seed']}; every "
+                  f"folds, each fold's teacher and runs trained on the other folds, {cv_seeds_text(cv)}; every "
                   f"train+val image judged once, out of fold: {cv_pool_text(cv)} images; test never used):", ""]
         lines += cv_rows(cv)
     budget = seeds_file(runs, records, "budget.json")
@@ -1400,7 +1464,8 @@ def package_selected(spec: dict, runs: Path, package: Path, data_dir: Path | Non
             + ". No test number was used for any choice.")
     extra = {"selection": {**sel_rec, "shipped_seed": seed, "seed_val_scores": scores,
                            "rule": "variant: best seed-0 val score; recipe: the variant or a probe on it, best "
-                                   "mean val score over seeds; seed: best val score of that recipe"}}
+                                   "mean val score over seeds, a close call decided by cross-validation on "
+                                   "train+val (recipe_cv); seed: best val score of that recipe"}}
     export_from_run(run, Path(package), data_dir, mfile, extra,
                     checkpoint_out=Path(checkpoints) / Path(package).name,
                     readme_notes=note.replace(f"`{run.as_posix()}`", f"run `{sel}` seed {seed}"))

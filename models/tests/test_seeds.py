@@ -355,6 +355,53 @@ def test_a_second_cross_validation_that_changes_the_recipe_keeps_the_first_in_th
     assert json.loads((runs / "seeds" / "selection.json").read_text()) == rec
 
 
+def _cv_result(seed: int, fold_scores: dict[str, list[float]], se_images: float) -> dict:
+    """A single-seed `cv_compare` result with what `cv_pool` reads (out-of-fold score = mean of the fold scores)."""
+    scores = {n: float(np.mean(f)) for n, f in fold_scores.items()}
+    base, probe = list(fold_scores)
+    return {"folds": len(fold_scores[base]), "seed": seed, "runs": f"r{seed}", "base": base, "names": [base, probe],
+            "pool": {"t": 100}, "scores": scores, "fold_scores": fold_scores,
+            "metrics": {n: {"t": {"acc": s, "auc": s + 0.1, "n": 100}} for n, s in scores.items()},
+            "checks": {probe: {"gain": scores[probe] - scores[base], "se_images": se_images, "se_folds": 0.001}},
+            "decision": base, "test": {probe: {"seed": seed}}, "teacher_test": {"t": {"acc": 0.7}}, "rule": S.CV_RULE}
+
+
+def test_cv_pool_judges_a_close_call_on_the_mean_of_the_seeds_gains(tmp_path):
+    # seed 0 gains +0.003 out of fold, seed 1 +0.0025: pooled gain +0.00275
+    r0 = _cv_result(0, {"a": [0.80, 0.80, 0.80, 0.80], "b": [0.804, 0.804, 0.804, 0.800]}, 0.001)
+    r1 = _cv_result(1, {"a": [0.81, 0.81, 0.81, 0.81], "b": [0.812, 0.812, 0.812, 0.814]}, 0.003)
+    pooled = S.cv_pool([r0, r1])
+    assert pooled["seeds"] == [0, 1] and S.cv_seeds(pooled) == [0, 1] and S.cv_seeds(r0) == [0]
+    check = pooled["checks"]["b"]
+    assert check["gain"] == pytest.approx(0.00275)
+    assert check["seed_gains"] == [r0["checks"]["b"]["gain"], r1["checks"]["b"]["gain"]]
+    assert check["fold_gains"] == pytest.approx([0.003, 0.003, 0.003, 0.002])  # per fold, averaged over the seeds
+    assert check["se_folds"] == pytest.approx(np.std([0.003, 0.003, 0.003, 0.002], ddof=1) / 2)
+    assert check["se_images"] == pytest.approx(0.002)  # the mean of the seeds' standard errors
+    assert pooled["decision"] == "b"  # 0.00275 > max(0.002, 0.00025)
+    assert pooled["scores"]["b"] == pytest.approx(np.mean([r0["scores"]["b"], r1["scores"]["b"]]))
+    assert pooled["metrics"]["b"]["t"]["acc"] == pytest.approx(pooled["scores"]["b"])
+    assert set(pooled["test"]) == {"0", "1"} and pooled["rule"] == S.CV_POOLED_RULE
+    assert "seeds 0, 1 (pooled)" in S.cv_sentence(pooled) and "seed 0, every" in S.cv_sentence(r0)
+    # a second seed whose images are noisier keeps the recipe: 0.00275 < mean(0.001, 0.006)
+    r1_noisy = {**r1, "checks": {"b": {**r1["checks"]["b"], "se_images": 0.006}}}
+    assert S.cv_pool([r0, r1_noisy])["decision"] == "a"
+    with pytest.raises(ValueError, match="names"):
+        S.cv_pool([r0, {**r1, "names": ["a", "c"]}])
+    with pytest.raises(ValueError, match="twice"):
+        S.cv_pool([r0, {**r1, "seed": 0}])
+    with pytest.raises(ValueError, match="pooled one"):
+        S.cv_pool([r0, pooled])
+    with pytest.raises(ValueError, match="two"):
+        S.cv_pool([r0])
+    # adopted, the pooled decision is recorded with its seeds, and the report says so
+    (tmp_path / "seeds").mkdir()
+    (tmp_path / "seeds" / "selection.json").write_text(json.dumps({"selected": "lorkd", "recipe": "a"}))
+    rec = S.adopt_cv(tmp_path, None, pooled)
+    assert rec["recipe"] == "b" and rec["recipe_cv"]["seeds"] == [0, 1] and "seed" not in rec["recipe_cv"]
+    assert "seeds 0, 1 (pooled)" in S.recipe_sentence(rec)
+
+
 def test_scale_epochs_multiplies_every_epoch_count_and_keeps_the_warm_up():
     spec = {"common": {"epochs": 10, "warmup_epochs": 0.5}, "teacher": {"epochs": 8}, "mtl": {},
             "probes": {"long": {"epochs": 12}, "cw1": {"class_weight_power": 1.0}}, "variants": ["lorkd"]}
@@ -453,3 +500,25 @@ def test_a_refined_probe_never_competes_for_the_recipe_on_val(tmp_path):
             (S.run_dir(runs, name, seed) / "summary.json").write_text(json.dumps({"best_val_score": score}))
     rec = S.select_recipe(spec, runs)
     assert rec["recipe"] == "probe_cw1" and set(rec["recipe_val_scores"]) == {"lorkd", "probe_cw1"}
+
+
+def test_cli_cv_results_records_a_stored_comparison_without_its_fold_runs(tmp_path, capsys):
+    from lorkd.cli import main
+
+    (tmp_path / "seeds").mkdir()
+    (tmp_path / "seeds" / "selection.json").write_text(json.dumps({"selected": "lorkd", "recipe": "a"}))
+    r0 = _cv_result(0, {"a": [0.80, 0.80, 0.80, 0.80], "b": [0.804, 0.804, 0.804, 0.800]}, 0.001)
+    r1 = _cv_result(1, {"a": [0.81, 0.81, 0.81, 0.81], "b": [0.812, 0.812, 0.812, 0.814]}, 0.003)
+    files = [tmp_path / "r0.json", tmp_path / "r1.json"]
+    for f, r in zip(files, (r0, r1), strict=True):
+        f.write_text(json.dumps(r))
+    base = ["seeds", "cv", "--runs", str(tmp_path), "--records", ""]
+    # one file: taken as it is (its decision kept the recipe: nothing changes)
+    assert main([*base, "--results", str(files[0]), "--out", str(tmp_path / "one.json")]) == 0
+    assert json.loads((tmp_path / "one.json").read_text()) == r0
+    # two files: pooled, and --adopt records the pooled decision
+    assert main([*base, "--results", *map(str, files), "--adopt", "--out", str(tmp_path / "pooled.json")]) == 0
+    assert json.loads((tmp_path / "pooled.json").read_text()) == json.loads(json.dumps(S.cv_pool([r0, r1])))
+    rec = json.loads((tmp_path / "seeds" / "selection.json").read_text())
+    assert rec["recipe"] == "b" and rec["recipe_cv"]["seeds"] == [0, 1]
+    assert "recipe: b (cross-validated" in capsys.readouterr().out
