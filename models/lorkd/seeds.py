@@ -444,7 +444,11 @@ def cv_pool(results: list[dict]) -> dict:
     return {"folds": folds, "seeds": seeds, "runs": [r["runs"] for r in results], "base": base, "names": names,
             "pool": first["pool"], "scores": scores, "metrics": metrics, "fold_scores": fold_scores,
             "checks": checks, "decision": adopted, "test": {str(r["seed"]): r["test"] for r in results},
-            "teacher_test": first.get("teacher_test"), "rule": CV_POOLED_RULE}
+            "teacher_test": first.get("teacher_test"),
+            # whether every seed ran on the same five fold teachers (a machine that does not retrain them bitwise
+            # gives other ones): with other teachers the per-fold gains average over teachers as well as seeds
+            "same_fold_teachers": all(r.get("teacher_test") == first.get("teacher_test") for r in results),
+            "rule": CV_POOLED_RULE}
 
 
 def adopt_cv(runs: Path, records: Path | None, result: dict) -> dict:

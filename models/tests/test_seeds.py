@@ -382,6 +382,8 @@ def test_cv_pool_judges_a_close_call_on_the_mean_of_the_seeds_gains(tmp_path):
     assert pooled["scores"]["b"] == pytest.approx(np.mean([r0["scores"]["b"], r1["scores"]["b"]]))
     assert pooled["metrics"]["b"]["t"]["acc"] == pytest.approx(pooled["scores"]["b"])
     assert set(pooled["test"]) == {"0", "1"} and pooled["rule"] == S.CV_POOLED_RULE
+    assert pooled["same_fold_teachers"]
+    assert not S.cv_pool([r0, {**r1, "teacher_test": {"t": {"acc": 0.6}}}])["same_fold_teachers"]
     assert "seeds 0, 1 (pooled)" in S.cv_sentence(pooled) and "seed 0, every" in S.cv_sentence(r0)
     # a second seed whose images are noisier keeps the recipe: 0.00275 < mean(0.001, 0.006)
     r1_noisy = {**r1, "checks": {"b": {**r1["checks"]["b"], "se_images": 0.006}}}
