@@ -138,6 +138,8 @@ b=$!
 wait $a
 wait $b
 $S compare --names probe_share_neg_cw0 probe_share_cw0 --out models/results/seeds/compare-share-neg.json > /dev/null
+# tenth pass: weight averaging against the recipe with one teacher (both trained on seeds 0-2 in lane A above)
+$S compare --names probe_share_cw0_ema probe_share_cw0 --out models/results/seeds/compare-ema.json > /dev/null
 $S cv --names probe_share_cw0 probe_share_neg_cw0 --out models/results/seeds/cv-share-neg.json > /dev/null
 $S cv --names probe_share_cw0 probe_share_cw0_ema --out models/results/seeds/cv-ema.json > /dev/null
 $S report

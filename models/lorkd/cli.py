@@ -211,7 +211,7 @@ def cmd_seeds(args) -> int:
         if len(args.names or []) != 2:
             raise SystemExit("compare: --names A B (A minus B, both trained in --runs on every --seeds)")
         res = S.compare_runs(runs, args.names[0], args.names[1], args.seeds or spec["seeds"], args.data_dir,
-                             resamples=args.resamples)
+                             resamples=args.resamples, records=Path(args.records) if args.records else None)
         _write_result(res, args.out)
     elif args.stage == "budget":
         if args.budget is None or not args.names:

@@ -881,18 +881,27 @@ def _stats(recs: dict, task: str | None, metric: str) -> tuple[float, float, lis
 
 
 def compare_runs(runs: Path, a: str, b: str, seeds: list[int], data_dir: Path | None = None,
-                 resamples: int = 10_000) -> dict:
+                 resamples: int = 10_000, records: Path | None = None) -> dict:
     """A controlled pair: two names trained in one runs folder (one teacher, the same seeds), a minus b.
 
     Why: CPU training is not bitwise repeatable across machines, so a probe trained with a retrained teacher cannot
     be judged against records made with another; retraining its base next to it can. Val decides (gain against
     the standard error of the difference, as `adopt`); test means and the paired bootstrap are reported.
-    `NAME@stage1` is a refined run (`refine_epochs`) before its refinement: the pair is then exact, one run each."""
+    `NAME@stage1` is a refined run (`refine_epochs`) before its refinement: the pair is then exact, one run each.
+    `NAME@record` is NAME's committed record in `records` (outputs kept by the report), for runs trained elsewhere
+    with this folder's teacher: nothing here can check that, so the caller names it and says how it knows (e.g.
+    the teacher and one of the runs retrained here bitwise)."""
 
     def record(name: str, seed: int) -> dict:
         base, _, stage = name.partition("@")
+        if stage == "record":
+            path = record_path(records, base, seed) if records is not None else None
+            if path is None or not path.exists() or "probs" not in json.loads(path.read_text()):
+                raise SystemExit(f"{name} seed {seed}: no record with kept outputs in {records}")
+            return load_record(path)
         if stage not in ("", "stage1"):
-            raise SystemExit(f"{name}: the only checkpoint suffix is @stage1 (a refined run before refinement)")
+            raise SystemExit(f"{name}: the checkpoint suffixes are @stage1 (a refined run before refinement) and "
+                             "@record (the committed record)")
         return eval_run(run_dir(runs, base, seed), data_dir, which="stage1_best.pt" if stage else "best.pt")
 
     recs = {n: {s: record(n, s) for s in seeds} for n in (a, b)}

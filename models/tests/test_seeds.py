@@ -131,6 +131,12 @@ def test_seeds_flow_selects_on_val_reports_and_ships(tmp_path, data_dir):
     ev = json.loads((runs / "seeds" / "evaluation.json").read_text())
     assert set(ev["runs"]["mtl"]) == {"0", "1"} and "stl" in ev["bootstrap"]
     assert (records / "selection.json").exists() and (records / "evaluation.json").exists()
+    # a name's committed records stand in for its runs when named so (`NAME@record`): the same pair, to the digit
+    by_record = S.compare_runs(runs, "probe_cw1@record", "mtl_cw1", [0, 1], data_dir, resamples=200, records=records)
+    assert by_record["val"]["probe_cw1@record"] == pair["val"]["probe_cw1"]
+    assert by_record["bootstrap"]["mean"]["acc"] == pair["bootstrap"]["mean"]["acc"]
+    with pytest.raises(SystemExit, match="no record"):
+        S.compare_runs(runs, "probe_cw1@record", "mtl_cw1", [0, 1], data_dir, resamples=10, records=None)
     assert S.record_path(records, "stl", 1).exists() and S.record_path(records, sel["selected"], 0, ".bn").exists()
 
     # a fresh clone has the records but no runs: the report rebuilds the same tables from them
