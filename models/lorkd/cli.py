@@ -223,6 +223,8 @@ def cmd_seeds(args) -> int:
         (runs / "seeds" / "budget.json").write_text(json.dumps(res, indent=1) + "\n")
         _write_result(res, args.out)
     elif args.stage == "cv" and args.results:
+        if args.names:
+            raise SystemExit("cv: --results FILE... (stored results) or --names BASE PROBE... (computed), not both")
         # results written earlier by `cv --out`: one is taken as it is, several (one comparison at other seeds) are
         # pooled, and the pooled result decides; either way nothing is recomputed, so no fold run need be here
         results = [json.loads(Path(f).read_text()) for f in args.results]

@@ -406,8 +406,9 @@ def cv_pool(results: list[dict]) -> dict:
     score and metrics are the means over the seeds. Per probe: the gain is the mean of the seeds' gains; the images'
     standard error is the mean of the seeds' (the seeds are judged on the same images, so their errors correlate;
     whatever the correlation, the standard deviation of a mean is at most the mean of the standard deviations); the
-    folds' standard error is that of the per-fold gains averaged over the seeds (the fold teacher is shared by the
-    seeds, so the fold stays the unit). The rule is the one of `cv_compare`. Test numbers stay per seed."""
+    folds' standard error is that of the per-fold gains averaged over the seeds (the fold stays the unit: its
+    teacher is shared by the seeds when they ran on the same fold teachers, which `same_fold_teachers` records).
+    The rule is the one of `cv_compare`. Test numbers stay per seed."""
     if len(results) < 2:
         raise ValueError("cv_pool: at least two results (one per seed)")
     first = results[0]

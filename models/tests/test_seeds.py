@@ -530,3 +530,5 @@ def test_cli_cv_results_records_a_stored_comparison_without_its_fold_runs(tmp_pa
     rec = json.loads((tmp_path / "seeds" / "selection.json").read_text())
     assert rec["recipe"] == "b" and rec["recipe_cv"]["seeds"] == [0, 1]
     assert "recipe: b (cross-validated" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not both"):
+        main([*base, "--results", str(files[0]), "--names", "a", "b"])
