@@ -651,7 +651,7 @@ def eval_run(run: Path, data_dir: Path | None = None, cache: bool = True, which:
     """Val and test metrics of a run's best checkpoint and its test softmax outputs (cached in the run folder).
 
     A run is a multi-task run folder or an STL seed folder of per-task members. `which` names another checkpoint
-    of the run (stage1_best.pt: a refined run before its refinement)."""
+    of the run (stage1_best.pt: a refined run before its refinement; raw_best.pt: an averaged run's raw weights)."""
     run = Path(run)
     members = [run] if (run / which).exists() else sorted(p for p in run.iterdir() if (p / which).exists())
     if not members:
@@ -676,7 +676,7 @@ def eval_run(run: Path, data_dir: Path | None = None, cache: bool = True, which:
             rec["probs"][td.spec.id] = _softmax(logits)
         rec["val"].update(evaluate(model, tasks, "val"))
         s = json.loads((m / "summary.json").read_text()) if (m / "summary.json").exists() else {}
-        rec["best_epoch"][m.name] = s.get("best_epoch")
+        rec["best_epoch"][m.name] = s.get("raw_best_epoch" if which == "raw_best.pt" else "best_epoch")
         if which == "best.pt" and "refine_task_epochs" in s:
             rec["refine_task_epochs"] = s["refine_task_epochs"]
         rec["wall_seconds"] += s.get("wall_seconds") or 0.0
@@ -889,6 +889,8 @@ def compare_runs(runs: Path, a: str, b: str, seeds: list[int], data_dir: Path | 
     be judged against records made with another; retraining its base next to it can. Val decides (gain against
     the standard error of the difference, as `adopt`); test means and the paired bootstrap are reported.
     `NAME@stage1` is a refined run (`refine_epochs`) before its refinement: the pair is then exact, one run each.
+    `NAME@raw` is an averaged run's raw weights at their own best epoch (`raw_best.pt`): the run without averaging,
+    from the same training (averaging only reads the weights), so `NAME@raw` against NAME costs no extra run.
     `NAME@record` is NAME's committed record in `records` (outputs kept by the report), for runs trained elsewhere
     with this folder's teacher: nothing here can check that, so the caller names it and says how it knows (e.g.
     the teacher and one of the runs retrained here bitwise)."""
@@ -900,10 +902,11 @@ def compare_runs(runs: Path, a: str, b: str, seeds: list[int], data_dir: Path | 
             if path is None or not path.exists() or "probs" not in json.loads(path.read_text()):
                 raise SystemExit(f"{name} seed {seed}: no record with kept outputs in {records}")
             return load_record(path)
-        if stage not in ("", "stage1"):
-            raise SystemExit(f"{name}: the checkpoint suffixes are @stage1 (a refined run before refinement) and "
-                             "@record (the committed record)")
-        return eval_run(run_dir(runs, base, seed), data_dir, which="stage1_best.pt" if stage else "best.pt")
+        which = {"": "best.pt", "stage1": "stage1_best.pt", "raw": "raw_best.pt"}.get(stage)
+        if which is None:
+            raise SystemExit(f"{name}: the checkpoint suffixes are @stage1 (a refined run before refinement), @raw "
+                             "(an averaged run's raw weights) and @record (the committed record)")
+        return eval_run(run_dir(runs, base, seed), data_dir, which=which)
 
     recs = {n: {s: record(n, s) for s in seeds} for n in (a, b)}
     val = {n: [float(r["val_score"]) for r in recs[n].values()] for n in (a, b)}

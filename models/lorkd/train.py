@@ -488,6 +488,9 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
     total_steps = steps_per_epoch * cfg.epochs
 
     start_epoch, history, best = 0, [], {"score": -1.0, "epoch": -1}
+    # with averaging on, the raw weights follow the same trajectory as a run without it (averaging only reads
+    # them), so their best checkpoint is kept too (raw_best.pt): one run gives both sides of the comparison
+    best_raw = {"score": -1.0, "epoch": -1} if ema is not None else None
     elapsed = 0.0
     # per-task selection: each task's best {score, epoch, val} so far and the state composed of every task's best
     # factors and head over the frozen base; epoch 0 is the model as it came in
@@ -502,6 +505,8 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
         if ema is not None:  # a checkpoint from before averaging was switched on starts it from its weights
             ema.load_state_dict(ck.get("ema") or ck["model"])
         start_epoch, history, best, elapsed = ck["epoch"] + 1, ck["history"], ck["best"], ck["elapsed"]
+        # a checkpoint that did not track the raw weights' best cannot say which earlier epoch it was
+        best_raw = ck.get("best_raw") if ema is not None else None
         task_best, composed = ck.get("task_best"), ck.get("composed")
         torch.set_rng_state(ck["rng"])
         if rank == 0:
@@ -587,6 +592,14 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
                 if diag_init is not None:
                     rec["kd_diag_init"] = diag_init
                     diag_init = None
+            if best_raw is not None:
+                raw_val = evaluate(model, tasks, "val", device, cfg.eval_batch_size)
+                rec["raw_val"] = {k: {"acc": v["acc"], "auc": v["auc"]} for k, v in raw_val.items()}
+                rec["raw_val_score"] = selection_score(raw_val)
+                if rec["raw_val_score"] > best_raw["score"]:
+                    best_raw = {"score": rec["raw_val_score"], "epoch": epoch + 1}
+                    _save({"model": model.state_dict(), "epoch": epoch + 1, "config": cfg.to_dict(),
+                           "tasks": [td.spec.id for td in tasks]}, out / "raw_best.pt")
             history.append(rec)
             vs = " ".join(f"{k}:{v['acc']:.3f}/{v['auc']:.3f}" for k, v in val.items())
             print(f"[{out.name}] epoch {epoch + 1}/{cfg.epochs} loss {rec['train_loss']:.4f} "
@@ -615,7 +628,7 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
             _save({"model": model.state_dict(), "opt": opt.state_dict(),
                    "kd_proj": kd_proj.state_dict() if kd_proj else None,
                    "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "history": history,
-                   "best": best, "elapsed": elapsed, "rng": torch.get_rng_state(),
+                   "best": best, "best_raw": best_raw, "elapsed": elapsed, "rng": torch.get_rng_state(),
                    "task_best": task_best, "composed": composed}, last)
             with open(out / "history.json", "w") as f:
                 json.dump(history, f, indent=1)
@@ -629,6 +642,8 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
                "best_val_score": best["score"], "wall_seconds": elapsed, "epochs": cfg.epochs}
     if task_best is not None:
         summary["task_best_epochs"] = {k: v["epoch"] for k, v in task_best.items()}
+    if best_raw is not None:
+        summary["raw_best_epoch"], summary["raw_best_val_score"] = best_raw["epoch"], best_raw["score"]
     if cfg.refine_epochs > 0 and rank == 0:
         summary = refine_run(cfg, tasks, out, summary, progress)
     if rank == 0:

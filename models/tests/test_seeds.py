@@ -495,6 +495,22 @@ def test_a_refined_run_is_compared_with_itself_before_refinement(tmp_path, data_
         S.compare_runs(runs, "nokd_refine", "nokd_refine@last", [0], data_dir, resamples=10)
 
 
+def test_an_averaged_runs_raw_side_is_compared_with_no_extra_run(tmp_path, data_dir):
+    spec = {"common": {**TINY, "beta": 0.0, "mode": "lorkd_nokd"}, "plain": {}, "avg": {"ema_decay": 0.9},
+            "seeds": [0, 1]}
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        for name in ("plain", "avg"):
+            S.train_name(spec, runs, name, seed, data_dir)
+    # the raw side of the averaged runs is the plain runs: the same val scores, best epochs and test outputs
+    same = S.compare_runs(runs, "avg@raw", "plain", [0, 1], data_dir, resamples=50)
+    assert same["val"]["avg@raw"] == same["val"]["plain"] and same["val"]["gain"] == 0
+    assert same["best_epoch"]["avg@raw"] == same["best_epoch"]["plain"]
+    assert same["bootstrap"]["mean"]["auc"]["diff"] == 0 == same["bootstrap"]["mean"]["acc"]["diff"]
+    pair = S.compare_runs(runs, "avg", "avg@raw", [0, 1], data_dir, resamples=50)
+    assert pair["val"]["avg@raw"] == same["val"]["plain"]
+
+
 def test_a_refined_probe_never_competes_for_the_recipe_on_val(tmp_path):
     runs = tmp_path / "runs"
     spec = {"common": TINY, "lorkd": {}, "variants": ["lorkd"], "seeds": [0, 1],

@@ -132,6 +132,26 @@ def test_weight_average_is_what_gets_selected_saved_and_resumed(tmp_path, tasks)
     assert torch.load(tmp_path / "late" / "last.pt", weights_only=False)["ema"] is not None
 
 
+def test_an_averaged_run_keeps_the_raw_weights_best_equal_to_a_run_without_averaging(tmp_path, tasks):
+    """Averaging only reads the live weights, so an averaged run's raw side is the run without averaging: same
+    losses, same val scores epoch by epoch, and its raw_best.pt is that run's best.pt, tensor for tensor."""
+    plain = train_run(tiny_cfg(epochs=3), tasks, tmp_path / "plain", progress=False)
+    avg = train_run(tiny_cfg(ema_decay=0.9, epochs=3), tasks, tmp_path / "avg", progress=False)
+    h_plain = json.loads((tmp_path / "plain" / "history.json").read_text())
+    h_avg = json.loads((tmp_path / "avg" / "history.json").read_text())
+    assert [r["train_loss"] for r in h_avg] == [r["train_loss"] for r in h_plain]
+    assert [r["raw_val_score"] for r in h_avg] == [r["val_score"] for r in h_plain]
+    assert (avg["raw_best_epoch"], avg["raw_best_val_score"]) == (plain["best_epoch"], plain["best_val_score"])
+    raw = torch.load(tmp_path / "avg" / "raw_best.pt", weights_only=False)
+    ref = torch.load(tmp_path / "plain" / "best.pt", weights_only=False)
+    assert raw["epoch"] == ref["epoch"] and all(torch.equal(raw["model"][k], ref["model"][k]) for k in ref["model"])
+    assert "raw_best_epoch" not in plain and not (tmp_path / "plain" / "raw_best.pt").exists()
+    # resumed from a checkpoint that did not track the raw best, a run keeps none rather than a partial one
+    train_run(tiny_cfg(epochs=1), tasks, tmp_path / "late", progress=False)
+    late = train_run(tiny_cfg(ema_decay=0.9, epochs=2), tasks, tmp_path / "late", progress=False)
+    assert "raw_best_epoch" not in late and not (tmp_path / "late" / "raw_best.pt").exists()
+
+
 def test_per_task_batchnorm_normalises_each_task_with_its_own_statistics():
     """Segments (sorted batch) and a one-hot mask (any order) give the same result, equal to each task's own
     BatchNorm applied to its samples alone; a task absent from the batch keeps its statistics."""
