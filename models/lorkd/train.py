@@ -593,6 +593,7 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
                     rec["kd_diag_init"] = diag_init
                     diag_init = None
             if best_raw is not None:
+                t_raw = time.time()
                 raw_val = evaluate(model, tasks, "val", device, cfg.eval_batch_size)
                 rec["raw_val"] = {k: {"acc": v["acc"], "auc": v["auc"]} for k, v in raw_val.items()}
                 rec["raw_val_score"] = selection_score(raw_val)
@@ -600,6 +601,10 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
                     best_raw = {"score": rec["raw_val_score"], "epoch": epoch + 1}
                     _save({"model": model.state_dict(), "epoch": epoch + 1, "config": cfg.to_dict(),
                            "tasks": [td.spec.id for td in tasks]}, out / "raw_best.pt")
+                # the run's wall time counts this evaluation too
+                dt = time.time() - t_raw
+                elapsed += dt
+                rec["epoch_seconds"] += dt
             history.append(rec)
             vs = " ".join(f"{k}:{v['acc']:.3f}/{v['auc']:.3f}" for k, v in val.items())
             print(f"[{out.name}] epoch {epoch + 1}/{cfg.epochs} loss {rec['train_loss']:.4f} "
