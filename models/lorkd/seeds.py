@@ -899,9 +899,10 @@ def compare_runs(runs: Path, a: str, b: str, seeds: list[int], data_dir: Path | 
         base, _, stage = name.partition("@")
         if stage == "record":
             path = record_path(records, base, seed) if records is not None else None
-            if path is None or not path.exists() or "probs" not in json.loads(path.read_text()):
+            rec = load_record(path) if path is not None and path.exists() else None
+            if rec is None or not rec["probs"]:  # a metrics-only record cannot enter the paired bootstrap
                 raise SystemExit(f"{name} seed {seed}: no record with kept outputs in {records}")
-            return load_record(path)
+            return rec
         which = {"": "best.pt", "stage1": "stage1_best.pt", "raw": "raw_best.pt"}.get(stage)
         if which is None:
             raise SystemExit(f"{name}: the checkpoint suffixes are @stage1 (a refined run before refinement), @raw "

@@ -137,6 +137,13 @@ def test_seeds_flow_selects_on_val_reports_and_ships(tmp_path, data_dir):
     assert by_record["bootstrap"]["mean"]["acc"] == pair["bootstrap"]["mean"]["acc"]
     with pytest.raises(SystemExit, match="no record"):
         S.compare_runs(runs, "probe_cw1@record", "mtl_cw1", [0, 1], data_dir, resamples=10, records=None)
+    bare = tmp_path / "bare"  # a record without its kept outputs cannot enter the paired bootstrap
+    for seed in (0, 1):
+        kept = json.loads(S.record_path(records, "probe_cw1", seed).read_text())
+        S.record_path(bare, "probe_cw1", seed).parent.mkdir(parents=True, exist_ok=True)
+        S.record_path(bare, "probe_cw1", seed).write_text(json.dumps({k: v for k, v in kept.items() if k != "probs"}))
+    with pytest.raises(SystemExit, match="kept outputs"):
+        S.compare_runs(runs, "probe_cw1@record", "mtl_cw1", [0, 1], data_dir, resamples=10, records=bare)
     assert S.record_path(records, "stl", 1).exists() and S.record_path(records, sel["selected"], 0, ".bn").exists()
 
     # a fresh clone has the records but no runs: the report rebuilds the same tables from them
