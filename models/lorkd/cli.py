@@ -189,7 +189,10 @@ def cmd_seeds(args) -> int:
     if args.fold is not None and args.stage in ("teacher", "train"):
         spec, runs = S.prepare_fold(spec, runs, Path(args.records) if args.records else None, args.folds, args.fold)
     if args.stage == "teacher":
-        S.train_teacher(spec, runs, args.data_dir, progress=not args.no_progress)
+        if args.seeds and len(args.seeds) > 1:
+            raise SystemExit("seeds teacher: one --seeds value (one teacher per runs folder)")
+        S.train_teacher(spec, runs, args.data_dir, progress=not args.no_progress,
+                        seed=args.seeds[0] if args.seeds else 0)
     elif args.stage == "train":
         for seed in args.seeds or spec["seeds"]:
             for name in args.names or ["selected", "lorkd_nokd", "mtl", "stl"]:
@@ -438,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                                               "current recipe, then the probes; budget: the recipe, then the "
                                               "baselines")
     s.add_argument("--seeds", nargs="*", type=int, help="train, compare: seeds (default: the config's seeds); cv: "
-                                                         "the seed of the fold runs (default 0)")
+                                                         "the seed of the fold runs (default 0); teacher: the "
+                                                         "teacher's seed (default 0)")
     s.add_argument("--readme", default="models/README.md")
     s.add_argument("--figures", default="models/figures")
     s.add_argument("--package", default="models/medmnist-lorkd")

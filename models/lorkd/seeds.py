@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from torch import nn
 from .bootstrap import paired_bootstrap
 from .data import TaskData, load_config_tasks, task_tensor
 from .metrics import evaluate, predict, selection_score, task_metrics
+from .package import sha256_file
 from .train import MODES, TrainConfig, load_trained, teacher_features, train_run
 
 
@@ -105,15 +107,28 @@ def train_name(spec: dict, runs: Path, name: str, seed: int, data_dir: Path | No
         train_run(cfg, tasks, out, progress)
 
 
-def train_teacher(spec: dict, runs: Path, data_dir: Path | None = None, progress: bool = False) -> None:
-    cfg = TrainConfig.from_dict({**spec.get("common", {}), **spec.get("teacher", {}), "mode": "teacher", "seed": 0})
+def train_teacher(spec: dict, runs: Path, data_dir: Path | None = None, progress: bool = False,
+                  seed: int = 0) -> None:
+    """Train (or resume, or skip when finished) the one teacher of a runs folder, with the given seed (0 unless a
+    pass compares teachers: each teacher seed gets a runs folder of its own, since every student in a folder
+    distils from its teacher)."""
+    cfg = TrainConfig.from_dict({**spec.get("common", {}), **spec.get("teacher", {}), "mode": "teacher",
+                                 "seed": seed})
     tasks = load_config_tasks(cfg, data_dir)
+    if (Path(runs) / "teacher" / "config.json").exists() and (other := teacher_seed(runs)) != seed:
+        raise SystemExit(f"{Path(runs) / 'teacher'} holds the teacher of seed {other}, not {seed}: one teacher per "
+                         "runs folder (give this seed its own --runs)")
     if not _done(Path(runs) / "teacher", cfg):
         train_run(cfg, tasks, Path(runs) / "teacher", progress)
     feats = Path(runs) / "teacher_features.pt"
     if not feats.exists() or "logits" not in torch.load(feats, map_location="cpu"):
         torch.set_num_threads(cfg.num_threads)
         teacher_features(load_trained(Path(runs) / "teacher", tasks), tasks, feats, progress=progress)
+
+
+def teacher_seed(runs: Path) -> int:
+    """The seed of a runs folder's teacher (its record is teacher/seed<S>.json)."""
+    return int(json.loads((Path(runs) / "teacher" / "config.json").read_text()).get("seed", 0))
 
 
 def _val_score(run: Path) -> float | None:
@@ -844,7 +859,7 @@ def _finished(run: Path) -> bool:
 
 
 def collect(spec: dict, runs: Path, data_dir: Path | None = None, records: Path | None = None) -> dict:
-    """{name: {seed: eval_run record}} for every finished run under R/seeds, plus the teacher (seed 0).
+    """{name: {seed: eval_run record}} for every finished run under R/seeds, plus the teacher (at its seed).
 
     With `records`, every run evaluated here is saved there, and runs not on this machine come from the saved
     records (then, for runs not even recorded, metrics only from the committed evaluation.json)."""
@@ -855,7 +870,7 @@ def collect(spec: dict, runs: Path, data_dir: Path | None = None, records: Path 
             if _finished(sdir):
                 out.setdefault(ndir.name, {})[int(sdir.name[4:])] = eval_run(sdir, data_dir)
     if (Path(runs) / "teacher" / "best.pt").exists():
-        out["teacher"] = {0: eval_run(Path(runs) / "teacher", data_dir)}
+        out["teacher"] = {teacher_seed(runs): eval_run(Path(runs) / "teacher", data_dir)}
     if records is None:
         return out
     for name, recs in out.items():
@@ -1480,7 +1495,12 @@ def package_selected(spec: dict, runs: Path, package: Path, data_dir: Path | Non
             f"{', '.join(f'seed {k} {v:.4f}' for k, v in sorted(scores.items()))} -> seed {seed}). Its test "
             f"ACC/AUC: " + ", ".join(f"{t} {m['test_acc']:.3f}/{m['test_auc']:.3f}" for t, m in metrics.items())
             + ". No test number was used for any choice.")
-    extra = {"selection": {**sel_rec, "shipped_seed": seed, "seed_val_scores": scores,
+    teacher = keep_teacher_targets(runs, run, Path(checkpoints) / Path(package).name)
+    if teacher and "seed" in teacher:
+        note = note.replace(". No test number", f"; distilled from the teacher of seed {teacher['seed']} (val score "
+                                                f"{teacher['val_score']:.4f}). No test number")
+    extra = {"teacher": teacher} if teacher else {}
+    extra |= {"selection": {**sel_rec, "shipped_seed": seed, "seed_val_scores": scores,
                            "rule": "variant: best seed-0 val score; recipe: the variant or a probe on it, best "
                                    "mean val score over seeds, a close call decided by cross-validation on "
                                    "train+val (recipe_cv); seed: best val score of that recipe"}}
@@ -1491,6 +1511,24 @@ def package_selected(spec: dict, runs: Path, package: Path, data_dir: Path | Non
                "val_scores": scores, "note": note}
     (runs / "seeds" / "shipped.json").write_text(json.dumps(shipped, indent=1))
     return shipped
+
+
+def keep_teacher_targets(runs: Path, run: Path, dest: Path) -> dict | None:
+    """Copy the distillation targets a run learnt from (its teacher's features and logits) next to the package's
+    checkpoint and describe that teacher, so the package's recipe can be retrained with the same teacher on any
+    machine (a teacher retrains bitwise only on the CPU type it was trained on). None for a run without a teacher."""
+    feats = json.loads((Path(run) / "config.json").read_text()).get("teacher_features")
+    if not feats or not Path(feats).exists():
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(feats, dest / "teacher_features.pt")
+    (dest / "teacher_features.pt").chmod(0o644)
+    out = {"features": (dest / "teacher_features.pt").as_posix(), "sha256": sha256_file(dest / "teacher_features.pt")}
+    summary = Path(runs) / "teacher" / "summary.json"
+    if summary.exists():  # a folder seeded with committed targets has no teacher run
+        sm = json.loads(summary.read_text())
+        out |= {"seed": teacher_seed(runs), "val_score": sm["best_val_score"], "best_epoch": sm.get("best_epoch")}
+    return out
 
 
 def parity_selected(runs: Path, package: Path, data_dir: Path | None = None) -> bool:

@@ -118,6 +118,21 @@ def test_seeds_flow_selects_on_val_reports_and_ships(tmp_path, data_dir):
     assert shipped["variant"] == sel["selected"] and shipped["recipe"] == adopted["recipe"]
     assert (pkg / "manifest.json").exists()
     assert S.parity_selected(runs, pkg, data_dir)
+    # the teacher's distillation targets travel with the checkpoint: the same student trains from them elsewhere
+    kept = tmp_path / "ck" / "pkg" / "teacher_features.pt"
+    teacher = json.loads((pkg / "manifest.json").read_text())["provenance"]["teacher"]
+    assert teacher["sha256"] == S.sha256_file(runs / "teacher_features.pt") == S.sha256_file(kept)
+    assert (teacher["seed"], teacher["val_score"]) == (0, json.loads(
+        (runs / "teacher" / "summary.json").read_text())["best_val_score"])
+    assert "distilled from the teacher of seed 0" in shipped["note"]
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "seeds").mkdir(parents=True)
+    shutil.copyfile(runs / "seeds" / "selection.json", elsewhere / "seeds" / "selection.json")
+    shutil.copyfile(kept, elsewhere / "teacher_features.pt")
+    S.train_name(spec, elsewhere, shipped["recipe"], shipped["seed"], data_dir)
+    again = torch.load(S.run_dir(elsewhere, shipped["recipe"], shipped["seed"]) / "best.pt")["model"]
+    for k, v in torch.load(S.run_dir(runs, shipped["recipe"], shipped["seed"]) / "best.pt")["model"].items():
+        assert torch.equal(v, again[k]), k
     readme, figs, records = tmp_path / "README.md", tmp_path / "figs", tmp_path / "records"
     S.write_seeds_report(spec, runs, readme, figs, pkg, data_dir, resamples=200, records=records)
     text = readme.read_text()
@@ -415,6 +430,23 @@ def test_cv_pool_judges_a_close_call_on_the_mean_of_the_seeds_gains(tmp_path):
     rec = S.adopt_cv(tmp_path, None, pooled)
     assert rec["recipe"] == "b" and rec["recipe_cv"]["seeds"] == [0, 1] and "seed" not in rec["recipe_cv"]
     assert "seeds 0, 1 (pooled)" in S.recipe_sentence(rec)
+
+
+def test_a_teacher_of_another_seed_gets_a_runs_folder_of_its_own(tmp_path, data_dir):
+    spec = {"common": TINY, "teacher": {"epochs": 1, "max_batches_per_epoch": 1}}
+    S.train_teacher(spec, tmp_path / "t0", data_dir)
+    S.train_teacher(spec, tmp_path / "t1", data_dir, seed=1)
+    seeds = [json.loads((tmp_path / t / "teacher" / "config.json").read_text())["seed"] for t in ("t0", "t1")]
+    assert seeds == [0, 1]
+    w0, w1 = (torch.load(tmp_path / t / "teacher_features.pt")["features"] for t in ("t0", "t1"))
+    assert not torch.equal(w0, w1)  # another initialisation and order, another teacher
+    with pytest.raises(SystemExit, match="seed 1, not 0"):
+        S.train_teacher(spec, tmp_path / "t1", data_dir)  # its students would distil from the wrong teacher
+    records = tmp_path / "records"
+    ev = S.collect(spec, tmp_path / "t1", data_dir, records)
+    assert list(ev["teacher"]) == [1]  # recorded as teacher seed 1, next to (never over) the seed-0 teacher's
+    assert (records / "runs" / "teacher" / "seed1.json").exists()
+    assert not (records / "runs" / "teacher" / "seed0.json").exists()
 
 
 def test_scale_epochs_multiplies_every_epoch_count_and_keeps_the_warm_up():
