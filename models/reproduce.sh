@@ -17,7 +17,9 @@
 # Before the report, the sixth pass's cross-validation on train+val (`seeds cv`, below) decides between the recipe and
 # its two closest probes, the seventh pass trains the schedule twice as long (`--budget 2`), the eighth refines copies
 # of the recipe's runs per task and trains the oversampling probe after `adopt`, and the ninth cross-validates that
-# probe and weight averaging against the recipe on the sixth pass's folds (all below).
+# probe and weight averaging against the recipe on the sixth pass's folds (all below). The twelfth records weight
+# averaging's cross-validated pass as the recipe, trains teachers of seeds 1 and 2, and the package distils from the
+# best-val teacher of the three (the recipe's seeds 0-2 retrained next to it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-models/runs}
@@ -141,9 +143,36 @@ $S compare --names probe_share_neg_cw0 probe_share_cw0 --out models/results/seed
 # tenth pass: weight averaging against the recipe with one teacher (both trained on seeds 0-2 in lane A above)
 $S compare --names probe_share_cw0_ema probe_share_cw0 --out models/results/seeds/compare-ema.json > /dev/null
 $S cv --names probe_share_cw0 probe_share_neg_cw0 --out models/results/seeds/cv-share-neg.json > /dev/null
-$S cv --names probe_share_cw0 probe_share_cw0_ema --out models/results/seeds/cv-ema.json > /dev/null
+# twelfth pass: weight averaging's cross-validated pass (ninth pass) recorded as the recipe
+$S cv --names probe_share_cw0 probe_share_cw0_ema --adopt --out models/results/seeds/cv-ema.json > /dev/null
+# twelfth pass: the package distils from the best-val teacher of seeds 0-2, each in a folder of its own (every student
+# in a folder distils from its teacher); the recipe's seeds 0-2 are trained next to the winner when it is not seed 0
+for k in 1 2; do
+  mkdir -p "$RUNS/teacher-seed$k/seeds"
+  cp "$RUNS/seeds/selection.json" "$RUNS/teacher-seed$k/seeds/"
+  $T seeds --config "$CONFIG" --runs "$RUNS/teacher-seed$k" teacher --seeds "$k" --no-progress \
+    > "$RUNS/teacher-seed$k.log" 2>&1 &
+done
+wait
+BEST=$(python3 - "$RUNS" "$RUNS/teacher-seed1" "$RUNS/teacher-seed2" <<'PY'
+import json, sys
+from pathlib import Path
+score = {r: json.loads((Path(r) / "teacher" / "summary.json").read_text())["best_val_score"] for r in sys.argv[1:]}
+print(max(score, key=score.get))  # ties keep the earlier seed
+PY
+)
+SB="$T seeds --config $CONFIG --runs $BEST --package $PKG"
+if [ "$BEST" != "$RUNS" ]; then
+  cp "$RUNS/seeds/selection.json" "$BEST/seeds/"
+  for k in 0 1 2; do $SB train --names probe_share_cw0_ema --seeds "$k" --no-progress > "$BEST/train$k.log" 2>&1 & done
+  wait
+  $SB compare --names probe_share_cw0_ema probe_share_cw0_ema@raw --out models/results/seeds/compare-ema-pass12.json \
+    > /dev/null
+fi
+# the report records every run of $RUNS, then the winner's folder adds its teacher and replaces the recipe's runs
 $S report
-$S package
-$S parity
-$S report
+$SB report
+$SB package
+$SB parity
+$SB report
 echo "reproduce: done in $(( $(date +%s) - start ))s"

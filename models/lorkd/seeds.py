@@ -783,7 +783,7 @@ TARGET_ANCHOR = "MedMNIST+ ResNet-18 (28), 3 seeds"
 LABELS = {"lorkd": "LoRKD, teacher-side projection (a)", "lorkd_fitnets": "LoRKD, FitNets student-side projection (b)",
           "lorkd_logits": "LoRKD, teacher-head logit KD (c)", "lorkd_nokd": "LoRKD w/o transfer loss",
           "mtl": "MTL (shared ShuffleNetV2, per-task heads)", "stl": "STL (one ShuffleNetV2 per task)",
-          "teacher": "Teacher ResNet-18 (multi-task, seed 0)"}
+          "teacher": "Teacher ResNet-18 (multi-task)"}
 SEEDS_FIGURE = "seeds_spread.png"
 COLLAPSE_FIGURE = "kd_collapse.png"
 
