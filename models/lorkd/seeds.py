@@ -1307,7 +1307,8 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
     lines = ["### Multi-seed test results (official test split, %, mean ± sample std over seeds; "
              "checkpoint chosen on val)", ""]
     lines += [f"Schedule: students {spec['common'].get('epochs')} epochs, teacher "
-              f"{spec.get('teacher', {}).get('epochs')} epochs (seed 0); seeds {spec.get('seeds')}. "
+              f"{spec.get('teacher', {}).get('epochs')} epochs (seed{'s' if len(ev.get('teacher', {})) > 1 else ''} "
+              f"{', '.join(str(k) for k in ev.get('teacher', {0: None}))}); seeds {spec.get('seeds')}. "
               f"Transfer variant: {sel} (chosen on seed-0 val score, see the ablation); shipped recipe: **{main}**"
               + (f" ({recipe_sentence(selection)})" if has_recipe_decision(selection) else "") + ".", ""]
     # a probe trained on several seeds gets its own row, and so does the variant when a probe was adopted over it
