@@ -76,6 +76,19 @@ def test_full_test_split_parity_with_the_shipped_checkpoint(name):
     assert res["switch_max_abs_err"] <= 1e-5
 
 
+def test_the_default_package_names_the_teacher_targets_committed_beside_it():
+    """The distillation targets next to the checkpoint are the ones the package's student learnt from."""
+    from lorkd.package import sha256_file
+
+    teacher = load_package(PKG)["provenance"]["teacher"]
+    assert teacher["sha256"] == sha256_file(CKPT / "teacher_features.pt")
+    assert teacher["features"] == "models/checkpoints/medmnist-lorkd/teacher_features.pt"
+    blob = torch.load(CKPT / "teacher_features.pt", map_location="cpu")
+    n_train = sum(len(td.labels["train"]) for td in load_tasks()) if HAVE_DATA else blob["features"].shape[0]
+    assert blob["tasks"] == ["breast", "pneumonia", "retina"]
+    assert blob["features"].shape[:2] == blob["logits"].shape[:2] == (n_train, 2)  # every image and its flip
+
+
 def test_standalone_merged_expert_from_shipped_package(tmp_path):
     manifest = load_package(PKG)
     golden = json.loads((PKG / "golden/golden.json").read_text())
