@@ -1304,11 +1304,12 @@ def write_seeds_report(spec: dict, runs: Path, readme: Path, figures: Path, pack
     tasks = list(next(iter(ev[main].values()))["test"])
     extra = tuple(spec.get("baselines", []))
     names = main_names(main) + [n for n in extra if n in ev]
+    teacher_seeds = sorted(ev.get("teacher", {})) or [0]  # the seeds of the teachers recorded
     lines = ["### Multi-seed test results (official test split, %, mean ± sample std over seeds; "
              "checkpoint chosen on val)", ""]
     lines += [f"Schedule: students {spec['common'].get('epochs')} epochs, teacher "
-              f"{spec.get('teacher', {}).get('epochs')} epochs (seed{'s' if len(ev.get('teacher', {})) > 1 else ''} "
-              f"{', '.join(str(k) for k in ev.get('teacher', {0: None}))}); seeds {spec.get('seeds')}. "
+              f"{spec.get('teacher', {}).get('epochs')} epochs (seed{'s' if len(teacher_seeds) > 1 else ''} "
+              f"{', '.join(map(str, teacher_seeds))}); seeds {spec.get('seeds')}. "
               f"Transfer variant: {sel} (chosen on seed-0 val score, see the ablation); shipped recipe: **{main}**"
               + (f" ({recipe_sentence(selection)})" if has_recipe_decision(selection) else "") + ".", ""]
     # a probe trained on several seeds gets its own row, and so does the variant when a probe was adopted over it
@@ -1490,16 +1491,15 @@ def package_selected(spec: dict, runs: Path, package: Path, data_dir: Path | Non
     vs = ", ".join(f"{k} {v:.4f}" for k, v in sel_rec.get("val_scores", {}).items())
     adopted = f"; probes on top of it ({recipe_sentence(sel_rec)}): recipe `{sel}`" if (
         has_recipe_decision(sel_rec)) else ""
+    teacher = keep_teacher_targets(runs, run, Path(checkpoints) / Path(package).name)
+    distilled = (f"; distilled from the teacher of seed {teacher['seed']} (val score {teacher['val_score']:.4f})"
+                 if teacher and "seed" in teacher else "")
     note = (f"`{Path(package).as_posix()}` is `{run.as_posix()}`: the transfer variant `{sel_rec['selected']}` was "
             f"chosen on seed 0's val score among {spec['variants']} ({vs}){adopted}; "
             f"of its seeds the one with the best val score was exported (val scores "
             f"{', '.join(f'seed {k} {v:.4f}' for k, v in sorted(scores.items()))} -> seed {seed}). Its test "
             f"ACC/AUC: " + ", ".join(f"{t} {m['test_acc']:.3f}/{m['test_auc']:.3f}" for t, m in metrics.items())
-            + ". No test number was used for any choice.")
-    teacher = keep_teacher_targets(runs, run, Path(checkpoints) / Path(package).name)
-    if teacher and "seed" in teacher:
-        note = note.replace(". No test number", f"; distilled from the teacher of seed {teacher['seed']} (val score "
-                                                f"{teacher['val_score']:.4f}). No test number")
+            + f"{distilled}. No test number was used for any choice.")
     extra = {"teacher": teacher} if teacher else {}
     extra |= {"selection": {**sel_rec, "shipped_seed": seed, "seed_val_scores": scores,
                            "rule": "variant: best seed-0 val score; recipe: the variant or a probe on it, best "
