@@ -154,13 +154,8 @@ for k in 1 2; do
     > "$RUNS/teacher-seed$k.log" 2>&1 &
 done
 wait
-BEST=$(python3 - "$RUNS" "$RUNS/teacher-seed1" "$RUNS/teacher-seed2" <<'PY'
-import json, sys
-from pathlib import Path
-score = {r: json.loads((Path(r) / "teacher" / "summary.json").read_text())["best_val_score"] for r in sys.argv[1:]}
-print(max(score, key=score.get))  # ties keep the earlier seed
-PY
-)
+BEST=$(.venv/bin/python -c 'import sys; from lorkd.seeds import best_teacher; print(best_teacher(sys.argv[1:]))' \
+  "$RUNS" "$RUNS/teacher-seed1" "$RUNS/teacher-seed2")
 SB="$T seeds --config $CONFIG --runs $BEST --package $PKG"
 if [ "$BEST" != "$RUNS" ]; then
   cp "$RUNS/seeds/selection.json" "$BEST/seeds/"

@@ -131,6 +131,15 @@ def teacher_seed(runs: Path) -> int:
     return int(json.loads((Path(runs) / "teacher" / "config.json").read_text()).get("seed", 0))
 
 
+def best_teacher(folders: list[Path]) -> Path:
+    """The runs folder whose teacher has the best val score (the package's teacher is a choice made on val like
+    any other; a tie keeps the earlier folder). A folder without a finished teacher is refused."""
+    scores = {Path(f): _val_score(Path(f) / "teacher") for f in folders}
+    if missing := [f.as_posix() for f, v in scores.items() if v is None]:
+        raise SystemExit(f"no finished teacher in {', '.join(missing)}")
+    return max(scores, key=scores.__getitem__)
+
+
 def _val_score(run: Path) -> float | None:
     s = run / "summary.json"
     if s.exists():

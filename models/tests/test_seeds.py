@@ -442,6 +442,13 @@ def test_a_teacher_of_another_seed_gets_a_runs_folder_of_its_own(tmp_path, data_
     assert not torch.equal(w0, w1)  # another initialisation and order, another teacher
     with pytest.raises(SystemExit, match="seed 1, not 0"):
         S.train_teacher(spec, tmp_path / "t1", data_dir)  # its students would distil from the wrong teacher
+    for name, score in (("a", 0.84), ("b", 0.86), ("c", 0.86)):  # the package's teacher: best val, a tie the earlier
+        (tmp_path / name / "teacher").mkdir(parents=True)
+        (tmp_path / name / "teacher" / "summary.json").write_text(json.dumps({"best_val_score": score}))
+    assert S.best_teacher([tmp_path / n for n in ("a", "b", "c")]) == tmp_path / "b"
+    assert S.best_teacher([tmp_path / n for n in ("c", "a", "b")]) == tmp_path / "c"
+    with pytest.raises(SystemExit, match="no finished teacher"):
+        S.best_teacher([tmp_path / "t0", tmp_path / "none"])
     records = tmp_path / "records"
     ev = S.collect(spec, tmp_path / "t1", data_dir, records)
     assert list(ev["teacher"]) == [1]  # recorded as teacher seed 1, next to (never over) the seed-0 teacher's
