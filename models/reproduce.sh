@@ -145,6 +145,21 @@ $S compare --names probe_share_cw0_ema probe_share_cw0 --out models/results/seed
 $S cv --names probe_share_cw0 probe_share_neg_cw0 --out models/results/seeds/cv-share-neg.json > /dev/null
 # twelfth pass: weight averaging's cross-validated pass (ninth pass) recorded as the recipe
 $S cv --names probe_share_cw0 probe_share_cw0_ema --adopt --out models/results/seeds/cv-ema.json > /dev/null
+# thirteenth pass: oversampling with weight averaging (the eleventh and twelfth passes' combination) cross-validated
+# against the recipe, weight averaging: seed 0 on each fold next to the ninth pass's fold runs (same fold teachers).
+# `--adopt` records the decision only if the combination passes the rule; the package below follows the recipe
+( for k in 0 2 4; do $S train --fold "$k" --names probe_share_neg_cw0_ema --seeds 0 --no-progress; done
+) > "$RUNS/cv13-laneA.log" 2>&1 &
+a=$!
+( for k in 1 3; do $S train --fold "$k" --names probe_share_neg_cw0_ema --seeds 0 --no-progress; done
+) > "$RUNS/cv13-laneB.log" 2>&1 &
+b=$!
+wait $a
+wait $b
+$S cv --names probe_share_cw0_ema probe_share_neg_cw0_ema --adopt --out models/results/seeds/cv-share-neg-ema.json \
+  > /dev/null
+RECIPE=$(.venv/bin/python -c 'import json, sys; from lorkd.seeds import recipe; print(recipe(json.load(open(sys.argv[1]))))' \
+  "$RUNS/seeds/selection.json")
 # twelfth pass: the package distils from the best-val teacher of seeds 0-2, each in a folder of its own (every student
 # in a folder distils from its teacher); the recipe's seeds 0-2 are trained next to the winner when it is not seed 0
 for k in 1 2; do
@@ -159,10 +174,9 @@ BEST=$(.venv/bin/python -c 'import sys; from lorkd.seeds import best_teacher; pr
 SB="$T seeds --config $CONFIG --runs $BEST --package $PKG"
 if [ "$BEST" != "$RUNS" ]; then
   cp "$RUNS/seeds/selection.json" "$BEST/seeds/"
-  for k in 0 1 2; do $SB train --names probe_share_cw0_ema --seeds "$k" --no-progress > "$BEST/train$k.log" 2>&1 & done
+  for k in 0 1 2; do $SB train --names "$RECIPE" --seeds "$k" --no-progress > "$BEST/train$k.log" 2>&1 & done
   wait
-  $SB compare --names probe_share_cw0_ema probe_share_cw0_ema@raw --out models/results/seeds/compare-ema-pass12.json \
-    > /dev/null
+  $SB compare --names "$RECIPE" "$RECIPE@raw" --out models/results/seeds/compare-ema-pass12.json > /dev/null
 fi
 # the report records every run of $RUNS, then the winner's folder adds its teacher and replaces the recipe's runs
 $S report
