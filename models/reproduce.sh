@@ -161,7 +161,7 @@ $S cv --names probe_share_cw0_ema probe_share_neg_cw0_ema --adopt --out models/r
 RECIPE=$(.venv/bin/python -c 'import json, sys; from lorkd.seeds import recipe; print(recipe(json.load(open(sys.argv[1]))))' \
   "$RUNS/seeds/selection.json")
 # twelfth pass: the package distils from the best-val teacher of seeds 0-2, each in a folder of its own (every student
-# in a folder distils from its teacher); the recipe's seeds 0-2 are trained next to the winner when it is not seed 0
+# in a folder distils from its teacher); the recipe's seeds 0-2 are trained next to the winner
 for k in 1 2; do
   mkdir -p "$RUNS/teacher-seed$k/seeds"
   cp "$RUNS/seeds/selection.json" "$RUNS/teacher-seed$k/seeds/"
@@ -172,10 +172,11 @@ wait
 BEST=$(.venv/bin/python -c 'import sys; from lorkd.seeds import best_teacher; print(best_teacher(sys.argv[1:]))' \
   "$RUNS" "$RUNS/teacher-seed1" "$RUNS/teacher-seed2")
 SB="$T seeds --config $CONFIG --runs $BEST --package $PKG"
+if [ "$BEST" != "$RUNS" ]; then cp "$RUNS/seeds/selection.json" "$BEST/seeds/"; fi
+# a finished run is skipped, so next to the seed-0 teacher this only trains a recipe adopted above
+for k in 0 1 2; do $SB train --names "$RECIPE" --seeds "$k" --no-progress > "$BEST/train$k.log" 2>&1 & done
+wait
 if [ "$BEST" != "$RUNS" ]; then
-  cp "$RUNS/seeds/selection.json" "$BEST/seeds/"
-  for k in 0 1 2; do $SB train --names "$RECIPE" --seeds "$k" --no-progress > "$BEST/train$k.log" 2>&1 & done
-  wait
   $SB compare --names "$RECIPE" "$RECIPE@raw" --out models/results/seeds/compare-ema-pass12.json > /dev/null
 fi
 # the report records every run of $RUNS, then the winner's folder adds its teacher and replaces the recipe's runs
