@@ -370,6 +370,13 @@ def ema_decay_at(decay: float, step: int) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
+def ema_cap_step(decay: float) -> int:
+    """The first step at which `ema_decay_at` reaches `decay`. Before it the ramp (1 + k) / (10 + k) alone sets the
+    average (1 - 9 / (10 + k): about the last tenth of the steps so far), so in a run with no more steps than this
+    the setting has no effect: 0.99 binds at step 890, after the 500 steps of a 10-epoch MedMNIST student."""
+    return max(0, math.ceil((10 * decay - 1) / (1 - decay) - 1e-9))
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, over every floating tensor of the state (parameters and BatchNorm
@@ -486,6 +493,11 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
     if cfg.max_batches_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_batches_per_epoch)
     total_steps = steps_per_epoch * cfg.epochs
+    ema_reached = ema is not None and ema_cap_step(cfg.ema_decay) < total_steps
+    if ema is not None and not ema_reached and rank == 0:
+        print(f"[{out.name}] ema_decay {cfg.ema_decay} would bind at step {ema_cap_step(cfg.ema_decay)}, after this "
+              f"run's {total_steps} steps: the average follows the ramp (1 + k) / (10 + k) and the setting has no "
+              "effect")
 
     start_epoch, history, best = 0, [], {"score": -1.0, "epoch": -1}
     # with averaging on, the raw weights follow the same trajectory as a run without it (averaging only reads
@@ -649,6 +661,8 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
         summary["task_best_epochs"] = {k: v["epoch"] for k, v in task_best.items()}
     if best_raw is not None:
         summary["raw_best_epoch"], summary["raw_best_val_score"] = best_raw["epoch"], best_raw["score"]
+    if ema is not None:
+        summary["ema_decay_reached"] = ema_reached
     if cfg.refine_epochs > 0 and rank == 0:
         summary = refine_run(cfg, tasks, out, summary, progress)
     if rank == 0:

@@ -97,6 +97,36 @@ def test_ema_decay_ramps_up_from_the_start():
     assert ema_decay_at(0.99, 5000) == 0.99
 
 
+def test_ema_cap_step_is_where_the_ramp_reaches_the_setting():
+    from lorkd.train import ema_cap_step, ema_decay_at
+
+    for decay in (0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999):
+        k = ema_cap_step(decay)
+        assert ema_decay_at(decay, k) == decay and (k == 0 or ema_decay_at(decay, k - 1) < decay), decay
+    # the shipped recipe's 0.99 binds only after 890 steps; its 10-epoch students take 500
+    assert ema_cap_step(0.99) == 890
+    assert ema_decay_at(0.99, 499) < 0.983
+
+
+def test_a_decay_the_run_never_reaches_changes_nothing_and_says_so(tmp_path, tasks, capsys):
+    """Two decays above what the ramp reaches in a run's steps give the same run, tensor for tensor; the run says
+    the setting had no effect (log line, `ema_decay_reached` false), and one that binds says it did."""
+    a = train_run(tiny_cfg(ema_decay=0.99, epochs=2), tasks, tmp_path / "a", progress=False)
+    b = train_run(tiny_cfg(ema_decay=0.995, epochs=2), tasks, tmp_path / "b", progress=False)
+    assert "the setting has no effect" in capsys.readouterr().out
+    assert a["ema_decay_reached"] is False and b["ema_decay_reached"] is False
+    ma = torch.load(tmp_path / "a" / "best.pt", weights_only=False)["model"]
+    mb = torch.load(tmp_path / "b" / "best.pt", weights_only=False)["model"]
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    # 4 steps (0-3): a decay of 0.3 binds at step 3 (ramp 4 / 13 > 0.3), so the final average differs
+    c = train_run(tiny_cfg(ema_decay=0.3, epochs=2), tasks, tmp_path / "c", progress=False)
+    assert c["ema_decay_reached"] is True and "no effect" not in capsys.readouterr().out
+    ea = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["ema"]
+    ec = torch.load(tmp_path / "c" / "last.pt", weights_only=False)["ema"]
+    assert any(not torch.equal(ea[k], ec[k]) for k in ea if ea[k].is_floating_point())
+    assert "ema_decay_reached" not in train_run(tiny_cfg(epochs=1), tasks, tmp_path / "d", progress=False)
+
+
 def test_ema_update_averages_floats_and_copies_counters():
     from lorkd.train import ema_update
 
