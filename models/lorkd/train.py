@@ -56,7 +56,8 @@ class TrainConfig:
     # training augmentation on top of the flip: "" | "shift" (random translation of up to 2 px, edge padded)
     augment: str = ""
     # weight averaging (issue 13): evaluate, select and export an exponential moving average of the weights and
-    # BatchNorm statistics, decay min(ema_decay, (1 + k) / (10 + k)) at step k; 0 = off (the raw weights)
+    # BatchNorm statistics, decay min(ema_decay, (1 + k) / (10 + k)) at step k; 0 = off (the raw weights). The cap
+    # binds only from step ema_cap_step(ema_decay) on (890 for 0.99): in a shorter run only the ramp counts
     ema_decay: float = 0.0
     # one BatchNorm per task in the built-in LoRKD student (statistics and affine), routed like the factors;
     # exported as per-task scale and shift layers (FORMAT.md section 1)
