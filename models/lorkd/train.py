@@ -375,6 +375,8 @@ def ema_cap_step(decay: float) -> int:
     """The first step at which `ema_decay_at` reaches `decay`. Before it the ramp (1 + k) / (10 + k) alone sets the
     average (1 - 9 / (10 + k): about the last tenth of the steps so far), so in a run with no more steps than this
     the setting has no effect: 0.99 binds at step 890, after the 500 steps of a 10-epoch MedMNIST student."""
+    if not 0 < decay < 1:
+        raise ValueError(f"ema_decay {decay}: a weight average needs 0 < ema_decay < 1 (0 turns it off)")
     return max(0, math.ceil((10 * decay - 1) / (1 - decay) - 1e-9))
 
 

@@ -106,6 +106,8 @@ def test_ema_cap_step_is_where_the_ramp_reaches_the_setting():
     # the shipped recipe's 0.99 binds only after 890 steps; its 10-epoch students take 500
     assert ema_cap_step(0.99) == 890
     assert ema_decay_at(0.99, 499) < 0.983
+    with pytest.raises(ValueError, match="0 < ema_decay < 1"):
+        ema_cap_step(1.0)
 
 
 def test_a_decay_the_run_never_reaches_changes_nothing_and_says_so(tmp_path, tasks, capsys):
