@@ -378,7 +378,7 @@ def cv_compare(runs: Path, names: list[str], folds: int, seed: int = 0, data_dir
     fold_scores = {n: [_oof_score({t: f[t][1] for t in f}, {t: f[t][2] for t in f})[0] for f in per_fold[n]]
                    for n in names}
     probs = {n: {t: _softmax(pooled[n][1][t])[None] for t in labels} for n in names}
-    checks, adopted = {}, base
+    checks = {}  # best out-of-fold score first, the order the rule tries them in
     for p in sorted(probes, key=scores.get, reverse=True):
         boot = paired_bootstrap(labels, probs[p], probs[base], resamples=resamples, seed=13, score=True)
         fold_gains = [a - b for a, b in zip(fold_scores[p], fold_scores[base], strict=True)]
@@ -387,8 +387,7 @@ def cv_compare(runs: Path, names: list[str], folds: int, seed: int = 0, data_dir
         checks[p] = {"gain": gain, "se_images": boot["mean"]["score"]["se"], "se_folds": se_folds,
                      "interval": [boot["mean"]["score"]["lo"], boot["mean"]["score"]["hi"]],
                      "fold_gains": fold_gains, "bootstrap": boot}
-        if adopted == base and gain > max(se_folds, checks[p]["se_images"]):
-            adopted = p
+    adopted = cv_decision(base, scores, checks)
     test = {p: _test_pair({n: {k: eval_run(r, data_dir) for k, r in enumerate(fold_runs[n])} for n in (p, base)},
                           p, base, resamples) for p in probes}
     # the fold teachers' own test numbers: how far the teacher, at the same budget, is from the references
@@ -401,6 +400,17 @@ def cv_compare(runs: Path, names: list[str], folds: int, seed: int = 0, data_dir
             "scores": scores, "metrics": metrics, "fold_scores": fold_scores, "checks": checks,
             "decision": adopted, "test": test, "teacher_test": teacher_test,
             "rule": CV_RULE}
+
+
+def cv_decision(base: str, scores: dict[str, float], checks: dict[str, dict]) -> str:
+    """The rule of a cross-validation, from its scores and per-probe checks (gain, se_images, se_folds): probes are
+    tried best out-of-fold score first, and the first whose gain exceeds both standard errors is adopted; else the
+    base. Shared by `cv_compare`, `cv_pool` and the test that re-reads the committed decisions."""
+    for p in sorted(checks, key=scores.get, reverse=True):
+        c = checks[p]
+        if c["gain"] > max(c["se_images"], c["se_folds"]):
+            return p
+    return base
 
 
 CV_RULE = ("cross-validation on train+val, one teacher per fold: probes on the current recipe, best out-of-fold "
@@ -456,7 +466,7 @@ def cv_pool(results: list[dict]) -> dict:
                        "auc": mean([r["metrics"][n][t]["auc"] for r in results]),
                        "n": first["metrics"][n][t]["n"]} for t in tasks} for n in names}
     fold_scores = {n: [mean([r["fold_scores"][n][k] for r in results]) for k in range(folds)] for n in names}
-    checks, adopted = {}, base
+    checks = {}
     for p in sorted(names[1:], key=scores.get, reverse=True):
         fold_gains = [a - b for a, b in zip(fold_scores[p], fold_scores[base], strict=True)]
         se_folds = float(np.std(fold_gains, ddof=1) / np.sqrt(folds))
@@ -464,8 +474,7 @@ def cv_pool(results: list[dict]) -> dict:
         gain = scores[p] - scores[base]
         checks[p] = {"gain": gain, "se_images": se_images, "se_folds": se_folds, "fold_gains": fold_gains,
                      "seed_gains": [r["checks"][p]["gain"] for r in results]}
-        if adopted == base and gain > max(se_folds, se_images):
-            adopted = p
+    adopted = cv_decision(base, scores, checks)
     return {"folds": folds, "seeds": seeds, "runs": [r["runs"] for r in results], "base": base, "names": names,
             "pool": first["pool"], "scores": scores, "metrics": metrics, "fold_scores": fold_scores,
             "checks": checks, "decision": adopted, "test": {str(r["seed"]): r["test"] for r in results},
