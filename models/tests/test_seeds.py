@@ -613,3 +613,8 @@ def test_every_committed_cross_validation_decides_by_its_rule_and_the_recipe_is_
         assert cv["decision"] == S.cv_decision(cv["base"], cv["scores"], cv["checks"]), f.name
     sel = json.loads((results / "selection.json").read_text())
     assert sel["recipe"] == sel["recipe_cv"]["decision"]
+    # the thirteenth pass paired the combination with the ninth pass's own runs (retrained bitwise, as its README
+    # section says): the same fold teachers and the same per-fold scores of the recipe, to the last digit
+    ninth, thirteenth = (json.loads((results / n).read_text()) for n in ("cv-ema.json", "cv-share-neg-ema.json"))
+    assert thirteenth["teacher_test"] == ninth["teacher_test"]
+    assert thirteenth["fold_scores"]["probe_share_cw0_ema"] == ninth["fold_scores"]["probe_share_cw0_ema"]
