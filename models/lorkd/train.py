@@ -56,9 +56,15 @@ class TrainConfig:
     # training augmentation on top of the flip: "" | "shift" (random translation of up to 2 px, edge padded)
     augment: str = ""
     # weight averaging (issue 13): evaluate, select and export an exponential moving average of the weights and
-    # BatchNorm statistics, decay min(ema_decay, (1 + k) / (10 + k)) at step k; 0 = off (the raw weights). The cap
-    # binds only from step ema_cap_step(ema_decay) on (890 for 0.99): in a shorter run only the ramp counts
+    # BatchNorm statistics, decay min(ema_decay, (1 + k) / (ema_ramp + k)) at step k; 0 = off (the raw weights). The
+    # cap binds only from step ema_cap_step(ema_decay, ema_ramp) on (890 for 0.99 with ramp 10): in a shorter run
+    # only the ramp counts
     ema_decay: float = 0.0
+    # the ramp's constant c: while the ramp sets the average, step j weighs about (j + c)^(c - 2) and the average's
+    # mean age is about k / c steps (10: the last tenth of the run; 4: the last quarter, weights rising as j^2;
+    # 2: the plain mean of the weights after every step, the starting ones included). At least 2: below, early
+    # steps would weigh more than late ones
+    ema_ramp: float = 10.0
     # one BatchNorm per task in the built-in LoRKD student (statistics and affine), routed like the factors;
     # exported as per-task scale and shift layers (FORMAT.md section 1)
     task_bn: bool = False
@@ -365,19 +371,21 @@ def freeze_base(model: nn.Module) -> None:
         p.requires_grad_(any(k in name for k in TRAINABLE_WHEN_FROZEN))
 
 
-def ema_decay_at(decay: float, step: int) -> float:
-    """Decay of the weight average after `step` optimiser steps: ramps up from 0.1 so that the average forgets the
-    random initialisation within the first few dozen steps instead of dragging it along for 1 / (1 - decay)."""
-    return min(decay, (1 + step) / (10 + step))
+def ema_decay_at(decay: float, step: int, ramp: float = 10.0) -> float:
+    """Decay of the weight average after `step` optimiser steps: ramps up from 1 / ramp so that the average forgets
+    the random initialisation within the first few dozen steps instead of dragging it along for 1 / (1 - decay)."""
+    return min(decay, (1 + step) / (ramp + step))
 
 
-def ema_cap_step(decay: float) -> int:
-    """The first step at which `ema_decay_at` reaches `decay`. Before it the ramp (1 + k) / (10 + k) alone sets the
-    average (1 - 9 / (10 + k): about the last tenth of the steps so far), so in a run with no more steps than this
-    the setting has no effect: 0.99 binds at step 890, after the 500 steps of a 10-epoch MedMNIST student."""
+def ema_cap_step(decay: float, ramp: float = 10.0) -> int:
+    """The first step at which `ema_decay_at` reaches `decay`. Before it the ramp (1 + k) / (ramp + k) alone sets
+    the average (about the last 1 / ramp of the steps so far), so in a run with no more steps than this the setting
+    has no effect: 0.99 binds at step 890 with ramp 10, after the 500 steps of a 10-epoch MedMNIST student."""
     if not 0 < decay < 1:
         raise ValueError(f"ema_decay {decay}: a weight average needs 0 < ema_decay < 1 (0 turns it off)")
-    return max(0, math.ceil((10 * decay - 1) / (1 - decay) - 1e-9))
+    if not ramp >= 2:
+        raise ValueError(f"ema_ramp {ramp}: below 2 the ramp weighs early steps more than late ones")
+    return max(0, math.ceil((ramp * decay - 1) / (1 - decay) - 1e-9))
 
 
 @torch.no_grad()
@@ -496,11 +504,11 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
     if cfg.max_batches_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_batches_per_epoch)
     total_steps = steps_per_epoch * cfg.epochs
-    ema_reached = ema is not None and ema_cap_step(cfg.ema_decay) < total_steps
+    ema_reached = ema is not None and ema_cap_step(cfg.ema_decay, cfg.ema_ramp) < total_steps
     if ema is not None and not ema_reached and rank == 0:
-        print(f"[{out.name}] ema_decay {cfg.ema_decay} would bind at step {ema_cap_step(cfg.ema_decay)}, after this "
-              f"run's {total_steps} steps: the average follows the ramp (1 + k) / (10 + k) and the setting has no "
-              "effect")
+        print(f"[{out.name}] ema_decay {cfg.ema_decay} would bind at step "
+              f"{ema_cap_step(cfg.ema_decay, cfg.ema_ramp)}, after this run's {total_steps} steps: the average "
+              f"follows the ramp (1 + k) / ({cfg.ema_ramp:g} + k) and the setting has no effect")
 
     start_epoch, history, best = 0, [], {"score": -1.0, "epoch": -1}
     # with averaging on, the raw weights follow the same trajectory as a run without it (averaging only reads
@@ -580,7 +588,7 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
             sums[3] += len(idx)
             opt.step()
             if ema is not None:
-                ema_update(ema, model, ema_decay_at(cfg.ema_decay, epoch * steps_per_epoch + s))
+                ema_update(ema, model, ema_decay_at(cfg.ema_decay, epoch * steps_per_epoch + s, cfg.ema_ramp))
             if s % 10 == 0:
                 bar.set_postfix(loss=f"{sums[0] / sums[3]:.3f}")
         if world > 1:

@@ -110,6 +110,28 @@ def test_ema_cap_step_is_where_the_ramp_reaches_the_setting():
         ema_cap_step(1.0)
 
 
+def test_a_slower_ramp_starts_lower_and_lets_the_decay_bind_earlier():
+    """`ema_ramp` c: decay (1 + k) / (c + k). The default 10 is the rule every issue-13 run used, bit for bit; the
+    fourteenth pass's probe (c = 4) reaches 0.99 at step 296, inside a 450-step fold run, so there 0.99 binds."""
+    from lorkd.train import ema_cap_step, ema_decay_at
+
+    assert all(ema_decay_at(0.99, k) == ema_decay_at(0.99, k, 10.0) == (1 + k) / (10 + k) for k in range(890))
+    assert ema_decay_at(0.99, 0, 4.0) == 0.25 and ema_decay_at(0.99, 2, 2.0) == 0.75
+    for ramp in (2.0, 4.0, 5.0, 10.0):
+        k = ema_cap_step(0.99, ramp)
+        assert ema_decay_at(0.99, k, ramp) == 0.99 and ema_decay_at(0.99, k - 1, ramp) < 0.99, ramp
+    assert ema_cap_step(0.99, 4.0) == 296 < 450 < ema_cap_step(0.99, 10.0)
+    # ramp 2 is the plain mean: after k + 1 steps the starting weights (the average starts as a copy of them) and
+    # each step's weigh 1 / (k + 2) each
+    avg = 1.0
+    for k, x in enumerate([3.0, 5.0, 10.0, 2.0]):
+        d = ema_decay_at(0.999, k, 2.0)
+        avg = d * avg + (1 - d) * x
+    assert avg == pytest.approx(21.0 / 5)
+    with pytest.raises(ValueError, match="ema_ramp 1.5"):
+        ema_cap_step(0.99, 1.5)
+
+
 def test_a_decay_the_run_never_reaches_changes_nothing_and_says_so(tmp_path, tasks, capsys):
     """Two decays above what the ramp reaches in a run's steps give the same run, tensor for tensor; the run says
     the setting had no effect (log line, `ema_decay_reached` false), and one that binds says it did."""
@@ -127,6 +149,11 @@ def test_a_decay_the_run_never_reaches_changes_nothing_and_says_so(tmp_path, tas
     ec = torch.load(tmp_path / "c" / "last.pt", weights_only=False)["ema"]
     assert any(not torch.equal(ea[k], ec[k]) for k in ea if ea[k].is_floating_point())
     assert "ema_decay_reached" not in train_run(tiny_cfg(epochs=1), tasks, tmp_path / "d", progress=False)
+    # the same 0.99 with a ramp of 2 binds at step 98, not in 4 steps either, yet its average is another one
+    e = train_run(tiny_cfg(ema_decay=0.99, ema_ramp=2.0, epochs=2), tasks, tmp_path / "e", progress=False)
+    assert e["ema_decay_reached"] is False and "(1 + k) / (2 + k)" in capsys.readouterr().out
+    ee = torch.load(tmp_path / "e" / "last.pt", weights_only=False)["ema"]
+    assert any(not torch.equal(ea[k], ee[k]) for k in ea if ea[k].is_floating_point())
 
 
 def test_ema_update_averages_floats_and_copies_counters():
