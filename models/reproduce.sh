@@ -18,7 +18,8 @@
 # its two closest probes, the seventh pass trains the schedule twice as long (`--budget 2`), the eighth refines copies
 # of the recipe's runs per task and trains the oversampling probe after `adopt`, and the ninth cross-validates that
 # probe and weight averaging against the recipe on the sixth pass's folds (all below). The twelfth records weight
-# averaging's cross-validated pass as the recipe, trains teachers of seeds 1 and 2, and the package distils from the
+# averaging's cross-validated pass as the recipe, the thirteenth and fourteenth cross-validate two probes on top of it
+# (oversampling, a longer average), the twelfth trains teachers of seeds 1 and 2, and the package distils from the
 # best-val teacher of the three (the recipe's seeds 0-2 retrained next to it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -158,24 +159,45 @@ wait $a
 wait $b
 $S cv --names probe_share_cw0_ema probe_share_neg_cw0_ema --adopt --out models/results/seeds/cv-share-neg-ema.json \
   > /dev/null
-RECIPE=$(.venv/bin/python -c 'import json, sys; from lorkd.seeds import recipe; print(recipe(json.load(open(sys.argv[1]))))' \
-  "$RUNS/seeds/selection.json")
+recipe_now() {
+  .venv/bin/python -c 'import json, sys; from lorkd.seeds import recipe; print(recipe(json.load(open(sys.argv[1]))))' \
+    "$RUNS/seeds/selection.json"
+}
+# fourteenth pass: a longer weight average (`ema_ramp` 4, so that 0.99 binds at step 296 of a fold run's 450)
+# cross-validated against the recipe the same way. It is built on weight averaging, so its `cv` may only adopt when
+# that is still the recipe (`cv --adopt` refuses a base that is not); otherwise it is recorded and not adopted
+ADOPT=""
+if [ "$(recipe_now)" = probe_share_cw0_ema ]; then ADOPT=--adopt; fi
+( for k in 0 2 4; do $S train --fold "$k" --names probe_share_cw0_ema_r4 --seeds 0 --no-progress; done
+) > "$RUNS/cv14-laneA.log" 2>&1 &
+a=$!
+( for k in 1 3; do $S train --fold "$k" --names probe_share_cw0_ema_r4 --seeds 0 --no-progress; done
+) > "$RUNS/cv14-laneB.log" 2>&1 &
+b=$!
+wait $a
+wait $b
+$S cv --names probe_share_cw0_ema probe_share_cw0_ema_r4 $ADOPT --out models/results/seeds/cv-ema-r4.json > /dev/null
+RECIPE=$(recipe_now)
 # twelfth pass: the package distils from the best-val teacher of seeds 0-2, each in a folder of its own (every student
 # in a folder distils from its teacher); the recipe's seeds 0-2 are trained next to the winner
+# (a bare `wait` returns 0 whatever its jobs did, so each pid is waited for: a failed lane stops the script here)
+pids=()
 for k in 1 2; do
   mkdir -p "$RUNS/teacher-seed$k/seeds"
   cp "$RUNS/seeds/selection.json" "$RUNS/teacher-seed$k/seeds/"
   $T seeds --config "$CONFIG" --runs "$RUNS/teacher-seed$k" teacher --seeds "$k" --no-progress \
     > "$RUNS/teacher-seed$k.log" 2>&1 &
+  pids+=($!)
 done
-wait
+for p in "${pids[@]}"; do wait "$p"; done
 BEST=$(.venv/bin/python -c 'import sys; from lorkd.seeds import best_teacher; print(best_teacher(sys.argv[1:]))' \
   "$RUNS" "$RUNS/teacher-seed1" "$RUNS/teacher-seed2")
 SB="$T seeds --config $CONFIG --runs $BEST --package $PKG"
 if [ "$BEST" != "$RUNS" ]; then cp "$RUNS/seeds/selection.json" "$BEST/seeds/"; fi
 # a finished run is skipped, so next to the seed-0 teacher this only trains a recipe adopted above
-for k in 0 1 2; do $SB train --names "$RECIPE" --seeds "$k" --no-progress > "$BEST/train$k.log" 2>&1 & done
-wait
+pids=()
+for k in 0 1 2; do $SB train --names "$RECIPE" --seeds "$k" --no-progress > "$BEST/train$k.log" 2>&1 & pids+=($!); done
+for p in "${pids[@]}"; do wait "$p"; done
 if [ "$BEST" != "$RUNS" ]; then
   $SB compare --names "$RECIPE" "$RECIPE@raw" --out models/results/seeds/compare-ema-pass12.json > /dev/null
 fi
