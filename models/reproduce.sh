@@ -149,14 +149,15 @@ $S cv --names probe_share_cw0 probe_share_cw0_ema --adopt --out models/results/s
 # thirteenth pass: oversampling with weight averaging (the eleventh and twelfth passes' combination) cross-validated
 # against the recipe, weight averaging: seed 0 on each fold next to the ninth pass's fold runs (same fold teachers).
 # `--adopt` records the decision only if the combination passes the rule; the package below follows the recipe
-( for k in 0 2 4; do $S train --fold "$k" --names probe_share_neg_cw0_ema --seeds 0 --no-progress; done
-) > "$RUNS/cv13-laneA.log" 2>&1 &
-a=$!
-( for k in 1 3; do $S train --fold "$k" --names probe_share_neg_cw0_ema --seeds 0 --no-progress; done
-) > "$RUNS/cv13-laneB.log" 2>&1 &
-b=$!
-wait $a
-wait $b
+fold_runs() {  # fold_runs NAME TAG: seed 0 of NAME on the five folds, in two lanes (logs $RUNS/TAG-lane{A,B}.log)
+  ( for k in 0 2 4; do $S train --fold "$k" --names "$1" --seeds 0 --no-progress; done ) > "$RUNS/$2-laneA.log" 2>&1 &
+  local a=$!
+  ( for k in 1 3; do $S train --fold "$k" --names "$1" --seeds 0 --no-progress; done ) > "$RUNS/$2-laneB.log" 2>&1 &
+  local b=$!
+  wait $a
+  wait $b
+}
+fold_runs probe_share_neg_cw0_ema cv13
 $S cv --names probe_share_cw0_ema probe_share_neg_cw0_ema --adopt --out models/results/seeds/cv-share-neg-ema.json \
   > /dev/null
 recipe_now() {
@@ -168,14 +169,7 @@ recipe_now() {
 # that is still the recipe (`cv --adopt` refuses a base that is not); otherwise it is recorded and not adopted
 ADOPT=""
 if [ "$(recipe_now)" = probe_share_cw0_ema ]; then ADOPT=--adopt; fi
-( for k in 0 2 4; do $S train --fold "$k" --names probe_share_cw0_ema_r4 --seeds 0 --no-progress; done
-) > "$RUNS/cv14-laneA.log" 2>&1 &
-a=$!
-( for k in 1 3; do $S train --fold "$k" --names probe_share_cw0_ema_r4 --seeds 0 --no-progress; done
-) > "$RUNS/cv14-laneB.log" 2>&1 &
-b=$!
-wait $a
-wait $b
+fold_runs probe_share_cw0_ema_r4 cv14
 $S cv --names probe_share_cw0_ema probe_share_cw0_ema_r4 $ADOPT --out models/results/seeds/cv-ema-r4.json > /dev/null
 RECIPE=$(recipe_now)
 # twelfth pass: the package distils from the best-val teacher of seeds 0-2, each in a folder of its own (every student
