@@ -504,11 +504,11 @@ def train_run(cfg: TrainConfig, tasks: list[TaskData], out: Path, progress: bool
     if cfg.max_batches_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_batches_per_epoch)
     total_steps = steps_per_epoch * cfg.epochs
-    ema_reached = ema is not None and ema_cap_step(cfg.ema_decay, cfg.ema_ramp) < total_steps
-    if ema is not None and not ema_reached and rank == 0:
-        print(f"[{out.name}] ema_decay {cfg.ema_decay} would bind at step "
-              f"{ema_cap_step(cfg.ema_decay, cfg.ema_ramp)}, after this run's {total_steps} steps: the average "
-              f"follows the ramp (1 + k) / ({cfg.ema_ramp:g} + k) and the setting has no effect")
+    ema_cap = ema_cap_step(cfg.ema_decay, cfg.ema_ramp) if ema is not None else None
+    ema_reached = ema_cap is not None and ema_cap < total_steps
+    if ema_cap is not None and not ema_reached and rank == 0:
+        print(f"[{out.name}] ema_decay {cfg.ema_decay} would bind at step {ema_cap}, after this run's {total_steps} "
+              f"steps: the average follows the ramp (1 + k) / ({cfg.ema_ramp:g} + k) and the setting has no effect")
 
     start_epoch, history, best = 0, [], {"score": -1.0, "epoch": -1}
     # with averaging on, the raw weights follow the same trajectory as a run without it (averaging only reads
