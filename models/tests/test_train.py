@@ -132,6 +132,31 @@ def test_a_slower_ramp_starts_lower_and_lets_the_decay_bind_earlier():
         ema_cap_step(0.99, 1.5)
 
 
+def test_the_averages_of_the_recipe_and_of_the_longer_probe_have_the_ages_the_docs_state():
+    """models/README: at the end of a 450-step fold run (45 steps an epoch) the recipe's average (ramp 10, 0.99
+    never binds) has a mean age of 1.0 epoch with half its weight on the last 0.7; the fourteenth pass's (ramp 4,
+    0.99 binds at step 296) 2.1 epochs and 1.5."""
+    from lorkd.train import ema_decay_at
+
+    def ages(ramp: float, steps: int = 450, per_epoch: int = 45) -> tuple[float, float]:
+        decays = [ema_decay_at(0.99, k, ramp) for k in range(steps)]
+        weights, kept = [0.0] * steps, 1.0  # weight of step j's weights in the final average, last step first
+        for j in reversed(range(steps)):
+            weights[j], kept = (1 - decays[j]) * kept, kept * decays[j]
+        mean_age = sum(w * (steps - 1 - j) for j, w in enumerate(weights)) / sum(weights)
+        mass, half = 0.0, 0
+        for j in reversed(range(steps)):
+            mass += weights[j]
+            if mass >= sum(weights) / 2:
+                half = steps - 1 - j
+                break
+        return mean_age / per_epoch, half / per_epoch
+
+    recipe, longer = ages(10.0), ages(4.0)
+    assert recipe == (pytest.approx(1.0, abs=0.05), pytest.approx(0.7, abs=0.05))
+    assert longer == (pytest.approx(2.1, abs=0.05), pytest.approx(1.5, abs=0.05))
+
+
 def test_a_decay_the_run_never_reaches_changes_nothing_and_says_so(tmp_path, tasks, capsys):
     """Two decays above what the ramp reaches in a run's steps give the same run, tensor for tensor; the run says
     the setting had no effect (log line, `ema_decay_reached` false), and one that binds says it did."""
